@@ -1,0 +1,42 @@
+# maskops: `make test` and `make demo` are all a user needs; both set up .venv on first use.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+STAMP   := $(VENV)/.deps-installed
+BUILT   := $(VENV)/.maskops-built
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
+           hypothesis pycocotools setuptools wheel build
+
+.PHONY: test test-fast demo bench build wheel clean venv
+
+venv: $(STAMP)
+$(STAMP):
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+# Builds CUDA sources too when nvcc is found (see setup.py); MAX_JOBS bounds parallel jobs.
+$(BUILT): $(STAMP) $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -v -e . > build.log 2>&1 || { tail -60 build.log; exit 1; }
+	grep "maskops setup" build.log || true
+	$(VPY) -c "import maskops; print('maskops', maskops.__version__, maskops.build_info())"
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(VPY) -m pytest -q tests
+
+demo: $(BUILT)
+	$(VPY) examples/roi_align_demo.py
+
+bench: $(BUILT)
+	$(VPY) -m benchmarks.bench_roi_align
+
+wheel: $(STAMP)
+	$(VPY) -m build --wheel --no-isolation
+
+clean:
+	rm -rf build dist *.egg-info maskops/_C*.so maskops/_build_info.py $(BUILT)

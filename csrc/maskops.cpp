@@ -1,0 +1,42 @@
+// The whole maskops operator API in one place: every schema is declared here, once.
+//
+// The op pattern (see csrc/README.md):
+//   - schemas: this file, TORCH_LIBRARY(maskops, m);
+//   - kernels: csrc/<op>/<op>_cpu.cpp and csrc/<op>/<op>_cuda.cu register with
+//     TORCH_LIBRARY_IMPL(maskops, CPU / CUDA, m); no device branches inside a kernel;
+//   - per-element math: csrc/<op>/<op>.h, HOST_DEVICE, shared by both;
+//   - Python front: maskops/<op>.py validates, documents, and registers the fake kernel and
+//     autograd formula.
+// Ops whose name starts with "_" are private: backward passes and test-only ops.
+#include <Python.h>
+#include <torch/library.h>
+
+// The extension is imported as a Python module only so that loading it runs the
+// registrations below; it has no Python-level functions of its own.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(maskops, m) {
+  // ---- RoIAlign (csrc/roi_align) ----
+  // rois: [K, 5] (batch_index, x1, y1, x2, y2) in input-image pixels, any floating dtype.
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  // Test-only: the CUDA kernels' functors run on the CPU, for CPU tests of GPU algorithms.
+  m.def(
+      "_roi_align_forward_elementwise(Tensor input, Tensor rois, float spatial_scale, "
+      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward_cuda_algo(Tensor grad, Tensor rois, float spatial_scale, "
+      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, "
+      "SymInt height, SymInt width, int sampling_ratio, bool aligned, bool deterministic) "
+      "-> Tensor");
+}

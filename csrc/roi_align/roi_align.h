@@ -1,0 +1,336 @@
+// RoIAlign's per-element math, shared by roi_align_cpu.cpp and roi_align_cuda.cu.
+//
+// Coordinate convention (torchvision's, kept exactly): a box (x1, y1, x2, y2) in image pixels
+// maps to feature coordinates by `* spatial_scale`; with `aligned` a further -0.5 shifts the
+// box so that feature cell i is centred on i + 0.5 ("pixel model" of Detectron2). Without
+// `aligned` the box is at least 1x1 feature cells. Each of the pooled_height x pooled_width
+// bins averages grid_h x grid_w regularly spaced bilinear samples; grid = sampling_ratio, or
+// ceil(box size / pooled size) when sampling_ratio <= 0. A sample beyond [-1, size] on either
+// axis contributes zero (but still counts in the average); within [-1, 0] it is clamped to 0.
+//
+// Bilinear interpolation is separable, so a bin's value is
+//   sum over row taps (y, wy) of sum over column taps (x, wx) of wy * wx * input[y, x]
+// where the taps of one axis merge every sample that reads the same row (or column). The CPU
+// path uses these merged taps (fewer reads, vectorised over channels); the CUDA path computes
+// the same samples per output element. Both get their positions and weights from axis_tap().
+#pragma once
+
+#include "common/host_device.h"
+
+namespace maskops {
+namespace roi_align {
+
+// The adaptive sampling grid is capped: a bin more than this many feature cells tall is a
+// degenerate box (or a NaN/inf one) and would otherwise cost unbounded time.
+constexpr int kMaxAdaptiveGrid = 1024;
+
+// One RoI in feature-map coordinates.
+template <typename T>
+struct RoiBox {
+  int64_t batch;  // -1 when the batch index is not in [0, batch_size): contributes nothing
+  T start_h, start_w;
+  T bin_h, bin_w;
+  int grid_h, grid_w;  // samples per bin along each axis; 0 means the bin is empty (output 0)
+};
+
+// Number of samples per bin along one axis. NaN, zero or negative extents give 0 samples.
+template <typename T>
+HOST_DEVICE inline int sample_grid(int64_t sampling_ratio, T extent, int64_t pooled) {
+  if (sampling_ratio > 0) return static_cast<int>(sampling_ratio);
+  const T q = extent / static_cast<T>(pooled);
+  if (!(q > T(0))) return 0;  // NaN takes this branch
+  if (q >= T(kMaxAdaptiveGrid)) return kMaxAdaptiveGrid;
+  int g = static_cast<int>(q);
+  if (static_cast<T>(g) < q) ++g;  // ceil
+  return g;
+}
+
+// Reads one RoI row (batch_index, x1, y1, x2, y2).
+template <typename T>
+HOST_DEVICE inline RoiBox<T> roi_box(const T* roi, T spatial_scale, int64_t pooled_h,
+                                     int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                     int64_t batch_size) {
+  RoiBox<T> r;
+  const T b = roi[0];
+  // Range check written so that NaN takes the safe branch; truncation like torchvision.
+  r.batch = (b >= T(0) && b < static_cast<T>(batch_size)) ? static_cast<int64_t>(b) : -1;
+  const T offset = aligned ? T(0.5) : T(0);
+  r.start_w = roi[1] * spatial_scale - offset;
+  r.start_h = roi[2] * spatial_scale - offset;
+  const T end_w = roi[3] * spatial_scale - offset;
+  const T end_h = roi[4] * spatial_scale - offset;
+  T w = end_w - r.start_w;
+  T h = end_h - r.start_h;
+  if (!aligned) {  // legacy mode: boxes are at least one feature cell (NaN stays NaN)
+    if (w < T(1)) w = T(1);
+    if (h < T(1)) h = T(1);
+  }
+  r.bin_h = h / static_cast<T>(pooled_h);
+  r.bin_w = w / static_cast<T>(pooled_w);
+  r.grid_h = sample_grid<T>(sampling_ratio, h, pooled_h);
+  r.grid_w = sample_grid<T>(sampling_ratio, w, pooled_w);
+  return r;
+}
+
+// Position of sample i (of grid) in the bin that starts at bin_start.
+template <typename T>
+HOST_DEVICE inline T sample_pos(T bin_start, T bin_size, int i, int grid) {
+  return bin_start + static_cast<T>(i + .5f) * bin_size / static_cast<T>(grid);
+}
+
+// The two taps of one sample along one axis of length `size`.
+template <typename T>
+struct AxisTap {
+  int64_t lo, hi;
+  T w_lo, w_hi;
+};
+
+// Returns false when the sample lies outside [-1, size] (or is NaN): it contributes zero.
+template <typename T>
+HOST_DEVICE inline bool axis_tap(T pos, int64_t size, AxisTap<T>& t) {
+  if (size <= 0 || !(pos >= T(-1) && pos <= static_cast<T>(size))) return false;
+  if (pos <= T(0)) pos = T(0);
+  int64_t lo = static_cast<int64_t>(pos);
+  int64_t hi = lo + 1;
+  if (lo >= size - 1) {  // at or past the last row: read it with full weight
+    lo = hi = size - 1;
+    pos = static_cast<T>(lo);
+  }
+  const T l = pos - static_cast<T>(lo);
+  t.lo = lo;
+  t.hi = hi;
+  t.w_lo = T(1) - l;
+  t.w_hi = l;
+  return true;
+}
+
+// Adds (index, weight) to a tap list kept sorted by index. Samples of a bin move forward
+// monotonically, so a repeated index can only be one of the last two entries.
+template <typename T>
+HOST_DEVICE inline int add_tap(int64_t* idx, T* w, int n, int64_t i, T wi) {
+  if (n > 0 && idx[n - 1] == i) {
+    w[n - 1] += wi;
+    return n;
+  }
+  if (n > 1 && idx[n - 2] == i) {
+    w[n - 2] += wi;
+    return n;
+  }
+  idx[n] = i;
+  w[n] = wi;
+  return n + 1;
+}
+
+// The merged taps of one bin along one axis, each weight already divided by the grid size
+// (so the product of a row and a column weight includes the 1 / count of the average).
+// Writes at most 2 * grid entries and returns how many.
+template <typename T>
+HOST_DEVICE inline int bin_taps(T bin_start, T bin_size, int grid, int64_t size, int64_t* idx,
+                                T* w) {
+  int n = 0;
+  if (grid <= 0) return 0;
+  const T inv = T(1) / static_cast<T>(grid);
+  for (int i = 0; i < grid; ++i) {
+    AxisTap<T> t;
+    if (!axis_tap(sample_pos(bin_start, bin_size, i, grid), size, t)) continue;
+    n = add_tap(idx, w, n, t.lo, t.w_lo * inv);
+    n = add_tap(idx, w, n, t.hi, t.w_hi * inv);
+  }
+  return n;
+}
+
+// The total weight that one bin gives to feature row (or column) `target` along one axis.
+template <typename T>
+HOST_DEVICE inline T bin_weight_at(T bin_start, T bin_size, int grid, int64_t size,
+                                   int64_t target) {
+  T acc = T(0);
+  if (grid <= 0) return acc;
+  const T inv = T(1) / static_cast<T>(grid);
+  for (int i = 0; i < grid; ++i) {
+    AxisTap<T> t;
+    if (!axis_tap(sample_pos(bin_start, bin_size, i, grid), size, t)) continue;
+    if (t.lo == target) acc += t.w_lo * inv;
+    if (t.hi == target) acc += t.w_hi * inv;
+  }
+  return acc;
+}
+
+// Shared scalar parameters of every RoIAlign kernel.
+template <typename T>
+struct Params {
+  int64_t batch_size, channels, height, width;
+  int64_t pooled_h, pooled_w;
+  int64_t num_rois;
+  T spatial_scale;
+  int64_t sampling_ratio;
+  bool aligned;
+
+  HOST_DEVICE RoiBox<T> box(const T* rois, int64_t k) const {
+    return roi_box(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+                   batch_size);
+  }
+};
+
+// CUDA forward: one output element per iteration, index i in the output's memory order
+// ([K, C, PH, PW], or [K, PH, PW, C] when channels_last). Reads input through its strides,
+// so any layout works without a copy.
+template <typename scalar_t, typename T>
+struct ForwardElement {
+  Params<T> p;
+  const scalar_t* input;
+  int64_t s_n, s_c, s_h, s_w;
+  const T* rois;  // [K, 5], contiguous, in the math type T
+  scalar_t* output;
+  bool channels_last;
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    int64_t c, ph, pw, k, r;
+    if (channels_last) {
+      c = i % p.channels;
+      r = i / p.channels;
+      pw = r % p.pooled_w;
+      r /= p.pooled_w;
+      ph = r % p.pooled_h;
+      k = r / p.pooled_h;
+    } else {
+      pw = i % p.pooled_w;
+      r = i / p.pooled_w;
+      ph = r % p.pooled_h;
+      r /= p.pooled_h;
+      c = r % p.channels;
+      k = r / p.channels;
+    }
+    const RoiBox<T> b = p.box(rois, k);
+    T sum = T(0);
+    if (b.batch >= 0 && b.grid_h > 0 && b.grid_w > 0) {
+      const scalar_t* plane = input + b.batch * s_n + c * s_c;
+      const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
+      const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
+      for (int iy = 0; iy < b.grid_h; ++iy) {
+        AxisTap<T> ty;
+        if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), p.height, ty)) continue;
+        const scalar_t* row_lo = plane + ty.lo * s_h;
+        const scalar_t* row_hi = plane + ty.hi * s_h;
+        for (int ix = 0; ix < b.grid_w; ++ix) {
+          AxisTap<T> tx;
+          if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), p.width, tx)) continue;
+          const T top = tx.w_lo * static_cast<T>(row_lo[tx.lo * s_w]) +
+                        tx.w_hi * static_cast<T>(row_lo[tx.hi * s_w]);
+          const T bottom = tx.w_lo * static_cast<T>(row_hi[tx.lo * s_w]) +
+                           tx.w_hi * static_cast<T>(row_hi[tx.hi * s_w]);
+          sum += ty.w_lo * top + ty.w_hi * bottom;
+        }
+      }
+      sum /= static_cast<T>(b.grid_h * b.grid_w);
+    }
+    output[i] = static_cast<scalar_t>(sum);
+  }
+};
+
+// Element offset of grad_output[k, c, ph, pw] for a tensor with strides g_k, g_c, g_h, g_w.
+struct GradStrides {
+  int64_t k, c, h, w;
+  HOST_DEVICE int64_t at(int64_t kk, int64_t cc, int64_t hh, int64_t ww) const {
+    return kk * k + cc * c + hh * h + ww * w;
+  }
+};
+
+// CUDA backward (default, fast): one grad_output element per iteration, scattered into a
+// [N, C, H, W] contiguous accumulator of type T with maskops::accumulate (atomic on the GPU).
+// Iteration i is in [K, C, PH, PW] order.
+template <typename scalar_t, typename T>
+struct BackwardScatter {
+  Params<T> p;
+  const scalar_t* grad;
+  GradStrides gs;
+  const T* rois;
+  T* grad_input;
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t pw = i % p.pooled_w;
+    int64_t r = i / p.pooled_w;
+    const int64_t ph = r % p.pooled_h;
+    r /= p.pooled_h;
+    const int64_t c = r % p.channels;
+    const int64_t k = r / p.channels;
+    const RoiBox<T> b = p.box(rois, k);
+    if (b.batch < 0 || b.grid_h <= 0 || b.grid_w <= 0) return;
+    const T g = static_cast<T>(grad[gs.at(k, c, ph, pw)]) /
+                static_cast<T>(b.grid_h * b.grid_w);
+    T* plane = grad_input + (b.batch * p.channels + c) * p.height * p.width;
+    const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
+    const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
+    for (int iy = 0; iy < b.grid_h; ++iy) {
+      AxisTap<T> ty;
+      if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), p.height, ty)) continue;
+      for (int ix = 0; ix < b.grid_w; ++ix) {
+        AxisTap<T> tx;
+        if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), p.width, tx)) continue;
+        accumulate(plane + ty.lo * p.width + tx.lo, g * ty.w_lo * tx.w_lo);
+        accumulate(plane + ty.lo * p.width + tx.hi, g * ty.w_lo * tx.w_hi);
+        accumulate(plane + ty.hi * p.width + tx.lo, g * ty.w_hi * tx.w_lo);
+        accumulate(plane + ty.hi * p.width + tx.hi, g * ty.w_hi * tx.w_hi);
+      }
+    }
+  }
+};
+
+// CUDA backward, deterministic mode: one grad_input element per iteration (in [N, C, H, W]
+// order), summing what every RoI gives it in a fixed order (RoI, then bin): no atomics, the
+// same bits on every run. Bins that cannot reach the element are skipped by a bounds test.
+template <typename scalar_t, typename T>
+struct BackwardGather {
+  Params<T> p;
+  const scalar_t* grad;
+  GradStrides gs;
+  const T* rois;
+  T* grad_input;  // [N, C, H, W] contiguous
+
+  // Can a sample in [lo, hi] along an axis read index `target`? Conservative: taps of a sample
+  // at position s are floor(s) and floor(s) + 1 (clamped into the axis), so anything more than
+  // one cell away is out of reach. NaN bounds never reject (the taps then reject themselves).
+  HOST_DEVICE static bool out_of_reach(T lo, T hi, int64_t target) {
+    const T t = static_cast<T>(target);
+    return hi < t - T(1) || lo > t + T(1);
+  }
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t x = i % p.width;
+    int64_t r = i / p.width;
+    const int64_t y = r % p.height;
+    r /= p.height;
+    const int64_t c = r % p.channels;
+    const int64_t n = r / p.channels;
+    T sum = T(0);
+    for (int64_t k = 0; k < p.num_rois; ++k) {
+      const RoiBox<T> b = p.box(rois, k);
+      if (b.batch != n || b.grid_h <= 0 || b.grid_w <= 0) continue;
+      const T end_h = b.start_h + static_cast<T>(p.pooled_h) * b.bin_h;
+      const T end_w = b.start_w + static_cast<T>(p.pooled_w) * b.bin_w;
+      // Samples below 0 are clamped to row 0, so widen the reach there.
+      if (out_of_reach(b.start_h < end_h ? b.start_h : end_h,
+                       b.start_h < end_h ? end_h : b.start_h, y < 1 ? 0 : y) &&
+          y > 0)
+        continue;
+      if (out_of_reach(b.start_w < end_w ? b.start_w : end_w,
+                       b.start_w < end_w ? end_w : b.start_w, x < 1 ? 0 : x) &&
+          x > 0)
+        continue;
+      for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
+        const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
+        const T wy = bin_weight_at(y0, b.bin_h, b.grid_h, p.height, y);
+        if (wy == T(0)) continue;
+        for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
+          const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
+          const T wx = bin_weight_at(x0, b.bin_w, b.grid_w, p.width, x);
+          if (wx == T(0)) continue;
+          sum += wy * wx * static_cast<T>(grad[gs.at(k, c, ph, pw)]);
+        }
+      }
+    }
+    grad_input[i] = sum;
+  }
+};
+
+}  // namespace roi_align
+}  // namespace maskops

@@ -1,0 +1,41 @@
+"""maskops: fast, dependable C++/CUDA ops for Mask R-CNN.
+
+    >>> import torch, maskops
+    >>> feats = torch.randn(2, 256, 50, 50)
+    >>> boxes = torch.tensor([[0, 10.0, 10.0, 200.0, 300.0]])
+    >>> maskops.roi_align(feats, boxes, 7, spatial_scale=1 / 16, sampling_ratio=2).shape
+    torch.Size([1, 256, 7, 7])
+"""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the torch.ops.maskops operators)
+except ImportError as e:  # pragma: no cover - only when the extension was not built
+    raise ImportError(
+        "maskops' compiled extension (maskops._C) is missing or does not match this torch "
+        f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
+        f"or `make build`. Original error: {e}") from e
+
+from .roi_align import RoIAlign, roi_align
+
+__version__ = "0.1.0"
+
+__all__ = ["roi_align", "RoIAlign", "has_cuda", "build_info", "__version__"]
+
+
+def has_cuda() -> bool:
+    """Whether the CUDA kernels were compiled into this build."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("maskops::roi_align", "CUDA")
+
+
+def build_info() -> dict:
+    """What this build was made with (torch, CUDA, arch list) and what it runs with now."""
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:  # pragma: no cover
+        BUILD_INFO = {}
+    info = dict(BUILD_INFO)
+    info["has_cuda_kernels"] = has_cuda()
+    info["runtime_torch"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
