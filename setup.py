@@ -21,15 +21,19 @@ def log(msg):
 
 
 def find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        cand = os.environ.get(var)
-        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
+    """A CUDA toolkit folder: bin/nvcc plus the runtime headers (nvcc on PATH may be a wrapper)."""
+    def ok(home):
+        return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+            os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if ok(home):
+            return home
     return None
 
 
@@ -118,7 +122,10 @@ def extensions():
     with_cuda = cuda_home is not None
     write_build_info(with_cuda, cuda_home)
     sources = ["csrc/maskops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
-    cxx = ["-O3", "-DPy_LIMITED_API=0x03090000", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
+    # on one thread.
+    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000", "-fno-math-errno", "-Wall",
+           "-Wno-unused-function"]
     nvcc = ["-O3", "-DPy_LIMITED_API=0x03090000", "--expt-relaxed-constexpr", "-lineinfo"]
     if os.environ.get("MASKOPS_EXTRA_CFLAGS"):  # used by `make sanitize`
         cxx += os.environ["MASKOPS_EXTRA_CFLAGS"].split()
@@ -131,6 +138,7 @@ def extensions():
                             **kwargs)
     else:
         ext = CppExtension("maskops._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    ext.extra_link_args += ["-fopenmp"]
     if os.environ.get("MASKOPS_EXTRA_LDFLAGS"):
         ext.extra_link_args += os.environ["MASKOPS_EXTRA_LDFLAGS"].split()
     log(f"{'CUDA' if with_cuda else 'CPU-only'} build of {len(sources)} sources, "
