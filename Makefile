@@ -27,7 +27,7 @@ $(BUILT): $(STAMP) $(SOURCES)
 build: $(BUILT)
 
 test: $(BUILT)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests benchmarks --benchmark-disable
 
 demo: $(BUILT)
 	$(VPY) examples/roi_align_demo.py

@@ -85,15 +85,16 @@ class RoIAlign(nn.Module):
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
                     aligned):
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "rois must be [K, 5]")
-    return input.new_empty((rois.size(0), input.size(1), pooled_height, pooled_width),
-                           memory_format=V.memory_format(input))
+    return torch.empty((rois.size(0), input.size(1), pooled_height, pooled_width),
+                       dtype=input.dtype, device=input.device,
+                       memory_format=V.memory_format(input))
 
 
 @torch.library.register_fake("maskops::_roi_align_backward")
 def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width,
                              batch_size, channels, height, width, sampling_ratio, aligned):
-    return grad.new_empty((batch_size, channels, height, width),
-                          memory_format=V.memory_format(grad))
+    return torch.empty((batch_size, channels, height, width), dtype=grad.dtype,
+                       device=grad.device, memory_format=V.memory_format(grad))
 
 
 # ---- autograd ----

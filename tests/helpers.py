@@ -1,0 +1,34 @@
+"""Input generators shared by the op tests."""
+import torch
+
+
+def random_boxes(n, image_size, generator=None, min_size=1.0, max_size=None, dtype=torch.float32):
+    """Tensor[n, 4] of (x1, y1, x2, y2) boxes inside an image of `image_size` (h, w)."""
+    h, w = image_size
+    max_size = max_size or max(h, w) / 2
+    xy = torch.rand(n, 2, generator=generator) * torch.tensor([w, h])
+    wh = torch.rand(n, 2, generator=generator) * (max_size - min_size) + min_size
+    return torch.cat([xy, xy + wh], dim=1).to(dtype)
+
+
+def random_rois(k, batch, image_size, generator=None, dtype=torch.float32, outside=False):
+    """Tensor[k, 5] rows (batch_index, x1, y1, x2, y2).
+
+    With `outside`, a third of the boxes are shifted partly or fully off the image.
+    """
+    boxes = random_boxes(k, image_size, generator).double()
+    if outside and k:
+        h, w = image_size
+        shift = (torch.rand(k, 2, generator=generator) - 0.5) * 2 * torch.tensor([w, h])
+        sel = torch.rand(k, generator=generator) < 0.33
+        boxes[sel] += shift[sel].repeat(1, 2).double()
+    idx = torch.randint(0, batch, (k, 1), generator=generator).double()
+    return torch.cat([idx, boxes], dim=1).to(dtype)
+
+
+def devices():
+    """CPU always; CUDA when present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
