@@ -30,13 +30,27 @@ TORCH_LIBRARY(maskops, m) {
       "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
       "int sampling_ratio, bool aligned) -> Tensor");
+  // Multi-level (FPN) RoIAlign: each RoI reads the level torchvision's LevelMapper picks,
+  // floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6) clamped to
+  // [k_min, k_min + levels - 1]; features[i] is pyramid level k_min + i.
+  m.def(
+      "multiscale_roi_align(Tensor[] features, Tensor rois, float[] spatial_scales, "
+      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned, "
+      "float canonical_scale, float canonical_level, int k_min) -> Tensor");
+  m.def(
+      "_multiscale_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "
+      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, "
+      "SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
+      "float canonical_scale, float canonical_level, int k_min) -> Tensor[]");
   // Test-only: the CUDA kernels' functors run on the CPU, for CPU tests of GPU algorithms.
   m.def(
-      "_roi_align_forward_elementwise(Tensor input, Tensor rois, float spatial_scale, "
-      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+      "_multiscale_roi_align_forward_elementwise(Tensor[] features, Tensor rois, "
+      "float[] spatial_scales, int pooled_height, int pooled_width, int sampling_ratio, "
+      "bool aligned, float canonical_scale, float canonical_level, int k_min) -> Tensor");
   m.def(
-      "_roi_align_backward_cuda_algo(Tensor grad, Tensor rois, float spatial_scale, "
-      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, "
-      "SymInt height, SymInt width, int sampling_ratio, bool aligned, bool deterministic) "
-      "-> Tensor");
+      "_multiscale_roi_align_backward_cuda_algo(Tensor grad, Tensor rois, "
+      "float[] spatial_scales, int pooled_height, int pooled_width, SymInt batch_size, "
+      "SymInt channels, SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
+      "float canonical_scale, float canonical_level, int k_min, bool deterministic) "
+      "-> Tensor[]");
 }

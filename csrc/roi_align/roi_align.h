@@ -15,6 +15,8 @@
 // the same samples per output element. Both get their positions and weights from axis_tap().
 #pragma once
 
+#include <cmath>
+
 #include "common/host_device.h"
 
 namespace maskops {
@@ -104,8 +106,9 @@ HOST_DEVICE inline bool axis_tap(T pos, int64_t size, AxisTap<T>& t) {
   return true;
 }
 
-// Adds (index, weight) to a tap list kept sorted by index. Samples of a bin move forward
-// monotonically, so a repeated index can only be one of the last two entries.
+// Adds (index, weight) to a tap list. Samples of a bin move monotonically, so for ordinary
+// boxes a repeated index is one of the last two entries and is merged; inverted boxes (moving
+// backwards) may leave a repeated index unmerged, which changes no sum.
 template <typename T>
 HOST_DEVICE inline int add_tap(int64_t* idx, T* w, int n, int64_t i, T wi) {
   if (n > 0 && idx[n - 1] == i) {
@@ -155,30 +158,68 @@ HOST_DEVICE inline T bin_weight_at(T bin_start, T bin_size, int grid, int64_t si
   return acc;
 }
 
-// Shared scalar parameters of every RoIAlign kernel.
-template <typename T>
-struct Params {
-  int64_t batch_size, channels, height, width;
-  int64_t pooled_h, pooled_w;
-  int64_t num_rois;
-  T spatial_scale;
-  int64_t sampling_ratio;
-  bool aligned;
+// ---- feature pyramids (multi-level RoIAlign; single-level RoIAlign is one level) ----
 
-  HOST_DEVICE RoiBox<T> box(const T* rois, int64_t k) const {
-    return roi_box(rois + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
-                   batch_size);
+constexpr int kMaxLevels = 8;
+
+HOST_DEVICE inline float log2_(float v) { return log2f(v); }
+HOST_DEVICE inline double log2_(double v) { return log2(v); }
+HOST_DEVICE inline float sqrt_(float v) { return sqrtf(v); }
+HOST_DEVICE inline double sqrt_(double v) { return sqrt(v); }
+HOST_DEVICE inline float floor_(float v) { return floorf(v); }
+HOST_DEVICE inline double floor_(double v) { return floor(v); }
+
+// torchvision's LevelMapper (FPN paper, eq. 1): a box of area A goes to pyramid level
+//   k = floor(canonical_level + log2(sqrt(A) / canonical_scale) + 1e-6)
+// clamped to the levels present, computed in the boxes' math type as torchvision does. Returns
+// the index into the feature list, or -1 for a NaN level (an inverted box with negative area):
+// torchvision assigns such a box to no level, so it pools to zeros.
+template <typename T>
+struct LevelMap {
+  int num_levels;  // 1: every RoI reads features[0], whatever its size
+  int k_min;       // pyramid level of features[0] (2 for stride 4)
+  T canonical_scale, canonical_level;
+
+  HOST_DEVICE int operator()(const T* roi) const {
+    if (num_levels <= 1) return 0;
+    const T area = (roi[3] - roi[1]) * (roi[4] - roi[2]);
+    const T k = floor_(canonical_level + log2_(sqrt_(area) / canonical_scale) + T(1e-6));
+    if (!(k == k)) return -1;
+    const T lo = static_cast<T>(k_min), hi = static_cast<T>(k_min + num_levels - 1);
+    return static_cast<int>(k < lo ? lo : (k > hi ? hi : k)) - k_min;
   }
 };
 
+// Sizes shared by every RoIAlign kernel, with the per-level map sizes and scales.
+template <typename T>
+struct Params {
+  int num_levels;
+  int64_t height[kMaxLevels], width[kMaxLevels];
+  T spatial_scale[kMaxLevels];
+  LevelMap<T> level_of;
+  int64_t batch_size, channels, pooled_h, pooled_w, num_rois, sampling_ratio;
+  bool aligned;
+
+  HOST_DEVICE RoiBox<T> box(const T* rois, int64_t k, int level) const {
+    return roi_box(rois + 5 * k, spatial_scale[level], pooled_h, pooled_w, sampling_ratio,
+                   aligned, batch_size);
+  }
+};
+
+// Where one level's tensor lives: data pointer and element strides of [N, C, H, W].
+template <typename scalar_t>
+struct LevelData {
+  scalar_t* data;
+  int64_t s_n, s_c, s_h, s_w;
+};
+
 // CUDA forward: one output element per iteration, index i in the output's memory order
-// ([K, C, PH, PW], or [K, PH, PW, C] when channels_last). Reads input through its strides,
-// so any layout works without a copy.
+// ([K, C, PH, PW], or [K, PH, PW, C] when channels_last). Reads features through their
+// strides, so any layout works without a copy.
 template <typename scalar_t, typename T>
 struct ForwardElement {
   Params<T> p;
-  const scalar_t* input;
-  int64_t s_n, s_c, s_h, s_w;
+  LevelData<const scalar_t> level[kMaxLevels];
   const T* rois;  // [K, 5], contiguous, in the math type T
   scalar_t* output;
   bool channels_last;
@@ -200,34 +241,38 @@ struct ForwardElement {
       c = r % p.channels;
       k = r / p.channels;
     }
-    const RoiBox<T> b = p.box(rois, k);
+    const int l = p.level_of(rois + 5 * k);
     T sum = T(0);
-    if (b.batch >= 0 && b.grid_h > 0 && b.grid_w > 0) {
-      const scalar_t* plane = input + b.batch * s_n + c * s_c;
-      const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
-      const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
-      for (int iy = 0; iy < b.grid_h; ++iy) {
-        AxisTap<T> ty;
-        if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), p.height, ty)) continue;
-        const scalar_t* row_lo = plane + ty.lo * s_h;
-        const scalar_t* row_hi = plane + ty.hi * s_h;
-        for (int ix = 0; ix < b.grid_w; ++ix) {
-          AxisTap<T> tx;
-          if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), p.width, tx)) continue;
-          const T top = tx.w_lo * static_cast<T>(row_lo[tx.lo * s_w]) +
-                        tx.w_hi * static_cast<T>(row_lo[tx.hi * s_w]);
-          const T bottom = tx.w_lo * static_cast<T>(row_hi[tx.lo * s_w]) +
-                           tx.w_hi * static_cast<T>(row_hi[tx.hi * s_w]);
-          sum += ty.w_lo * top + ty.w_hi * bottom;
+    if (l >= 0) {
+      const RoiBox<T> b = p.box(rois, k, l);
+      if (b.batch >= 0 && b.grid_h > 0 && b.grid_w > 0) {
+        const LevelData<const scalar_t>& f = level[l];
+        const scalar_t* plane = f.data + b.batch * f.s_n + c * f.s_c;
+        const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
+        const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
+        for (int iy = 0; iy < b.grid_h; ++iy) {
+          AxisTap<T> ty;
+          if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), p.height[l], ty)) continue;
+          const scalar_t* row_lo = plane + ty.lo * f.s_h;
+          const scalar_t* row_hi = plane + ty.hi * f.s_h;
+          for (int ix = 0; ix < b.grid_w; ++ix) {
+            AxisTap<T> tx;
+            if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), p.width[l], tx)) continue;
+            const T top = tx.w_lo * static_cast<T>(row_lo[tx.lo * f.s_w]) +
+                          tx.w_hi * static_cast<T>(row_lo[tx.hi * f.s_w]);
+            const T bottom = tx.w_lo * static_cast<T>(row_hi[tx.lo * f.s_w]) +
+                             tx.w_hi * static_cast<T>(row_hi[tx.hi * f.s_w]);
+            sum += ty.w_lo * top + ty.w_hi * bottom;
+          }
         }
+        sum /= static_cast<T>(b.grid_h * b.grid_w);
       }
-      sum /= static_cast<T>(b.grid_h * b.grid_w);
     }
     output[i] = static_cast<scalar_t>(sum);
   }
 };
 
-// Element offset of grad_output[k, c, ph, pw] for a tensor with strides g_k, g_c, g_h, g_w.
+// Element offset of grad_output[k, c, ph, pw] for a tensor with strides k, c, h, w.
 struct GradStrides {
   int64_t k, c, h, w;
   HOST_DEVICE int64_t at(int64_t kk, int64_t cc, int64_t hh, int64_t ww) const {
@@ -235,16 +280,16 @@ struct GradStrides {
   }
 };
 
-// CUDA backward (default, fast): one grad_output element per iteration, scattered into a
-// [N, C, H, W] contiguous accumulator of type T with maskops::accumulate (atomic on the GPU).
-// Iteration i is in [K, C, PH, PW] order.
+// CUDA backward (default, fast): one grad_output element per iteration (in [K, C, PH, PW]
+// order), scattered into per-level [N, C, H, W] contiguous accumulators of type T with
+// maskops::accumulate (atomic on the GPU).
 template <typename scalar_t, typename T>
 struct BackwardScatter {
   Params<T> p;
   const scalar_t* grad;
   GradStrides gs;
   const T* rois;
-  T* grad_input;
+  T* grad_input[kMaxLevels];
 
   HOST_DEVICE void operator()(int64_t i) const {
     const int64_t pw = i % p.pooled_w;
@@ -253,82 +298,84 @@ struct BackwardScatter {
     r /= p.pooled_h;
     const int64_t c = r % p.channels;
     const int64_t k = r / p.channels;
-    const RoiBox<T> b = p.box(rois, k);
+    const int l = p.level_of(rois + 5 * k);
+    if (l < 0) return;
+    const RoiBox<T> b = p.box(rois, k, l);
     if (b.batch < 0 || b.grid_h <= 0 || b.grid_w <= 0) return;
+    const int64_t H = p.height[l], W = p.width[l];
     const T g = static_cast<T>(grad[gs.at(k, c, ph, pw)]) /
                 static_cast<T>(b.grid_h * b.grid_w);
-    T* plane = grad_input + (b.batch * p.channels + c) * p.height * p.width;
+    T* plane = grad_input[l] + (b.batch * p.channels + c) * H * W;
     const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
     const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
     for (int iy = 0; iy < b.grid_h; ++iy) {
       AxisTap<T> ty;
-      if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), p.height, ty)) continue;
+      if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), H, ty)) continue;
       for (int ix = 0; ix < b.grid_w; ++ix) {
         AxisTap<T> tx;
-        if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), p.width, tx)) continue;
-        accumulate(plane + ty.lo * p.width + tx.lo, g * ty.w_lo * tx.w_lo);
-        accumulate(plane + ty.lo * p.width + tx.hi, g * ty.w_lo * tx.w_hi);
-        accumulate(plane + ty.hi * p.width + tx.lo, g * ty.w_hi * tx.w_lo);
-        accumulate(plane + ty.hi * p.width + tx.hi, g * ty.w_hi * tx.w_hi);
+        if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), W, tx)) continue;
+        accumulate(plane + ty.lo * W + tx.lo, g * ty.w_lo * tx.w_lo);
+        accumulate(plane + ty.lo * W + tx.hi, g * ty.w_lo * tx.w_hi);
+        accumulate(plane + ty.hi * W + tx.lo, g * ty.w_hi * tx.w_lo);
+        accumulate(plane + ty.hi * W + tx.hi, g * ty.w_hi * tx.w_hi);
       }
     }
   }
 };
 
-// CUDA backward, deterministic mode: one grad_input element per iteration (in [N, C, H, W]
-// order), summing what every RoI gives it in a fixed order (RoI, then bin): no atomics, the
-// same bits on every run. Bins that cannot reach the element are skipped by a bounds test.
+// CUDA backward, deterministic mode: one grad_input element per iteration, over the levels'
+// [N, C, H, W] elements laid end to end, summing what every RoI gives it in a fixed order
+// (RoI, then bin): no atomics, the same bits on every run. Bins that cannot reach the element
+// are skipped by a bounds test.
 template <typename scalar_t, typename T>
 struct BackwardGather {
   Params<T> p;
   const scalar_t* grad;
   GradStrides gs;
   const T* rois;
-  T* grad_input;  // [N, C, H, W] contiguous
+  T* grad_input[kMaxLevels];
+  int64_t level_offset[kMaxLevels + 1];  // first iteration index of each level
 
-  // Can a sample in [lo, hi] along an axis read index `target`? Conservative: taps of a sample
-  // at position s are floor(s) and floor(s) + 1 (clamped into the axis), so anything more than
-  // one cell away is out of reach. NaN bounds never reject (the taps then reject themselves).
-  HOST_DEVICE static bool out_of_reach(T lo, T hi, int64_t target) {
+  // Can a sample in [lo, hi] along an axis read index `target`? Taps of a sample at s are
+  // floor(s) and floor(s) + 1, so anything more than one cell away is out of reach; samples
+  // below 0 read row 0, so target 0 is never rejected. NaN bounds never reject.
+  HOST_DEVICE static bool out_of_reach(T a, T b, int64_t target) {
+    const T lo = a < b ? a : b, hi = a < b ? b : a;
     const T t = static_cast<T>(target);
-    return hi < t - T(1) || lo > t + T(1);
+    return target > 0 && (hi < t - T(1) || lo > t + T(1));
   }
 
   HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t x = i % p.width;
-    int64_t r = i / p.width;
-    const int64_t y = r % p.height;
-    r /= p.height;
+    int l = 0;
+    while (l + 1 < p.num_levels && i >= level_offset[l + 1]) ++l;
+    const int64_t H = p.height[l], W = p.width[l];
+    const int64_t j = i - level_offset[l];
+    const int64_t x = j % W;
+    int64_t r = j / W;
+    const int64_t y = r % H;
+    r /= H;
     const int64_t c = r % p.channels;
     const int64_t n = r / p.channels;
     T sum = T(0);
     for (int64_t k = 0; k < p.num_rois; ++k) {
-      const RoiBox<T> b = p.box(rois, k);
+      if (p.level_of(rois + 5 * k) != l) continue;
+      const RoiBox<T> b = p.box(rois, k, l);
       if (b.batch != n || b.grid_h <= 0 || b.grid_w <= 0) continue;
-      const T end_h = b.start_h + static_cast<T>(p.pooled_h) * b.bin_h;
-      const T end_w = b.start_w + static_cast<T>(p.pooled_w) * b.bin_w;
-      // Samples below 0 are clamped to row 0, so widen the reach there.
-      if (out_of_reach(b.start_h < end_h ? b.start_h : end_h,
-                       b.start_h < end_h ? end_h : b.start_h, y < 1 ? 0 : y) &&
-          y > 0)
-        continue;
-      if (out_of_reach(b.start_w < end_w ? b.start_w : end_w,
-                       b.start_w < end_w ? end_w : b.start_w, x < 1 ? 0 : x) &&
-          x > 0)
-        continue;
+      if (out_of_reach(b.start_h, b.start_h + static_cast<T>(p.pooled_h) * b.bin_h, y)) continue;
+      if (out_of_reach(b.start_w, b.start_w + static_cast<T>(p.pooled_w) * b.bin_w, x)) continue;
       for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
         const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
-        const T wy = bin_weight_at(y0, b.bin_h, b.grid_h, p.height, y);
+        const T wy = bin_weight_at(y0, b.bin_h, b.grid_h, H, y);
         if (wy == T(0)) continue;
         for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
           const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
-          const T wx = bin_weight_at(x0, b.bin_w, b.grid_w, p.width, x);
+          const T wx = bin_weight_at(x0, b.bin_w, b.grid_w, W, x);
           if (wx == T(0)) continue;
           sum += wy * wx * static_cast<T>(grad[gs.at(k, c, ph, pw)]);
         }
       }
     }
-    grad_input[i] = sum;
+    grad_input[l][j] = sum;
   }
 };
 

@@ -1,15 +1,19 @@
-// RoIAlign on the CPU.
+// RoIAlign on the CPU, single-level and multi-level (a feature pyramid; single-level RoIAlign
+// is its one-level case). Each RoI reads the level LevelMap picks for it.
 //
-// Forward: features are read channels-last ([N, H, W, C], converted once if needed) so that
-// every tap of a bin is one contiguous run of channels; a RoI's bins are computed for a block
-// of channels into a small tile (bins x channels) and then written to the output in its
-// layout. The merged row/column taps of roi_align.h make each bin ny x nx vector updates.
+// Two layouts, two loops over the same merged taps (roi_align.h):
+// - channels-last features ([N, H, W, C]): each tap is one contiguous run of channels, so a
+//   bin is ny x nx vector updates of a block of channels into a (bins x channels) tile, which
+//   is then written to the output in its layout (a vectorised transpose for NCHW outputs).
+// - NCHW features ([N, C, H, W]): per channel plane, the row taps of a bin row are first
+//   combined into one row (vectorised over x), then each bin reads its column taps from it.
+//   No layout conversion of the (possibly large) pyramid is needed.
 //
-// Backward: the same taps in reverse, into a channels-last float accumulator. Work is split
-// by (image, channel block), so no two threads ever touch the same element and the order of
-// additions into any element (RoI, then bin, then tap) does not depend on the thread count:
-// deterministic, no atomics.
+// Backward runs the same taps in reverse. Work is split by (level, image, channel block), so
+// no two threads touch the same element and the order of additions into any element (RoI,
+// then bin, then tap) does not depend on the thread count: deterministic, no atomics.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -28,35 +32,43 @@ namespace maskops {
 namespace roi_align {
 namespace {
 
-// Channels handled together: a 14x14 tile of 32 floats stays in L1.
+// Channels handled together in the channels-last loops (4 AVX-512 registers of floats).
 constexpr int64_t kChannelBlock = 64;
+// Channels per backward task in the NCHW loops.
+constexpr int64_t kPlaneBlock = 16;
 
-// The merged taps of every bin of one RoI along one axis.
+// The merged taps of every bin of one RoI along one axis, and the index span they cover.
 template <typename T>
 struct AxisTaps {
   std::vector<int64_t> idx;
   std::vector<T> w;
   std::vector<int> count;
   int stride = 0;
+  int64_t lo = 0, hi = -1;  // smallest and largest index read (hi < lo: none)
 
   void build(T start, T bin, int grid, int64_t pooled, int64_t size) {
     stride = std::max(2 * grid, 1);
     idx.resize(pooled * stride);
     w.resize(pooled * stride);
     count.resize(pooled);
+    lo = size;
+    hi = -1;
     for (int64_t p = 0; p < pooled; ++p) {
-      count[p] = bin_taps(start + static_cast<T>(p) * bin, bin, grid, size,
-                          idx.data() + p * stride, w.data() + p * stride);
+      int64_t* ip = idx.data() + p * stride;
+      const int n = bin_taps(start + static_cast<T>(p) * bin, bin, grid, size, ip,
+                             w.data() + p * stride);
+      count[p] = n;
+      for (int i = 0; i < n; ++i) {  // (inverted boxes list their taps in descending order)
+        lo = std::min(lo, ip[i]);
+        hi = std::max(hi, ip[i]);
+      }
     }
   }
 };
 
-// Hot loops, cloned for AVX-512 and AVX2 with a portable fallback chosen at load time.
-#define MASKOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
 // A 64-byte vector of T (GCC vector extension): one zmm register under AVX-512, two ymm under
 // AVX2, four xmm otherwise. Written out explicitly because the auto-vectoriser turned the
-// channel loop below into scalar code.
+// channel loops below into scalar code.
 template <typename T>
 struct Vec64 {
   typedef T type __attribute__((vector_size(64)));
@@ -67,11 +79,24 @@ struct Vec64 {
     return v;
   }
   static void store(T* p, type v) { __builtin_memcpy(p, &v, 64); }
+  static type splat(T s) { return type{} + s; }
 };
 
+// dst[0:n] += w * src[0:n]
+template <typename T>
+inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64_t n) {
+  using V = Vec64<T>;
+  const int64_t nv = n - n % V::lanes;
+  const typename V::type wv = V::splat(w);
+  for (int64_t c = 0; c < nv; c += V::lanes) V::store(dst + c, V::load(dst + c) + wv * V::load(src + c));
+  for (int64_t c = nv; c < n; ++c) dst[c] += w * src[c];
+}
+
+// ---- channels-last loops ----
+
 // tile[bin][0:cb] = sum over taps of wy * wx * feat[row][col][0:cb] for every bin of a RoI.
-// `feat` points at channel c0 of image b; rows are H x W x C. Full blocks (cb == kChannelBlock)
-// keep the accumulator in vector registers; a ragged last block takes the scalar loop.
+// `feat` points at channel c0 of one image; rows are W x C. Full blocks keep the accumulator
+// in vector registers.
 template <typename T>
 inline __attribute__((always_inline)) void forward_tile_impl(
     T* __restrict tile, const T* __restrict feat, int64_t W, int64_t C, int64_t cb,
@@ -95,24 +120,16 @@ inline __attribute__((always_inline)) void forward_tile_impl(
           const T* row = feat + yi[a] * W * C;
           for (int e = 0; e < nx; ++e) {
             const T* src = row + xi[e] * C;
-            const typename V::type wt = typename V::type{} + yw[a] * xw[e];
+            const typename V::type wt = V::splat(yw[a] * xw[e]);
             for (int v = 0; v < NV; ++v) acc[v] += wt * V::load(src + v * V::lanes);
           }
         }
         for (int v = 0; v < NV; ++v) V::store(out + v * V::lanes, acc[v]);
-      } else {  // ragged block: whole vectors accumulate in the tile, then a scalar tail
-        const int64_t cv = cb - cb % V::lanes;
+      } else {
         for (int64_t c = 0; c < cb; ++c) out[c] = T(0);
         for (int a = 0; a < ny; ++a) {
           const T* row = feat + yi[a] * W * C;
-          for (int e = 0; e < nx; ++e) {
-            const T wt = yw[a] * xw[e];
-            const T* src = row + xi[e] * C;
-            const typename V::type w = typename V::type{} + wt;
-            for (int64_t c = 0; c < cv; c += V::lanes)
-              V::store(out + c, V::load(out + c) + w * V::load(src + c));
-            for (int64_t c = cv; c < cb; ++c) out[c] += wt * src[c];
-          }
+          for (int e = 0; e < nx; ++e) axpy(out, row + xi[e] * C, yw[a] * xw[e], cb);
         }
       }
     }
@@ -145,15 +162,11 @@ inline __attribute__((always_inline)) void backward_tile_impl(
           const T wt = yw[a] * xw[e];
           T* dst = row + xi[e] * C;
           if (full) {
-            const typename V::type w = typename V::type{} + wt;
+            const typename V::type w = V::splat(wt);
             for (int v = 0; v < NV; ++v)
               V::store(dst + v * V::lanes, V::load(dst + v * V::lanes) + w * gv[v]);
-          } else {  // ragged block
-            const int64_t cv = cb - cb % V::lanes;
-            const typename V::type w = typename V::type{} + wt;
-            for (int64_t c = 0; c < cv; c += V::lanes)
-              V::store(dst + c, V::load(dst + c) + w * V::load(g + c));
-            for (int64_t c = cv; c < cb; ++c) dst[c] += wt * g[c];
+          } else {
+            axpy(dst, g, wt, cb);
           }
         }
       }
@@ -161,34 +174,143 @@ inline __attribute__((always_inline)) void backward_tile_impl(
   }
 }
 
-MASKOPS_CLONES void forward_tile(float* tile, const float* feat, int64_t W, int64_t C,
-                                 int64_t cb, const AxisTaps<float>& ty,
-                                 const AxisTaps<float>& tx, int64_t PH, int64_t PW) {
-  forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);
-}
-MASKOPS_CLONES void forward_tile(double* tile, const double* feat, int64_t W, int64_t C,
-                                 int64_t cb, const AxisTaps<double>& ty,
-                                 const AxisTaps<double>& tx, int64_t PH, int64_t PW) {
-  forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);
-}
-MASKOPS_CLONES void backward_tile(float* acc, const float* tile, int64_t W, int64_t C,
-                                  int64_t cb, const AxisTaps<float>& ty,
-                                  const AxisTaps<float>& tx, int64_t PH, int64_t PW) {
-  backward_tile_impl(acc, tile, W, C, cb, ty, tx, PH, PW);
-}
-MASKOPS_CLONES void backward_tile(double* acc, const double* tile, int64_t W, int64_t C,
-                                  int64_t cb, const AxisTaps<double>& ty,
-                                  const AxisTaps<double>& tx, int64_t PH, int64_t PW) {
-  backward_tile_impl(acc, tile, W, C, cb, ty, tx, PH, PW);
+// ---- NCHW (plane) loops ----
+
+// out[bin * out_stride] for every bin of one RoI and one channel plane ([H, W]); `rowbuf`
+// holds one combined row over the RoI's column span.
+template <typename T, typename O>
+inline __attribute__((always_inline)) void forward_plane_impl(
+    O* out, int64_t out_stride, const T* __restrict plane, int64_t W, const AxisTaps<T>& ty,
+    const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* __restrict rowbuf) {
+  const int64_t span = tx.hi - tx.lo + 1;
+  for (int64_t ph = 0; ph < PH; ++ph) {
+    const int64_t* yi = ty.idx.data() + ph * ty.stride;
+    const T* yw = ty.w.data() + ph * ty.stride;
+    const int ny = ty.count[ph];
+    O* o = out + ph * PW * out_stride;
+    if (ny == 0 || span <= 0) {
+      for (int64_t pw = 0; pw < PW; ++pw) o[pw * out_stride] = static_cast<O>(T(0));
+      continue;
+    }
+    for (int64_t x = 0; x < span; ++x) rowbuf[x] = T(0);
+    for (int a = 0; a < ny; ++a) axpy(rowbuf, plane + yi[a] * W + tx.lo, yw[a], span);
+    for (int64_t pw = 0; pw < PW; ++pw) {
+      const int64_t* xi = tx.idx.data() + pw * tx.stride;
+      const T* xw = tx.w.data() + pw * tx.stride;
+      T v = T(0);
+      for (int e = 0; e < tx.count[pw]; ++e) v += xw[e] * rowbuf[xi[e] - tx.lo];
+      o[pw * out_stride] = static_cast<O>(v);
+    }
+  }
 }
 
-void check_args(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
+// plane[H, W] += the bins' gradient g[bin] spread over their taps (one RoI, one channel).
+template <typename T>
+inline __attribute__((always_inline)) void backward_plane_impl(
+    T* plane, int64_t W, const T* __restrict g, const AxisTaps<T>& ty, const AxisTaps<T>& tx,
+    int64_t PH, int64_t PW, T* __restrict rowbuf) {
+  const int64_t span = tx.hi - tx.lo + 1;
+  if (span <= 0) return;
+  for (int64_t ph = 0; ph < PH; ++ph) {
+    const int ny = ty.count[ph];
+    if (ny == 0) continue;
+    for (int64_t x = 0; x < span; ++x) rowbuf[x] = T(0);
+    for (int64_t pw = 0; pw < PW; ++pw) {
+      const int64_t* xi = tx.idx.data() + pw * tx.stride;
+      const T* xw = tx.w.data() + pw * tx.stride;
+      const T gv = g[ph * PW + pw];
+      for (int e = 0; e < tx.count[pw]; ++e) rowbuf[xi[e] - tx.lo] += xw[e] * gv;
+    }
+    const int64_t* yi = ty.idx.data() + ph * ty.stride;
+    const T* yw = ty.w.data() + ph * ty.stride;
+    for (int a = 0; a < ny; ++a) axpy(plane + yi[a] * W + tx.lo, rowbuf, yw[a], span);
+  }
+}
+
+// Hot loops, cloned for AVX-512 and AVX2 with a portable fallback chosen at load time.
+#define MASKOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MASKOPS_INSTANTIATE(T)                                                                 \
+  MASKOPS_CLONES void forward_tile(T* tile, const T* feat, int64_t W, int64_t C, int64_t cb,  \
+                                   const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,   \
+                                   int64_t PW) {                                               \
+    forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);                                   \
+  }                                                                                            \
+  MASKOPS_CLONES void backward_tile(T* acc, const T* tile, int64_t W, int64_t C, int64_t cb,  \
+                                    const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,  \
+                                    int64_t PW) {                                              \
+    backward_tile_impl(acc, tile, W, C, cb, ty, tx, PH, PW);                                   \
+  }                                                                                            \
+  MASKOPS_CLONES void forward_plane(T* out, int64_t out_stride, const T* plane, int64_t W,    \
+                                    const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,  \
+                                    int64_t PW, T* rowbuf) {                                   \
+    forward_plane_impl(out, out_stride, plane, W, ty, tx, PH, PW, rowbuf);                     \
+  }                                                                                            \
+  MASKOPS_CLONES void backward_plane(T* plane, int64_t W, const T* g, const AxisTaps<T>& ty,  \
+                                     const AxisTaps<T>& tx, int64_t PH, int64_t PW,            \
+                                     T* rowbuf) {                                              \
+    backward_plane_impl(plane, W, g, ty, tx, PH, PW, rowbuf);                                  \
+  }
+MASKOPS_INSTANTIATE(float)
+MASKOPS_INSTANTIATE(double)
+#undef MASKOPS_INSTANTIATE
+
+// ---- argument handling shared by every entry point ----
+
+at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
   check_floating(rois, "rois");
   check_dim(rois, 2, "rois");
   TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got ",
               rois.sizes());
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "output_size must be positive, got (", pooled_h,
               ", ", pooled_w, ")");
+}
+
+void check_features(at::TensorList features, const at::Tensor& rois,
+                    at::ArrayRef<double> scales) {
+  TORCH_CHECK(!features.empty() && features.size() <= static_cast<size_t>(kMaxLevels),
+              "features must hold 1 to ", kMaxLevels, " levels, got ", features.size());
+  TORCH_CHECK(scales.size() == features.size(), "spatial_scales must have one entry per level (",
+              features.size(), "), got ", scales.size());
+  const at::Tensor& f0 = features[0];
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    check_floating(f, "features");
+    check_dim(f, 4, "features");
+    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() &&
+                    f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
+                "every level must share dtype, device, batch size and channels with level 0; "
+                "level ", l, " is ", f.scalar_type(), " ", f.sizes(), " on ", f.device());
+    TORCH_CHECK(scales[l] > 0, "spatial_scales[", l, "] must be positive, got ", scales[l]);
+  }
+  check_same_device(f0, rois, "features", "rois");
+}
+
+template <typename T>
+Params<T> make_params(int64_t N, int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
+                      at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t K,
+                      int64_t sampling_ratio, bool aligned, double canonical_scale,
+                      double canonical_level, int64_t k_min) {
+  Params<T> p{};
+  p.num_levels = static_cast<int>(scales.size());
+  for (int l = 0; l < p.num_levels; ++l) {
+    p.height[l] = heights[l];
+    p.width[l] = widths[l];
+    p.spatial_scale[l] = static_cast<T>(scales[l]);
+  }
+  p.level_of = LevelMap<T>{p.num_levels, static_cast<int>(k_min), static_cast<T>(canonical_scale),
+                           static_cast<T>(canonical_level)};
+  p.batch_size = N;
+  p.channels = C;
+  p.pooled_h = PH;
+  p.pooled_w = PW;
+  p.num_rois = K;
+  p.sampling_ratio = sampling_ratio;
+  p.aligned = aligned;
+  return p;
 }
 
 // The CPU path refuses RoIs whose batch index is outside [0, batch_size) (cheap to check here).
@@ -201,62 +323,113 @@ void check_batch_indices(const T* rois, int64_t K, int64_t N) {
   }
 }
 
-at::ScalarType math_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
+// How many RoIs read each level.
 template <typename T>
-Params<T> make_params(int64_t N, int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
-                      int64_t K, double scale, int64_t sampling_ratio, bool aligned) {
-  return Params<T>{N, C, H, W, PH, PW, K, static_cast<T>(scale), sampling_ratio, aligned};
+std::vector<int64_t> rois_per_level(const Params<T>& p, const T* rois, int64_t K) {
+  std::vector<int64_t> count(p.num_levels, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int l = p.level_of(rois + 5 * k);
+    if (l >= 0) ++count[l];
+  }
+  return count;
 }
 
-at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
-                                 double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                 int64_t sampling_ratio, bool aligned) {
-  check_floating(input, "input");
-  check_dim(input, 4, "input");
-  check_args(rois, pooled_h, pooled_w);
-  check_same_device(input, rois, "input", "rois");
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t K = rois.size(0);
-  const auto fmt = output_memory_format(input);
-  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options().memory_format(fmt));
-  if (output.numel() == 0) return output;
-  const bool out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const at::ScalarType mt = math_type(input.scalar_type());
-  // Channels-last features in the math type: one contiguous run of channels per tap.
-  const at::Tensor feat = input.to(mt).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor rois_m = rois.to(mt).contiguous();
+// Which loop reads a level: the channels-last one is several times faster per output, but a
+// level not already channels-last must first be converted (or, in backward, accumulated and
+// converted back). Convert only when the level is smaller than the outputs read from it, as
+// for single-level RoIAlign; large pyramid levels read by few RoIs stay NCHW.
+bool prefer_channels_last(const at::Tensor& level, int64_t rois, int64_t bins) {
+  if (output_memory_format(level) == at::MemoryFormat::ChannelsLast) return true;
+  return level.numel() <= rois * level.size(1) * bins;
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+std::vector<int64_t> sizes_of(at::TensorList features, int dim) {
+  std::vector<int64_t> out;
+  for (const auto& f : features) out.push_back(f.size(dim));
+  return out;
+}
+
+// ---- the kernels ----
+
+at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
+                           at::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
+                           int64_t sampling_ratio, bool aligned, double canonical_scale,
+                           double canonical_level, int64_t k_min) {
+  check_features(features, rois, scales);
+  check_rois(rois, pooled_h, pooled_w);
+  const at::Tensor& f0 = features[0];
+  const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
+  const int L = static_cast<int>(features.size());
+  const auto fmt = output_memory_format(f0);
+  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, f0.options().memory_format(fmt));
+  if (output.numel() == 0) return output;
+  const at::ScalarType mt = math_type(f0.scalar_type());
+  const at::Tensor rois_m = rois.to(mt).contiguous();
+  const auto heights = sizes_of(features, 2), widths = sizes_of(features, 3);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const T* rp = rois_m.data_ptr<T>();
     check_batch_indices(rp, K, N);
-    const auto p = make_params<T>(N, C, H, W, pooled_h, pooled_w, K, spatial_scale,
-                                  sampling_ratio, aligned);
-    const T* fp = feat.data_ptr<T>();
+    const auto p = make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K,
+                                  sampling_ratio, aligned, canonical_scale, canonical_level,
+                                  k_min);
+    const std::vector<int64_t> count = rois_per_level(p, rp, K);
+    std::vector<at::Tensor> data(L);
+    std::vector<bool> nhwc(L);
+    for (int l = 0; l < L; ++l) {
+      nhwc[l] = prefer_channels_last(features[l], count[l], pooled_h * pooled_w);
+      data[l] = features[l].to(mt).contiguous(nhwc[l] ? at::MemoryFormat::ChannelsLast
+                                                      : at::MemoryFormat::Contiguous);
+    }
+    std::vector<const T*> fp(L);
+    for (int l = 0; l < L; ++l) fp[l] = data[l].data_ptr<T>();
     scalar_t* out = output.data_ptr<scalar_t>();
     const int64_t bins = pooled_h * pooled_w;
+    // Output strides of channel and bin ([K, C, bins] or [K, bins, C]).
+    const bool out_cl = fmt == at::MemoryFormat::ChannelsLast;
+    const int64_t o_c = out_cl ? 1 : bins, o_bin = out_cl ? C : 1;
+    int64_t max_w = 1;
+    for (int l = 0; l < L; ++l) max_w = std::max(max_w, widths[l]);
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       AxisTaps<T> ty, tx;
       std::vector<T> tile(bins * std::min(C, kChannelBlock));
+      std::vector<T> rowbuf(max_w);
       for (int64_t k = k0; k < k1; ++k) {
-        const RoiBox<T> b = p.box(rp, k);
+        scalar_t* ok = out + k * C * bins;
+        const int l = p.level_of(rp + 5 * k);
+        if (l < 0) {  // no level: zeros
+          std::fill(ok, ok + C * bins, static_cast<scalar_t>(0));
+          continue;
+        }
+        const RoiBox<T> b = p.box(rp, k, l);
+        const int64_t H = heights[l], W = widths[l];
         ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
         tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
-        const T* image = fp + b.batch * H * W * C;
-        for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-          const int64_t cb = std::min(kChannelBlock, C - c0);
-          forward_tile(tile.data(), image + c0, W, C, cb, ty, tx, pooled_h, pooled_w);
-          if (out_channels_last) {  // out[k][bin][c]
-            scalar_t* o = out + k * bins * C + c0;
+        const T* image = fp[l] + b.batch * H * W * C;
+        if (nhwc[l]) {
+          for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+            const int64_t cb = std::min(kChannelBlock, C - c0);
+            forward_tile(tile.data(), image + c0, W, C, cb, ty, tx, pooled_h, pooled_w);
+            if (out_cl) {
+              for (int64_t s = 0; s < bins; ++s)
+                for (int64_t c = 0; c < cb; ++c)
+                  ok[s * C + c0 + c] = static_cast<scalar_t>(tile[s * cb + c]);
+            } else {
+              transpose(tile.data(), bins, cb, cb, ok + c0 * bins, bins);
+            }
+          }
+        } else if (std::is_same_v<T, scalar_t>) {  // (the cast is a no-op on this branch)
+          for (int64_t c = 0; c < C; ++c)
+            forward_plane(reinterpret_cast<T*>(ok) + c * o_c, o_bin, image + c * H * W, W, ty, tx, pooled_h, pooled_w,
+                          rowbuf.data());
+        } else {  // half types: compute a plane's bins in T, then round
+          for (int64_t c = 0; c < C; ++c) {
+            forward_plane(tile.data(), 1, image + c * H * W, W, ty, tx, pooled_h, pooled_w,
+                          rowbuf.data());
             for (int64_t s = 0; s < bins; ++s)
-              for (int64_t c = 0; c < cb; ++c)
-                o[s * C + c] = static_cast<scalar_t>(tile[s * cb + c]);
-          } else {  // out[k][c][bin]
-            transpose(tile.data(), bins, cb, cb, out + (k * C + c0) * bins, bins);
+              ok[c * o_c + s * o_bin] = static_cast<scalar_t>(tile[s]);
           }
         }
       }
@@ -265,138 +438,238 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   return output;
 }
 
+std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tensor& rois,
+                                         at::ArrayRef<double> scales, int64_t pooled_h,
+                                         int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                         at::IntArrayRef heights, at::IntArrayRef widths,
+                                         int64_t sampling_ratio, bool aligned,
+                                         double canonical_scale, double canonical_level,
+                                         int64_t k_min) {
+  check_floating(grad, "grad");
+  check_dim(grad, 4, "grad");
+  check_rois(rois, pooled_h, pooled_w);
+  check_same_device(grad, rois, "grad", "rois");
+  const int L = static_cast<int>(scales.size());
+  TORCH_CHECK(L >= 1 && L <= kMaxLevels && heights.size() == scales.size() &&
+                  widths.size() == scales.size(),
+              "spatial_scales, heights and widths must have one entry per level (1 to ",
+              kMaxLevels, ")");
+  const int64_t K = rois.size(0), N = batch_size, C = channels;
+  TORCH_CHECK(grad.size(0) == K && grad.size(1) == C && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              "grad must have shape [", K, ", ", C, ", ", pooled_h, ", ", pooled_w, "], got ",
+              grad.sizes());
+  TORCH_CHECK(N >= 0 && C >= 0, "batch_size and channels must be non-negative");
+  for (int l = 0; l < L; ++l)
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, "heights and widths must be non-negative");
+  const at::ScalarType mt = math_type(grad.scalar_type());
+  const auto fmt = output_memory_format(grad);
+  // Each level accumulates channels-last ([N, H, W, C]) or as NCHW planes (see
+  // prefer_channels_last); a channels-last grad means channels-last inputs.
+  std::vector<at::Tensor> acc(L);
+  std::vector<bool> nhwc(L, fmt == at::MemoryFormat::ChannelsLast);
+  const at::Tensor rois_m = rois.to(mt).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "roi_align_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T* rp = rois_m.data_ptr<T>();
+    if (N > 0) check_batch_indices(rp, K, N);
+    const auto p = make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K,
+                                  sampling_ratio, aligned, canonical_scale, canonical_level,
+                                  k_min);
+    const std::vector<int64_t> count = rois_per_level(p, rp, K);
+    for (int l = 0; l < L; ++l) {
+      const int64_t numel = N * C * heights[l] * widths[l];
+      nhwc[l] = nhwc[l] || numel <= count[l] * C * pooled_h * pooled_w;
+      acc[l] = nhwc[l] ? at::zeros({N, heights[l], widths[l], C}, grad.options().dtype(mt))
+                       : at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(mt));
+    }
+    if (K > 0 && N > 0 && C > 0) {
+      // The RoIs of each (level, image), in index order: the order of the additions.
+      std::vector<std::vector<int64_t>> members(L * N);
+      for (int64_t k = 0; k < K; ++k) {
+        const int l = p.level_of(rp + 5 * k);
+        if (l >= 0) members[l * N + static_cast<int64_t>(rp[5 * k])].push_back(k);
+      }
+      std::vector<T*> ap(L);
+      for (int l = 0; l < L; ++l) ap[l] = acc[l].data_ptr<T>();
+      const scalar_t* gp = grad.data_ptr<scalar_t>();
+      const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+      const bool dense_nchw = grad.is_contiguous();
+      const int64_t bins = pooled_h * pooled_w;
+      // Same block width for both loops so tasks map the same way on every level.
+      const int64_t block = kChannelBlock;
+      const int64_t nblocks = (C + block - 1) / block;
+      int64_t max_w = 1;
+      for (int l = 0; l < L; ++l) max_w = std::max<int64_t>(max_w, widths[l]);
+      at::parallel_for(0, L * N * nblocks, 1, [&](int64_t t0, int64_t t1) {
+        AxisTaps<T> ty, tx;
+        std::vector<T> tile(bins * std::min(C, block));
+        std::vector<T> rowbuf(max_w);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t ln = t / nblocks;
+          const int l = static_cast<int>(ln / N);
+          const int64_t n = ln % N;
+          const int64_t c0 = (t % nblocks) * block;
+          const int64_t cb = std::min(block, C - c0);
+          const int64_t H = heights[l], W = widths[l];
+          const bool cl = nhwc[l];
+          for (const int64_t k : members[ln]) {
+            const RoiBox<T> b = p.box(rp, k, l);
+            ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
+            tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
+            // tile[bin][c] in nhwc mode, tile[c][bin] in plane mode, in T.
+            if (cl && dense_nchw) {
+              transpose(gp + gs.at(k, c0, 0, 0), cb, bins, bins, tile.data(), cb);
+            } else if (cl && gs.c == 1) {  // channels-last grad: runs of channels per bin
+              for (int64_t ph = 0; ph < pooled_h; ++ph)
+                for (int64_t pw = 0; pw < pooled_w; ++pw) {
+                  const scalar_t* src = gp + gs.at(k, c0, ph, pw);
+                  T* dst = tile.data() + (ph * pooled_w + pw) * cb;
+                  for (int64_t c = 0; c < cb; ++c) dst[c] = static_cast<T>(src[c]);
+                }
+            } else {
+              for (int64_t c = 0; c < cb; ++c)
+                for (int64_t ph = 0; ph < pooled_h; ++ph)
+                  for (int64_t pw = 0; pw < pooled_w; ++pw) {
+                    const int64_t s = ph * pooled_w + pw;
+                    tile[cl ? s * cb + c : c * bins + s] =
+                        static_cast<T>(gp[gs.at(k, c0 + c, ph, pw)]);
+                  }
+            }
+            if (cl) {
+              backward_tile(ap[l] + n * H * W * C + c0, tile.data(), W, C, cb, ty, tx, pooled_h,
+                            pooled_w);
+            } else {
+              for (int64_t c = 0; c < cb; ++c)
+                backward_plane(ap[l] + (n * C + c0 + c) * H * W, W, tile.data() + c * bins, ty,
+                               tx, pooled_h, pooled_w, rowbuf.data());
+            }
+          }
+        }
+      });
+    }
+  });
+  std::vector<at::Tensor> out(L);
+  for (int l = 0; l < L; ++l) {
+    // [N, H, W, C] is the channels-last layout of [N, C, H, W].
+    at::Tensor g = nhwc[l] ? acc[l].permute({0, 3, 1, 2}) : acc[l];
+    out[l] = g.to(grad.scalar_type()).contiguous(fmt);
+  }
+  return out;
+}
+
+// ---- registered entry points ----
+
+at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                                 double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                 int64_t sampling_ratio, bool aligned) {
+  check_floating(input, "input");  // the single-level op names its argument "input"
+  check_dim(input, 4, "input");
+  return pyramid_forward({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio,
+                         aligned, 224.0, 4.0, 0);
+}
+
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t batch_size, int64_t channels, int64_t height,
                                   int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad");
-  check_args(rois, pooled_h, pooled_w);
-  check_same_device(grad, rois, "grad", "rois");
-  const int64_t K = rois.size(0);
-  TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
-                  grad.size(3) == pooled_w,
-              "grad must have shape [", K, ", ", channels, ", ", pooled_h, ", ", pooled_w,
-              "], got ", grad.sizes());
-  TORCH_CHECK(batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
-              "input sizes must be non-negative");
-  const int64_t N = batch_size, C = channels, H = height, W = width;
-  const auto fmt = output_memory_format(grad);
-  const at::ScalarType mt = math_type(grad.scalar_type());
-  // Channels-last accumulator ([N, H, W, C]) in the math type.
-  at::Tensor acc = at::zeros({N, H, W, C}, grad.options().dtype(mt));
-  if (acc.numel() > 0 && K > 0) {
-    const at::Tensor rois_m = rois.to(mt).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                    "roi_align_backward_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const T* rp = rois_m.data_ptr<T>();
-      check_batch_indices(rp, K, N);
-      const auto p = make_params<T>(N, C, H, W, pooled_h, pooled_w, K, spatial_scale,
-                                    sampling_ratio, aligned);
-      const scalar_t* gp = grad.data_ptr<scalar_t>();
-      const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-      const bool dense_nchw = grad.is_contiguous();
-      T* ap = acc.data_ptr<T>();
-      const int64_t bins = pooled_h * pooled_w;
-      const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
-      // One task per (image, channel block): disjoint outputs, thread-count-independent sums.
-      at::parallel_for(0, N * nblocks, 1, [&](int64_t t0, int64_t t1) {
-        AxisTaps<T> ty, tx;
-        std::vector<T> tile(bins * std::min(C, kChannelBlock));
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = t / nblocks;
-          const int64_t c0 = (t % nblocks) * kChannelBlock;
-          const int64_t cb = std::min(kChannelBlock, C - c0);
-          T* image = ap + n * H * W * C + c0;
-          for (int64_t k = 0; k < K; ++k) {
-            const RoiBox<T> b = p.box(rp, k);
-            if (b.batch != n) continue;
-            ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
-            tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
-            if (dense_nchw) {  // grad[k][c][bin] -> tile[bin][c]
-              transpose(gp + gs.at(k, c0, 0, 0), cb, bins, bins, tile.data(), cb);
-            } else {
-              for (int64_t ph = 0; ph < pooled_h; ++ph) {
-                for (int64_t pw = 0; pw < pooled_w; ++pw) {
-                  T* dst = tile.data() + (ph * pooled_w + pw) * cb;
-                  for (int64_t c = 0; c < cb; ++c)
-                    dst[c] = static_cast<T>(gp[gs.at(k, c0 + c, ph, pw)]);
-                }
-              }
-            }
-            backward_tile(image, tile.data(), W, C, cb, ty, tx, pooled_h, pooled_w);
-          }
-        }
-      });
-    });
-  }
-  // [N, H, W, C] is the channels-last layout of [N, C, H, W].
-  at::Tensor grad_input = acc.permute({0, 3, 1, 2});
-  return grad_input.to(grad.scalar_type()).contiguous(fmt);
+  return pyramid_backward(grad, rois, {spatial_scale}, pooled_h, pooled_w, batch_size, channels,
+                          {height}, {width}, sampling_ratio, aligned, 224.0, 4.0, 0)[0];
 }
 
 // ---- Test-only: the CUDA algorithms' functors run on the CPU (see csrc/README.md). ----
 
-at::Tensor roi_align_forward_elementwise_cpu(const at::Tensor& input, const at::Tensor& rois,
-                                             double spatial_scale, int64_t pooled_h,
-                                             int64_t pooled_w, int64_t sampling_ratio,
-                                             bool aligned) {
-  check_floating(input, "input");
-  check_dim(input, 4, "input");
-  check_args(rois, pooled_h, pooled_w);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+at::Tensor forward_elementwise_cpu(at::TensorList features, const at::Tensor& rois,
+                                   at::ArrayRef<double> scales, int64_t pooled_h,
+                                   int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                   double canonical_scale, double canonical_level,
+                                   int64_t k_min) {
+  check_features(features, rois, scales);
+  check_rois(rois, pooled_h, pooled_w);
+  const at::Tensor& f0 = features[0];
   const int64_t K = rois.size(0);
-  const auto fmt = output_memory_format(input);
-  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options().memory_format(fmt));
+  const auto fmt = output_memory_format(f0);
+  at::Tensor output = at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
   if (output.numel() == 0) return output;
-  const at::Tensor rois_m = rois.to(math_type(input.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+  const at::Tensor rois_m = rois.to(math_type(f0.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_elementwise_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    ForwardElement<scalar_t, T> f{
-        make_params<T>(N, C, H, W, pooled_h, pooled_w, K, spatial_scale, sampling_ratio,
-                       aligned),
-        input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2),
-        input.stride(3), rois_m.data_ptr<T>(), output.data_ptr<scalar_t>(),
-        fmt == at::MemoryFormat::ChannelsLast};
+    ForwardElement<scalar_t, T> f{};
+    f.p = make_params<T>(f0.size(0), f0.size(1), sizes_of(features, 2), sizes_of(features, 3),
+                         scales, pooled_h, pooled_w, K, sampling_ratio, aligned, canonical_scale,
+                         canonical_level, k_min);
+    for (size_t l = 0; l < features.size(); ++l) {
+      const at::Tensor& x = features[l];
+      f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+    }
+    f.rois = rois_m.data_ptr<T>();
+    f.output = output.data_ptr<scalar_t>();
+    f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
     cpu_for_each(output.numel(), 1024, f);
   });
   return output;
 }
 
-at::Tensor roi_align_backward_cuda_algo_cpu(const at::Tensor& grad, const at::Tensor& rois,
-                                            double spatial_scale, int64_t pooled_h,
-                                            int64_t pooled_w, int64_t batch_size,
-                                            int64_t channels, int64_t height, int64_t width,
-                                            int64_t sampling_ratio, bool aligned,
-                                            bool deterministic) {
+std::vector<at::Tensor> backward_cuda_algo_cpu(
+    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
+    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    double canonical_scale, double canonical_level, int64_t k_min, bool deterministic) {
   check_floating(grad, "grad");
   check_dim(grad, 4, "grad");
-  check_args(rois, pooled_h, pooled_w);
-  const int64_t K = rois.size(0);
+  check_rois(rois, pooled_h, pooled_w);
+  const int L = static_cast<int>(scales.size());
+  TORCH_CHECK(L >= 1 && L <= kMaxLevels && heights.size() == scales.size() &&
+                  widths.size() == scales.size(), "one entry per level expected");
   const at::ScalarType mt = math_type(grad.scalar_type());
-  at::Tensor acc = at::zeros({batch_size, channels, height, width}, grad.options().dtype(mt));
-  if (acc.numel() == 0 || K == 0) return acc.to(grad.scalar_type());
-  const at::Tensor rois_m = rois.to(mt).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "roi_align_backward_cuda_algo_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const auto p = make_params<T>(batch_size, channels, height, width, pooled_h, pooled_w, K,
-                                  spatial_scale, sampling_ratio, aligned);
-    const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-    if (deterministic) {
-      BackwardGather<scalar_t, T> f{p, grad.data_ptr<scalar_t>(), gs, rois_m.data_ptr<T>(),
-                                    acc.data_ptr<T>()};
-      cpu_for_each(acc.numel(), 256, f);
-    } else {
-      // Scatter bodies add into shared addresses: on the host they run serially.
-      BackwardScatter<scalar_t, T> f{p, grad.data_ptr<scalar_t>(), gs, rois_m.data_ptr<T>(),
-                                     acc.data_ptr<T>()};
-      cpu_for_each_serial(grad.numel(), f);
-    }
-  });
-  return acc.to(grad.scalar_type());
+  // Per-level accumulators carved out of one buffer, as the CUDA wrapper does.
+  int64_t total = 0;
+  std::vector<int64_t> offset(L + 1);
+  for (int l = 0; l < L; ++l) {
+    offset[l] = total;
+    total += batch_size * channels * heights[l] * widths[l];
+  }
+  offset[L] = total;
+  at::Tensor acc = at::zeros({total}, grad.options().dtype(mt));
+  if (total > 0 && rois.size(0) > 0) {
+    const at::Tensor rois_m = rois.to(mt).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                    "roi_align_backward_cuda_algo_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
+                                    pooled_w, rois.size(0), sampling_ratio, aligned,
+                                    canonical_scale, canonical_level, k_min);
+      const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+      T* base = acc.data_ptr<T>();
+      if (deterministic) {
+        BackwardGather<scalar_t, T> f{};
+        f.p = p;
+        f.grad = grad.data_ptr<scalar_t>();
+        f.gs = gs;
+        f.rois = rois_m.data_ptr<T>();
+        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
+        for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
+        cpu_for_each(total, 256, f);
+      } else {
+        BackwardScatter<scalar_t, T> f{};
+        f.p = p;
+        f.grad = grad.data_ptr<scalar_t>();
+        f.gs = gs;
+        f.rois = rois_m.data_ptr<T>();
+        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
+        // Scatter bodies add into shared addresses: on the host they run serially.
+        cpu_for_each_serial(grad.numel(), f);
+      }
+    });
+  }
+  std::vector<at::Tensor> out(L);
+  for (int l = 0; l < L; ++l)
+    out[l] = acc.narrow(0, offset[l], offset[l + 1] - offset[l])
+                 .view({batch_size, channels, heights[l], widths[l]})
+                 .to(grad.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  return out;
 }
 
 }  // namespace
@@ -404,8 +677,10 @@ at::Tensor roi_align_backward_cuda_algo_cpu(const at::Tensor& grad, const at::Te
 TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("roi_align", &roi_align_forward_cpu);
   m.impl("_roi_align_backward", &roi_align_backward_cpu);
-  m.impl("_roi_align_forward_elementwise", &roi_align_forward_elementwise_cpu);
-  m.impl("_roi_align_backward_cuda_algo", &roi_align_backward_cuda_algo_cpu);
+  m.impl("multiscale_roi_align", &pyramid_forward);
+  m.impl("_multiscale_roi_align_backward", &pyramid_backward);
+  m.impl("_multiscale_roi_align_forward_elementwise", &forward_elementwise_cpu);
+  m.impl("_multiscale_roi_align_backward_cuda_algo", &backward_cuda_algo_cpu);
 }
 
 }  // namespace roi_align

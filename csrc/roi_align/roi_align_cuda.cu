@@ -1,11 +1,13 @@
-// RoIAlign on CUDA: launch logic only. The per-element bodies (ForwardElement,
-// BackwardScatter, BackwardGather) live in roi_align.h and are also run on the CPU by the
-// test-only ops, so CPU tests check the arithmetic this file launches.
+// RoIAlign on CUDA, single- and multi-level: launch logic only. The per-element bodies
+// (ForwardElement, BackwardScatter, BackwardGather) live in roi_align.h and are also run on
+// the CPU by the test-only ops, so CPU tests check the arithmetic this file launches.
 //
 // Forward: one thread per output element, in the output's memory order (consecutive threads
-// write consecutive addresses; with channels-last inputs they also read consecutive channels).
-// Backward: atomics into a float accumulator by default; with
+// write consecutive addresses; with channels-last inputs they also read consecutive channels),
+// all pyramid levels in one launch. Backward: atomics into float accumulators by default; with
 // torch.use_deterministic_algorithms(True), a gather in fixed order (same bits every run).
+#include <vector>
+
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +25,10 @@ namespace maskops {
 namespace roi_align {
 namespace {
 
+at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
   check_floating(rois, "rois");
   check_dim(rois, 2, "rois");
@@ -31,46 +37,88 @@ void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
               ", ", pooled_w, ")");
 }
 
-at::ScalarType math_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+template <typename T>
+Params<T> make_params(int64_t N, int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
+                      at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t K,
+                      int64_t sampling_ratio, bool aligned, double canonical_scale,
+                      double canonical_level, int64_t k_min) {
+  Params<T> p{};
+  p.num_levels = static_cast<int>(scales.size());
+  for (int l = 0; l < p.num_levels; ++l) {
+    p.height[l] = heights[l];
+    p.width[l] = widths[l];
+    p.spatial_scale[l] = static_cast<T>(scales[l]);
+  }
+  p.level_of = LevelMap<T>{p.num_levels, static_cast<int>(k_min),
+                           static_cast<T>(canonical_scale), static_cast<T>(canonical_level)};
+  p.batch_size = N;
+  p.channels = C;
+  p.pooled_h = PH;
+  p.pooled_w = PW;
+  p.num_rois = K;
+  p.sampling_ratio = sampling_ratio;
+  p.aligned = aligned;
+  return p;
 }
 
-at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
-                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                  int64_t sampling_ratio, bool aligned) {
-  check_floating(input, "input");
-  check_dim(input, 4, "input");
+at::Tensor pyramid_forward_cuda(at::TensorList features, const at::Tensor& rois,
+                                at::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
+                                int64_t sampling_ratio, bool aligned, double canonical_scale,
+                                double canonical_level, int64_t k_min) {
+  TORCH_CHECK(!features.empty() && features.size() <= static_cast<size_t>(kMaxLevels) &&
+                  scales.size() == features.size(),
+              "features must hold 1 to ", kMaxLevels, " levels, one spatial scale each");
   check_rois(rois, pooled_h, pooled_w);
-  check_same_device(input, rois, "input", "rois");
-  c10::cuda::CUDAGuard guard(input.device());
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const at::Tensor& f0 = features[0];
+  std::vector<int64_t> heights, widths;
+  for (const auto& f : features) {
+    check_floating(f, "features");
+    check_dim(f, 4, "features");
+    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() &&
+                    f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
+                "every level must share dtype, device, batch size and channels with level 0");
+    heights.push_back(f.size(2));
+    widths.push_back(f.size(3));
+  }
+  check_same_device(f0, rois, "features", "rois");
+  c10::cuda::CUDAGuard guard(f0.device());
   const int64_t K = rois.size(0);
-  const auto fmt = output_memory_format(input);
-  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, input.options().memory_format(fmt));
+  const auto fmt = output_memory_format(f0);
+  at::Tensor output = at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
   if (output.numel() == 0) return output;
-  const at::Tensor rois_m = rois.to(math_type(input.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+  const at::Tensor rois_m = rois.to(math_type(f0.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
                                   "roi_align_forward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    ForwardElement<scalar_t, T> f{
-        Params<T>{N, C, H, W, pooled_h, pooled_w, K, static_cast<T>(spatial_scale),
-                  sampling_ratio, aligned},
-        input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2),
-        input.stride(3), rois_m.data_ptr<T>(), output.data_ptr<scalar_t>(),
-        fmt == at::MemoryFormat::ChannelsLast};
+    ForwardElement<scalar_t, T> f{};
+    f.p = make_params<T>(f0.size(0), f0.size(1), heights, widths, scales, pooled_h, pooled_w, K,
+                         sampling_ratio, aligned, canonical_scale, canonical_level, k_min);
+    for (size_t l = 0; l < features.size(); ++l) {
+      const at::Tensor& x = features[l];
+      f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+    }
+    f.rois = rois_m.data_ptr<T>();
+    f.output = output.data_ptr<scalar_t>();
+    f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
     cuda_for_each(output.numel(), f);
   });
   return output;
 }
 
-at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
-                                   int64_t batch_size, int64_t channels, int64_t height,
-                                   int64_t width, int64_t sampling_ratio, bool aligned) {
+std::vector<at::Tensor> pyramid_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
+    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    double canonical_scale, double canonical_level, int64_t k_min) {
   check_floating(grad, "grad");
   check_dim(grad, 4, "grad");
   check_rois(rois, pooled_h, pooled_w);
   check_same_device(grad, rois, "grad", "rois");
+  const int L = static_cast<int>(scales.size());
+  TORCH_CHECK(L >= 1 && L <= kMaxLevels && heights.size() == scales.size() &&
+                  widths.size() == scales.size(),
+              "spatial_scales, heights and widths must have one entry per level (1 to ",
+              kMaxLevels, ")");
   const int64_t K = rois.size(0);
   TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
                   grad.size(3) == pooled_w,
@@ -78,28 +126,68 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
               "], got ", grad.sizes());
   c10::cuda::CUDAGuard guard(grad.device());
   const at::ScalarType mt = math_type(grad.scalar_type());
-  at::Tensor acc = at::zeros({batch_size, channels, height, width}, grad.options().dtype(mt));
-  if (acc.numel() > 0 && K > 0) {
+  // One float (or double) accumulator for all levels, each level a contiguous slice.
+  std::vector<int64_t> offset(L + 1, 0);
+  for (int l = 0; l < L; ++l)
+    offset[l + 1] = offset[l] + batch_size * channels * heights[l] * widths[l];
+  at::Tensor acc = at::zeros({offset[L]}, grad.options().dtype(mt));
+  if (offset[L] > 0 && K > 0) {
     const at::Tensor rois_m = rois.to(mt).contiguous();
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                     "roi_align_backward_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
-      const Params<T> p{batch_size, channels, height, width, pooled_h, pooled_w, K,
-                        static_cast<T>(spatial_scale), sampling_ratio, aligned};
+      const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
+                                    pooled_w, K, sampling_ratio, aligned, canonical_scale,
+                                    canonical_level, k_min);
       const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+      T* base = acc.data_ptr<T>();
       if (deterministic) {
-        BackwardGather<scalar_t, T> f{p, grad.data_ptr<scalar_t>(), gs, rois_m.data_ptr<T>(),
-                                      acc.data_ptr<T>()};
-        cuda_for_each(acc.numel(), f);
+        BackwardGather<scalar_t, T> f{};
+        f.p = p;
+        f.grad = grad.data_ptr<scalar_t>();
+        f.gs = gs;
+        f.rois = rois_m.data_ptr<T>();
+        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
+        for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
+        cuda_for_each(offset[L], f);
       } else {
-        BackwardScatter<scalar_t, T> f{p, grad.data_ptr<scalar_t>(), gs, rois_m.data_ptr<T>(),
-                                       acc.data_ptr<T>()};
+        BackwardScatter<scalar_t, T> f{};
+        f.p = p;
+        f.grad = grad.data_ptr<scalar_t>();
+        f.gs = gs;
+        f.rois = rois_m.data_ptr<T>();
+        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
         cuda_for_each(grad.numel(), f);
       }
     });
   }
-  return acc.to(grad.scalar_type()).contiguous(output_memory_format(grad));
+  const auto fmt = output_memory_format(grad);
+  std::vector<at::Tensor> out(L);
+  for (int l = 0; l < L; ++l)
+    out[l] = acc.narrow(0, offset[l], offset[l + 1] - offset[l])
+                 .view({batch_size, channels, heights[l], widths[l]})
+                 .to(grad.scalar_type())
+                 .contiguous(fmt);
+  return out;
+}
+
+at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
+                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                  int64_t sampling_ratio, bool aligned) {
+  check_floating(input, "input");  // the single-level op names its argument "input"
+  check_dim(input, 4, "input");
+  return pyramid_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w,
+                              sampling_ratio, aligned, 224.0, 4.0, 0);
+}
+
+at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                                   int64_t batch_size, int64_t channels, int64_t height,
+                                   int64_t width, int64_t sampling_ratio, bool aligned) {
+  return pyramid_backward_cuda(grad, rois, {spatial_scale}, pooled_h, pooled_w, batch_size,
+                               channels, {height}, {width}, sampling_ratio, aligned, 224.0,
+                               4.0, 0)[0];
 }
 
 }  // namespace
@@ -107,6 +195,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
 TORCH_LIBRARY_IMPL(maskops, CUDA, m) {
   m.impl("roi_align", &roi_align_forward_cuda);
   m.impl("_roi_align_backward", &roi_align_backward_cuda);
+  m.impl("multiscale_roi_align", &pyramid_forward_cuda);
+  m.impl("_multiscale_roi_align_backward", &pyramid_backward_cuda);
 }
 
 }  // namespace roi_align
