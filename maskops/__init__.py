@@ -16,11 +16,11 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
         f"or `make build`. Original error: {e}") from e
 
-from .roi_align import RoIAlign, roi_align
+from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 
 __version__ = "0.1.0"
 
-__all__ = ["roi_align", "RoIAlign", "has_cuda", "build_info", "__version__"]
+__all__ = ["roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign", "has_cuda", "build_info", "__version__"]
 
 
 def has_cuda() -> bool:
