@@ -53,4 +53,18 @@ TORCH_LIBRARY(maskops, m) {
       "SymInt channels, SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
       "float canonical_scale, float canonical_level, int k_min, bool deterministic) "
       "-> Tensor[]");
+
+  // ---- Mask paste (csrc/paste_masks) ----
+  // masks: [N, C, M, M]; boxes: [N, 4] (x1, y1, x2, y2) pixels; output [N, C, height, width],
+  // the masks' dtype, or bool (uint8 with as_uint8) when threshold is given.
+  m.def(
+      "paste_masks(Tensor masks, Tensor boxes, int height, int width, int padding, "
+      "float? threshold, bool as_uint8) -> Tensor");
+  // Test-only: the CUDA kernel's per-pixel functor run on the CPU.
+  m.def(
+      "_paste_masks_elementwise(Tensor masks, Tensor boxes, int height, int width, int padding, "
+      "float? threshold, bool as_uint8) -> Tensor");
+  // Binary masks [N, H, W] to COCO RLE strings: (concatenated characters, length per mask).
+  // A host-side op: its output is for Python, so CUDA inputs are encoded from a CPU copy.
+  m.def("_masks_to_rle(Tensor masks) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,157 @@
+// Mask paste's per-element math, shared by paste_masks_cpu.cpp and paste_masks_cuda.cu.
+//
+// Each M x M mask is padded by `padding` zero cells on every side, its box is grown by the
+// same factor (M + 2 * padding) / M about its centre and truncated to whole pixels, and the
+// padded mask is resized bilinearly (half-pixel centres, as F.interpolate with
+// align_corners=False) onto that pixel box, clipped to the image. This is exactly Mask
+// R-CNN's paste_masks_in_image as torchvision implements it, fused: no padded copy, no
+// resized intermediate, only the pixels inside each box are computed.
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace maskops {
+namespace paste_masks {
+
+// The pixel box a mask is pasted into: rows [y0, y1] and columns [x0, x1], inclusive, in
+// image pixels (may extend past the image), and the resized mask's size (h, w).
+struct PixelBox {
+  int64_t x0, y0, x1, y1;
+  int64_t w, h;
+};
+
+// Truncation toward zero, as Tensor.to(torch.int64); the range check keeps NaN and huge
+// coordinates defined (they then paste nothing).
+template <typename T>
+HOST_DEVICE inline int64_t to_int64(T v) {
+  const T lim = static_cast<T>(4.0e18);
+  if (!(v > -lim && v < lim)) return v > T(0) ? INT64_MAX / 4 : INT64_MIN / 4;
+  return static_cast<int64_t>(v);
+}
+
+// Grows box (x1, y1, x2, y2) by `scale` about its centre, in T arithmetic in torchvision's
+// order of operations, then truncates to pixels.
+template <typename T>
+HOST_DEVICE inline PixelBox pixel_box(const T* box, T scale) {
+  const T w_half = (box[2] - box[0]) * T(0.5) * scale;
+  const T h_half = (box[3] - box[1]) * T(0.5) * scale;
+  const T x_c = (box[2] + box[0]) * T(0.5);
+  const T y_c = (box[3] + box[1]) * T(0.5);
+  PixelBox b;
+  b.x0 = to_int64(x_c - w_half);
+  b.x1 = to_int64(x_c + w_half);
+  b.y0 = to_int64(y_c - h_half);
+  b.y1 = to_int64(y_c + h_half);
+  b.w = b.x1 - b.x0 + 1;
+  b.h = b.y1 - b.y0 + 1;
+  if (b.w < 1) b.w = 1;
+  if (b.h < 1) b.h = 1;
+  return b;
+}
+
+// The image pixels [lo, hi) that a box covers along one axis of length `size` (empty when
+// hi <= lo).
+HOST_DEVICE inline void clip_span(int64_t first, int64_t last, int64_t size, int64_t& lo,
+                                  int64_t& hi) {
+  lo = first > 0 ? first : 0;
+  hi = last + 1 < size ? last + 1 : size;
+}
+
+// Linear interpolation taps of output index `dst` when resizing `in_size` cells to
+// `out_size` (align_corners=False), as ATen's upsample kernels compute them: source
+// position scale * (dst + 0.5) - 0.5 clamped at 0, taps floor and floor + 1 (clamped).
+template <typename T>
+struct ResizeTap {
+  int64_t i0, i1;
+  T w0, w1;
+};
+
+template <typename T>
+HOST_DEVICE inline T resize_scale(int64_t in_size, int64_t out_size) {
+  return static_cast<T>(in_size) / static_cast<T>(out_size);
+}
+
+template <typename T>
+HOST_DEVICE inline ResizeTap<T> resize_tap(int64_t dst, T scale, int64_t in_size) {
+  T src = scale * (static_cast<T>(dst) + T(0.5)) - T(0.5);
+  if (src < T(0)) src = T(0);
+  int64_t i0 = static_cast<int64_t>(src);  // src >= 0: truncation is floor
+  if (i0 > in_size - 1) i0 = in_size - 1;
+  T l = src - static_cast<T>(i0);
+  if (l < T(0)) l = T(0);
+  if (l > T(1)) l = T(1);
+  ResizeTap<T> t;
+  t.i0 = i0;
+  t.i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  t.w0 = T(1) - l;
+  t.w1 = l;
+  return t;
+}
+
+// A cell of the zero-padded mask: padded index r maps to mask row r - padding.
+template <typename scalar_t, typename T>
+HOST_DEVICE inline T padded_cell(const scalar_t* mask, int64_t M, int64_t padding, int64_t r,
+                                 int64_t c) {
+  r -= padding;
+  c -= padding;
+  if (r < 0 || r >= M || c < 0 || c >= M) return T(0);
+  return static_cast<T>(mask[r * M + c]);
+}
+
+// The resized padded mask at (row, col) of the box's h x w grid: rows first, as ATen sums.
+template <typename scalar_t, typename T>
+HOST_DEVICE inline T resized_value(const scalar_t* mask, int64_t M, int64_t padding,
+                                   const ResizeTap<T>& ty, const ResizeTap<T>& tx) {
+  const T top = padded_cell<scalar_t, T>(mask, M, padding, ty.i0, tx.i0) * tx.w0 +
+                padded_cell<scalar_t, T>(mask, M, padding, ty.i0, tx.i1) * tx.w1;
+  const T bottom = padded_cell<scalar_t, T>(mask, M, padding, ty.i1, tx.i0) * tx.w0 +
+                   padded_cell<scalar_t, T>(mask, M, padding, ty.i1, tx.i1) * tx.w1;
+  return top * ty.w0 + bottom * ty.w1;
+}
+
+// Shared sizes of every paste kernel.
+template <typename T>
+struct Params {
+  int64_t num_masks, channels, mask_size, padding, height, width;
+  T box_scale;      // (M + 2 * padding) / M, in the box math type
+  float threshold;  // used by thresholded outputs
+};
+
+// One output pixel per iteration, over [N, C, H, W] in order: zero outside the mask's box,
+// the resized mask value (or value >= threshold) inside. On the GPU this is the whole paste:
+// one coalesced pass that also writes the zeros. out_t is the mask type, bool or uint8.
+template <typename scalar_t, typename T, typename box_t, typename out_t>
+struct PasteElement {
+  Params<box_t> p;
+  const scalar_t* masks;  // [N, C, M, M] contiguous
+  const box_t* boxes;     // [N, 4] contiguous
+  out_t* out;
+  bool thresholded;
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t x = i % p.width;
+    int64_t r = i / p.width;
+    const int64_t y = r % p.height;
+    r /= p.height;  // r = n * C + c
+    const int64_t n = r / p.channels;
+    const PixelBox b = pixel_box(boxes + 4 * n, p.box_scale);
+    T v = T(0);
+    if (y >= b.y0 && y <= b.y1 && x >= b.x0 && x <= b.x1) {
+      const int64_t S = p.mask_size + 2 * p.padding;
+      const ResizeTap<T> ty = resize_tap(y - b.y0, resize_scale<T>(S, b.h), S);
+      const ResizeTap<T> tx = resize_tap(x - b.x0, resize_scale<T>(S, b.w), S);
+      v = resized_value<scalar_t, T>(masks + r * p.mask_size * p.mask_size, p.mask_size,
+                                     p.padding, ty, tx);
+    }
+    if (thresholded) {
+      out[i] = static_cast<out_t>(v >= static_cast<T>(p.threshold));
+    } else {
+      out[i] = static_cast<out_t>(v);
+    }
+  }
+};
+
+}  // namespace paste_masks
+}  // namespace maskops
