@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.maskops-built
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
-           hypothesis pycocotools setuptools wheel build
+           hypothesis pycocotools setuptools wheel build matplotlib tqdm
 
 .PHONY: test test-fast demo bench build wheel clean venv
 
@@ -33,7 +33,7 @@ demo: $(BUILT)
 	$(VPY) examples/roi_align_demo.py
 
 bench: $(BUILT)
-	$(VPY) -m benchmarks.bench_roi_align
+	$(VPY) -m benchmarks
 
 wheel: $(STAMP)
 	$(VPY) -m build --wheel --no-isolation

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, save_json, table
+from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
 
 
 def workload(device: str, rois: int = 1000, channels: int = 256, image: int = 800, batch: int = 1,
@@ -38,10 +38,13 @@ def bench(device: str = "cpu", quick: bool = False, output: int = 7) -> list[Row
     theirs = torchvision.ops.MultiScaleRoIAlign(list(feats), output, 2)
     case = f"{sum(len(b) for b in boxes)} RoIs x {feats['0'].shape[1]} ch, 4 levels, {output}x{output}"
     reps = 3 if quick else 7
-    check_same("multiscale_roi_align forward", ours(feats, boxes, shapes), theirs(feats, boxes, shapes), 1e-4)
+    out = ours(feats, boxes, shapes)
+    check_same("multiscale_roi_align forward", out, theirs(feats, boxes, shapes), 1e-4)
+    levels = [feats[k] for k in ("0", "1", "2", "3")]
     rows = [Row("multiscale_roi_align fwd", device, case,
                 measure(lambda: ours(feats, boxes, shapes), device, reps),
-                measure(lambda: theirs(feats, boxes, shapes), device, reps))]
+                measure(lambda: theirs(feats, boxes, shapes), device, reps),
+                min_bytes=nbytes(levels, boxes, out))]
 
     def fwd_bwd(module):
         leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in feats.items())
@@ -53,8 +56,13 @@ def bench(device: str = "cpu", quick: bool = False, output: int = 7) -> list[Row
         check_same("multiscale_roi_align backward", a, b, 1e-3)
     rows.append(Row("multiscale_roi_align fwd+bwd", device, case,
                     measure(lambda: fwd_bwd(ours), device, reps),
-                    measure(lambda: fwd_bwd(theirs), device, max(2, reps // 3))))
+                    measure(lambda: fwd_bwd(theirs), device, max(2, reps // 3)),
+                    min_bytes=2 * nbytes(levels, out) + nbytes(boxes)))
     return rows
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[Row]:
+    return bench(device, quick, 7) + bench(device, quick, 14)
 
 
 def main(argv=None):
@@ -66,8 +74,7 @@ def main(argv=None):
     devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for d in devices:
-        for out in (7, 14):
-            rows += bench(d, a.quick, out)
+        rows += run(d, a.quick)
     print(machine())
     print(table(rows))
     if a.json:

@@ -14,7 +14,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, save_json, table
+from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
 
 
 def workload(device: str, n: int, image: int = 800, seed: int = 0):
@@ -39,12 +39,17 @@ def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
                        reps if n <= 100 or device != "cpu" else 2, warmup=1 if n <= 100 else 0)
         case = f"{n} masks 28x28 -> {size[0]}x{size[1]}"
         rows.append(Row("paste_masks (float)", device, case,
-                        measure(lambda: maskops.paste_masks(masks, boxes, size, None), device, reps), t_tv))
+                        measure(lambda: maskops.paste_masks(masks, boxes, size, None), device, reps), t_tv,
+                        min_bytes=nbytes(masks, boxes, ref)))
         floor = measure(lambda: torch.zeros(n, 1, *size, dtype=torch.bool, device=device), device, reps)
         t_bool = measure(lambda: maskops.paste_masks(masks, boxes, size), device, reps)
         rows.append(Row("paste_masks (bool)", device, case, t_bool, t_tv,
-                        note=f"(floor: zeros of the bool output {floor.median_ms:.1f} ms)"))
+                        note=f"(floor: zeros of the bool output {floor.median_ms:.1f} ms)",
+                        min_bytes=nbytes(masks, boxes) + ref.numel()))
     return rows
+
+
+run = bench
 
 
 def main(argv=None):

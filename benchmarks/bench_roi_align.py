@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, save_json, table
+from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
 
 
 def workload(device: str, rois: int = 1000, channels: int = 256, size: int = 50, batch: int = 2,
@@ -48,7 +48,8 @@ def bench(device: str = "cpu", quick: bool = False, rois: int = 1000, output: in
     # The floor of any forward: allocating and writing an output of the same size.
     floor = measure(lambda: torch.empty_like(ours).fill_(1.0), device, reps)
     rows.append(Row("roi_align fwd", device, case, t_ours, t_tv,
-                    note=f"(floor {floor.median_ms:.1f} ms: {t_ours.median_ms / floor.median_ms:.2f}x of it)"))
+                    note=f"(floor {floor.median_ms:.1f} ms: {t_ours.median_ms / floor.median_ms:.2f}x of it)",
+                    min_bytes=nbytes(x, r, ours)))
 
     grad = torch.randn_like(ours)
     n, c, h, w = x.shape
@@ -59,8 +60,12 @@ def bench(device: str = "cpu", quick: bool = False, rois: int = 1000, output: in
     t_ours = measure(lambda: torch.ops.maskops._roi_align_backward(grad, *bwd_args), device, reps)
     t_tv = measure(lambda: torch.ops.torchvision._roi_align_backward(grad, *bwd_args), device,
                    2 if device == "cpu" else reps, warmup=0 if device == "cpu" else 1)
-    rows.append(Row("roi_align bwd", device, case, t_ours, t_tv))
+    rows.append(Row("roi_align bwd", device, case, t_ours, t_tv, min_bytes=nbytes(grad, r, ours_g)))
     return rows
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[Row]:
+    return bench(device, quick) + bench(device, quick, channels_last=True)
 
 
 def main(argv=None):
@@ -72,8 +77,7 @@ def main(argv=None):
     devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for d in devices:
-        rows += bench(d, a.quick)
-        rows += bench(d, a.quick, channels_last=True)
+        rows += run(d, a.quick)
     print(machine())
     print(table(rows))
     if a.json:

@@ -6,8 +6,12 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_pa
 
 import maskops
 
-pycocotools_mask = pytest.importorskip("pycocotools.mask")
 ops = torch.ops.maskops
+
+
+@pytest.fixture
+def pycocotools_mask():
+    return pytest.importorskip("pycocotools.mask")  # absent on some GPU machines
 
 
 def _case(generator, n, image, m=28, channels=1, max_side=None):
@@ -112,18 +116,18 @@ def test_results_do_not_depend_on_thread_count(rng):
     assert torch.equal(outs[0], outs[1])
 
 
-def _coco_encode(binary):
+def _coco_encode(pycocotools_mask, binary):
     return pycocotools_mask.encode(np.asfortranarray(binary.numpy().transpose(1, 2, 0).astype(np.uint8)))
 
 
-def test_masks_to_rle_matches_pycocotools(rng):
+def test_masks_to_rle_matches_pycocotools(rng, pycocotools_mask):
     masks, boxes = _case(rng, 20, (90, 110))
     binary = maskops.paste_masks(masks, boxes, (90, 110))[:, 0]
     binary[0] = False   # empty
     binary[1] = True    # full
     binary[2, 0, 0] = True  # starts with a one
     ours = maskops.masks_to_rle(binary)
-    theirs = _coco_encode(binary)
+    theirs = _coco_encode(pycocotools_mask, binary)
     assert [r["counts"] for r in ours] == [r["counts"] for r in theirs]
     assert all(r["size"] == [90, 110] for r in ours)
     decoded = pycocotools_mask.decode(ours)
