@@ -16,11 +16,13 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
         f"or `make build`. Original error: {e}") from e
 
+from .nms import batched_nms, box_area, box_iou, nms
 from .roi_align import RoIAlign, roi_align
 
 __version__ = "0.1.0"
 
-__all__ = ["roi_align", "RoIAlign", "has_cuda", "build_info", "__version__"]
+__all__ = ["roi_align", "RoIAlign", "nms", "batched_nms", "box_iou", "box_area", "has_cuda",
+           "build_info", "__version__"]
 
 
 def has_cuda() -> bool:
