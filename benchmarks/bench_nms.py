@@ -13,6 +13,7 @@ batched_nms uses distinct scores: with equal scores in different classes torchvi
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -71,7 +72,7 @@ def run(device: str, reps: int):
     cases = []
     for n in SIZES:
         boxes, scores, distinct, idxs = make_case(n, seed=n)
-        cases.append((f"nms, random", n, boxes, scores, None))
+        cases.append(("nms, random", n, boxes, scores, None))
     boxes, scores, _, _ = make_case(5000, seed=1, overlap=True)
     cases.append(("nms, heavy overlap", 5000, boxes, scores, None))
     for n in SIZES:
@@ -113,9 +114,12 @@ def main(argv=None) -> int:
           + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"maskops {maskops.__version__}; iou_threshold={IOU}; median of {args.reps} calls")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for d in devices:
         rows += run(d, args.reps)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after")
     bad = 0
     if args.markdown:
         print("\n| device | case | boxes | kept | torchvision (ms) | maskops (ms) | speed-up |")
