@@ -67,4 +67,21 @@ TORCH_LIBRARY(maskops, m) {
   // Binary masks [N, H, W] to COCO RLE strings: (concatenated characters, length per mask).
   // A host-side op: its output is for Python, so CUDA inputs are encoded from a CPU copy.
   m.def("_masks_to_rle(Tensor masks) -> (Tensor, Tensor)");
+
+  // ---- NMS and box IoU (csrc/nms) ----
+  // boxes: [N, 4] (x1, y1, x2, y2), any floating dtype; scores: [N]; idxs: [N] integer class
+  // ids. The NMS ops return the int64 indices of the kept boxes by decreasing score (ties by
+  // index); the output length depends on the data.
+  m.def(
+      "nms(Tensor boxes, Tensor scores, float iou_threshold, float? score_threshold=None, "
+      "int? max_output=None) -> Tensor");
+  m.def(
+      "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
+      "float? score_threshold=None, int? max_output=None) -> Tensor");
+  m.def("box_area(Tensor boxes) -> Tensor");
+  m.def("box_iou(Tensor boxes1, Tensor boxes2) -> Tensor");
+  // Test-only: the CUDA NMS algorithm (IoU bitmask, then the blockwise gather) on the CPU.
+  m.def(
+      "_nms_bitmask(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, "
+      "float? score_threshold=None, int? max_output=None) -> Tensor");
 }

@@ -16,14 +16,18 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
         f"or `make build`. Original error: {e}") from e
 
+from .nms import batched_nms, box_area, box_iou, nms
 from .paste_masks import masks_to_rle, paste_masks, paste_masks_in_image
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign",
+    "nms", "batched_nms", "box_iou", "box_area",
     "paste_masks", "paste_masks_in_image", "masks_to_rle",
-    "roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign", "has_cuda", "build_info", "__version__"]
+    "has_cuda", "build_info", "__version__",
+]
 
 
 def has_cuda() -> bool:

@@ -150,3 +150,52 @@ def batch_indices(rois: torch.Tensor, batch_size: int, name: str = "boxes") -> N
         k = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name}[{k}, 0] (batch index) is {idx[k].item()}, expected an index "
                          f"in [0, {batch_size}) for an input of batch size {batch_size}")
+
+
+def boxes_n4(x, name: str) -> torch.Tensor:
+    """A floating Tensor[N, 4] of (x1, y1, x2, y2) boxes."""
+    floating(x, name)
+    if x.dim() != 2 or x.size(1) != 4:
+        raise ValueError(f"{name} must have shape [N, 4] (x1, y1, x2, y2), got {tuple(x.shape)}")
+    return x
+
+
+def per_box(x, boxes: torch.Tensor, name: str, what: str, integer_ids: bool = False) -> torch.Tensor:
+    """A Tensor[N] with one entry per box: floating scores, or integer class ids."""
+    tensor(x, name)
+    if integer_ids:
+        if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"{name} must be an integer tensor of {what}, got {x.dtype}")
+    elif x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+                        f"float64), got {x.dtype}")
+    n = boxes.size(0)
+    if x.dim() != 1 or x.size(0) != n:
+        raise ValueError(f"{name} must have shape [{n}] ({what}, one per box), "
+                         f"got {tuple(x.shape)}")
+    same_device(x, boxes, name, "boxes")
+    return x
+
+
+def number(v, name: str) -> float:
+    """A real number (int or float, not bool), not NaN."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {_describe(v)}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} must be a number, got NaN")
+    return v
+
+
+def optional_number(v, name: str):
+    return None if v is None else number(v, name)
+
+
+def optional_non_negative_int(v, name: str):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {_describe(v)}")
+    if v < 0:
+        raise ValueError(f"{name} must be non-negative, got {v}")
+    return int(v)

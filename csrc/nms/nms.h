@@ -1,0 +1,271 @@
+// NMS and box-IoU math, shared by nms_cpu.cpp and nms_cuda.cu.
+//
+// Boxes are (x1, y1, x2, y2). Half types are read in float32, float64 stays float64 (the
+// "math type" T below).
+//
+// Greedy NMS visits boxes in decreasing score order (a stable sort, so equal scores go by
+// index) and keeps a box unless a box kept before it overlaps it with IoU > iou_threshold.
+// The suppression test, nms_overlap() > threshold, is torchvision's CPU expression operation
+// for operation:
+//   inter = max(0, min(x2a, x2b) - max(x1a, x1b)) * max(0, min(y2a, y2b) - max(y1a, y1b))
+//   ovr   = inter / ((area_a + area_b) - inter),   area = (x2 - x1) * (y2 - y1)
+// with std::max / std::min operand order (so NaN coordinates behave the same) and every
+// operation rounded separately: a fused multiply-add here would round once instead of twice
+// and could flip a decision that lies within an ulp of the threshold. On the GPU the *_rn
+// intrinsics below are never fused; host files that include this header are compiled with
+// -ffp-contract=off (see nms_cpu.cpp). A pair whose union is 0 gives 0/0 = NaN, which never
+// suppresses: for thresholds >= 0 that is the same as calling its IoU 0.
+//
+// The GPU algorithm (run on the CPU too by the test-only op _nms_bitmask):
+//   1. MaskBlock: for each sorted box `row` and each block of 64 sorted boxes, a 64-bit word
+//      whose bit c says "row suppresses box 64 * block + c" (only boxes after `row`; with
+//      class ids, only boxes of the same class: batched NMS is one pass).
+//   2. GatherKept: a walk over the sorted boxes, 64 at a time, keeping a bit array of removed
+//      boxes. resolve() settles one block of 64 sequentially (it needs only the block's
+//      diagonal mask words); suppressed_by() then ORs the kept rows' words into every later
+//      block, which the GPU does in parallel, one thread per block word.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/host_device.h"
+
+namespace maskops {
+namespace nms {
+
+constexpr int kBlock = 64;  // boxes per mask word
+
+// ---- separately rounded arithmetic (see above) ----
+// float and double overloads pin the rounding on the GPU; the templates serve host code on
+// GCC vector types.
+#if defined(__CUDA_ARCH__)
+#define MASKOPS_RN(device_expr, host_expr) device_expr
+#else
+#define MASKOPS_RN(device_expr, host_expr) host_expr
+#endif
+HOST_DEVICE inline float add_rn(float a, float b) { return MASKOPS_RN(__fadd_rn(a, b), a + b); }
+HOST_DEVICE inline float sub_rn(float a, float b) { return MASKOPS_RN(__fsub_rn(a, b), a - b); }
+HOST_DEVICE inline float mul_rn(float a, float b) { return MASKOPS_RN(__fmul_rn(a, b), a * b); }
+HOST_DEVICE inline float div_rn(float a, float b) { return MASKOPS_RN(__fdiv_rn(a, b), a / b); }
+HOST_DEVICE inline double add_rn(double a, double b) { return MASKOPS_RN(__dadd_rn(a, b), a + b); }
+HOST_DEVICE inline double sub_rn(double a, double b) { return MASKOPS_RN(__dsub_rn(a, b), a - b); }
+HOST_DEVICE inline double mul_rn(double a, double b) { return MASKOPS_RN(__dmul_rn(a, b), a * b); }
+HOST_DEVICE inline double div_rn(double a, double b) { return MASKOPS_RN(__ddiv_rn(a, b), a / b); }
+#undef MASKOPS_RN
+template <typename V>
+inline V add_rn(V a, V b) { return a + b; }
+template <typename V>
+inline V sub_rn(V a, V b) { return a - b; }
+template <typename V>
+inline V mul_rn(V a, V b) { return a * b; }
+template <typename V>
+inline V div_rn(V a, V b) { return a / b; }
+
+// std::max(a, b) and std::min(a, b), written out so that they also apply lane-wise to GCC
+// vector types. With a NaN operand both return `a`.
+template <typename T>
+HOST_DEVICE inline T max_first(T a, T b) { return a < b ? b : a; }
+template <typename T>
+HOST_DEVICE inline T min_first(T a, T b) { return b < a ? b : a; }
+
+template <typename T>
+HOST_DEVICE inline T box_area_of(T x1, T y1, T x2, T y2) {
+  return mul_rn(sub_rn(x2, x1), sub_rn(y2, y1));
+}
+
+// torchvision's overlap ratio for NMS (see the header comment). `a` is the kept box. T may be
+// a scalar or (host only) a GCC vector type, where T{} is the zero vector.
+template <typename T>
+HOST_DEVICE inline T nms_overlap(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
+                                 T by2, T b_area) {
+  const T xx1 = max_first(ax1, bx1);
+  const T yy1 = max_first(ay1, by1);
+  const T xx2 = min_first(ax2, bx2);
+  const T yy2 = min_first(ay2, by2);
+  const T w = max_first(T{}, sub_rn(xx2, xx1));
+  const T h = max_first(T{}, sub_rn(yy2, yy1));
+  const T inter = mul_rn(w, h);
+  return div_rn(inter, sub_rn(add_rn(a_area, b_area), inter));
+}
+
+// Does kept box a (4 coordinates) suppress box b? `threshold` is already in T (see
+// threshold_in<T>), so the float comparison equals torchvision's `float > double` one.
+template <typename T>
+HOST_DEVICE inline bool suppresses(const T* a, const T* b, T threshold) {
+  const T ov = nms_overlap(a[0], a[1], a[2], a[3], box_area_of(a[0], a[1], a[2], a[3]), b[0],
+                           b[1], b[2], b[3], box_area_of(b[0], b[1], b[2], b[3]));
+  return ov > threshold;
+}
+
+// The largest T not above `threshold` (host only): for any T value x, x > result exactly
+// when (double)x > threshold, which is how torchvision compares its float IoU with a double.
+template <typename T>
+inline T threshold_in(double threshold) {
+  T t = static_cast<T>(threshold);
+  if (static_cast<double>(t) > threshold) {
+    t = std::nextafter(t, -std::numeric_limits<T>::infinity());
+  }
+  return t;
+}
+
+// IoU for box_iou: intersection over union, NaN if a coordinate is NaN, and 0 (not 0/0) when
+// the union is 0, e.g. for two zero-area boxes.
+template <typename T>
+HOST_DEVICE inline T max_nan(T a, T b) { return (a < b || b != b) ? b : a; }
+template <typename T>
+HOST_DEVICE inline T min_nan(T a, T b) { return (b < a || b != b) ? b : a; }
+
+template <typename T>
+HOST_DEVICE inline T pair_iou(T ax1, T ay1, T ax2, T ay2, T bx1, T by1, T bx2, T by2) {
+  const T w = sub_rn(min_nan(ax2, bx2), max_nan(ax1, bx1));
+  const T h = sub_rn(min_nan(ay2, by2), max_nan(ay1, by1));
+  const T inter = mul_rn(w > T(0) || w != w ? w : T(0), h > T(0) || h != h ? h : T(0));
+  const T uni = sub_rn(add_rn(box_area_of(ax1, ay1, ax2, ay2), box_area_of(bx1, by1, bx2, by2)),
+                       inter);
+  return uni == T(0) ? T(0) : div_rn(inter, uni);
+}
+
+// ---- box_area / box_iou bodies (one output element per call) ----
+
+template <typename scalar_t, typename T>
+struct BoxArea {
+  const scalar_t* boxes;  // [N, 4] contiguous
+  scalar_t* out;          // [N]
+  HOST_DEVICE void operator()(int64_t i) const {
+    const scalar_t* b = boxes + 4 * i;
+    out[i] = static_cast<scalar_t>(box_area_of(static_cast<T>(b[0]), static_cast<T>(b[1]),
+                                               static_cast<T>(b[2]), static_cast<T>(b[3])));
+  }
+};
+
+template <typename scalar_t, typename T>
+struct BoxIoU {
+  const scalar_t* boxes1;  // [N, 4] contiguous
+  const scalar_t* boxes2;  // [M, 4] contiguous
+  int64_t m;
+  scalar_t* out;  // [N, M]
+
+  HOST_DEVICE void element(int64_t i, int64_t j) const {
+    const scalar_t* a = boxes1 + 4 * i;
+    const scalar_t* b = boxes2 + 4 * j;
+    out[i * m + j] = static_cast<scalar_t>(
+        pair_iou(static_cast<T>(a[0]), static_cast<T>(a[1]), static_cast<T>(a[2]),
+                 static_cast<T>(a[3]), static_cast<T>(b[0]), static_cast<T>(b[1]),
+                 static_cast<T>(b[2]), static_cast<T>(b[3])));
+  }
+  // One output element (GPU: one thread each).
+  HOST_DEVICE void operator()(int64_t k) const { element(k / m, k % m); }
+};
+
+// ---- the GPU NMS algorithm ----
+
+HOST_DEVICE inline int lowest_bit(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(x)) - 1;
+#else
+  return __builtin_ctzll(x);
+#endif
+}
+
+// One 64-bit word of the suppression mask. Sorted boxes [n, 4] in the math type T, optional
+// class ids in the same order; mask is [n, col_blocks] row-major. Words left of the diagonal
+// (column block < row block) are never read and are not computed.
+template <typename T>
+struct MaskBlock {
+  const T* boxes;
+  const int64_t* classes;  // nullptr: one class
+  int64_t n, col_blocks;
+  T threshold;  // threshold_in<T>(iou_threshold)
+  uint64_t* mask;
+
+  // The word of `row` for column block cb, whose (up to 64) boxes and class ids are at
+  // cols / col_classes: global memory on the CPU, a shared-memory copy on the GPU.
+  HOST_DEVICE uint64_t word(int64_t row, int64_t cb, const T* cols,
+                            const int64_t* col_classes) const {
+    const T* a = boxes + 4 * row;
+    const int64_t first = cb * kBlock;
+    const int64_t count = n - first < kBlock ? n - first : kBlock;
+    uint64_t bits = 0;
+    for (int64_t c = row + 1 > first ? row + 1 - first : 0; c < count; ++c) {
+      if (classes != nullptr && col_classes[c] != classes[row]) continue;
+      if (suppresses(a, cols + 4 * c, threshold)) bits |= uint64_t(1) << c;
+    }
+    return bits;
+  }
+
+  // Word i of the mask (CPU test path; the GPU kernel stages columns in shared memory).
+  HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t row = i / col_blocks, cb = i % col_blocks;
+    if (cb < row / kBlock) return;
+    mask[i] = word(row, cb, boxes + 4 * cb * kBlock,
+                   classes != nullptr ? classes + cb * kBlock : nullptr);
+  }
+};
+
+// The walk that turns the mask into kept indices.
+//
+// Without a score threshold every kept box is output. With one, a box's score decides as
+// `score > score_threshold` in float64; boxes with a NaN score (sorted first) still suppress
+// others but are not output, and the walk ends at the first box at or below the threshold
+// (all later ones are too). This equals running plain NMS and then filtering its output.
+// The walk also ends once max_output boxes are output (max_output < 0: no limit).
+struct GatherKept {
+  const uint64_t* mask;  // [n, col_blocks]
+  int64_t n, col_blocks;
+  const int64_t* order;  // sorted position -> original index
+  const double* scores;  // sorted scores in float64, or nullptr without a score threshold
+  double score_threshold;
+  int64_t max_output;
+  int64_t* out;  // kept original indices, in order
+
+  // Settles block nb. `removed` has the bits set by kept boxes of earlier blocks; diag[b *
+  // diag_stride] is mask word (64 * nb + b, nb). Appends output indices at out[count...].
+  // Returns the kept boxes of the block as bits; sets done when the walk is over.
+  HOST_DEVICE uint64_t resolve(int64_t nb, uint64_t removed, const uint64_t* diag,
+                               int64_t diag_stride, int64_t& count, bool& done) const {
+    uint64_t kept = 0;
+    const int64_t first = nb * kBlock;
+    for (int b = 0; b < kBlock && first + b < n; ++b) {
+      if ((removed >> b) & 1) continue;
+      const int64_t pos = first + b;
+      bool emit = true;
+      if (scores != nullptr) {
+        const double s = scores[pos];
+        if (s == s) {
+          if (!(s > score_threshold)) {
+            done = true;
+            return kept;
+          }
+        } else {
+          emit = false;  // NaN score: suppresses, never output
+        }
+      }
+      kept |= uint64_t(1) << b;
+      removed |= diag[b * diag_stride];
+      if (emit) {
+        out[count++] = order[pos];
+        if (count == max_output) {
+          done = true;
+          return kept;
+        }
+      }
+    }
+    return kept;
+  }
+
+  // The bits of column block j (> nb) removed by the kept boxes of block nb.
+  HOST_DEVICE uint64_t suppressed_by(int64_t nb, uint64_t kept, int64_t j) const {
+    uint64_t acc = 0;
+    while (kept != 0) {
+      const int b = lowest_bit(kept);
+      acc |= mask[(nb * kBlock + b) * col_blocks + j];
+      kept &= kept - 1;
+    }
+    return acc;
+  }
+};
+
+}  // namespace nms
+}  // namespace maskops

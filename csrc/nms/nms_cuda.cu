@@ -1,0 +1,217 @@
+// NMS, box IoU and box area on CUDA: launch logic only. The per-thread bodies (MaskBlock,
+// GatherKept, BoxIoU, BoxArea) live in nms.h; the CPU runs the same bodies (the test-only op
+// _nms_bitmask, and the CPU box ops), so CPU tests check the arithmetic and the walk this file
+// launches.
+//
+// NMS, all on the current stream:
+//   1. a stable descending sort of the scores; boxes (and class ids) gathered in score order;
+//   2. the mask kernel: one 64-thread block per (row block, column block) pair on or right of
+//      the diagonal, the block's 64 column boxes staged in shared memory, one thread per row
+//      box writing one 64-bit word (MaskBlock::word). With class ids the test is class-aware,
+//      so batched NMS is this same single launch;
+//   3. the gather kernel: one block walks the mask 64 boxes at a time (GatherKept), keeping
+//      the removed bits in shared memory, and writes the kept indices and their count to
+//      device memory. The mask is never copied to the host.
+// The only host synchronisation is reading that count at the end: the output's size is the
+// number of boxes kept.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/launch_cuda.cuh"
+#include "nms/nms.h"
+#include "nms/nms_args.h"
+
+namespace maskops {
+namespace nms {
+namespace {
+
+constexpr int kGatherThreads = 256;
+// Removed bits kept in shared memory up to 44 KiB (360,448 boxes); beyond, in global memory.
+constexpr int64_t kSharedRemovedWords = 44 * 1024 / 8;
+// gridDim.y limit of the mask kernel.
+constexpr int64_t kMaxBlocks = 65535;
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) nms_mask_kernel(MaskBlock<T> f) {
+  const int64_t rb = blockIdx.y, cb = blockIdx.x;
+  if (cb < rb) return;  // left of the diagonal: the gather never reads these words
+  __shared__ T cols[4 * kBlock];
+  __shared__ int64_t col_classes[kBlock];
+  const int t = threadIdx.x;
+  const int64_t c = cb * kBlock + t;
+  if (c < f.n) {
+    for (int k = 0; k < 4; ++k) cols[4 * t + k] = f.boxes[4 * c + k];
+    if (f.classes != nullptr) col_classes[t] = f.classes[c];
+  }
+  __syncthreads();
+  const int64_t row = rb * kBlock + t;
+  if (row < f.n) {
+    f.mask[row * f.col_blocks + cb] =
+        f.word(row, cb, cols, f.classes != nullptr ? col_classes : nullptr);
+  }
+}
+
+// One block. Per block of 64 sorted boxes: threads fetch the block's diagonal mask words,
+// thread 0 settles the block (GatherKept::resolve), then all threads OR the kept rows'
+// words into the removed bits of every later block.
+__global__ void __launch_bounds__(kGatherThreads)
+    nms_gather_kernel(GatherKept g, uint64_t* removed_global, int64_t* count_out) {
+  extern __shared__ uint64_t removed_shared[];
+  __shared__ uint64_t diag[kBlock];
+  __shared__ uint64_t kept;
+  __shared__ int64_t count;
+  __shared__ bool done;
+  uint64_t* removed = removed_global != nullptr ? removed_global : removed_shared;
+  for (int64_t j = threadIdx.x; j < g.col_blocks; j += blockDim.x) removed[j] = 0;
+  if (threadIdx.x == 0) {
+    count = 0;
+    done = false;
+  }
+  __syncthreads();
+  for (int64_t nb = 0; nb < g.col_blocks; ++nb) {
+    if (threadIdx.x < kBlock) {
+      const int64_t row = nb * kBlock + threadIdx.x;
+      diag[threadIdx.x] = row < g.n ? g.mask[row * g.col_blocks + nb] : 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) kept = g.resolve(nb, removed[nb], diag, 1, count, done);
+    __syncthreads();
+    if (done) break;
+    if (kept != 0) {
+      for (int64_t j = nb + 1 + threadIdx.x; j < g.col_blocks; j += blockDim.x)
+        removed[j] |= g.suppressed_by(nb, kept, j);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *count_out = count;
+}
+
+at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
+                         const c10::optional<at::Tensor>& idxs, double iou_threshold,
+                         c10::optional<double> score_threshold,
+                         c10::optional<int64_t> max_output) {
+  check_nms_args(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
+  c10::cuda::CUDAGuard guard(boxes.device());
+  const int64_t n = boxes.size(0);
+  const auto long_opts = boxes.options().dtype(at::kLong);
+  if (n == 0 || max_output.value_or(1) == 0) return at::empty({0}, long_opts);
+  const int64_t col_blocks = (n + kBlock - 1) / kBlock;
+  TORCH_CHECK(col_blocks <= kMaxBlocks, "nms on CUDA takes at most ", kMaxBlocks * kBlock,
+              " boxes, got ", n);
+  // Stable and descending, like the CPU: equal scores by index, NaN scores first.
+  auto sorted = at::sort(scores.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  const at::Tensor order = std::get<1>(sorted).contiguous();
+  const at::Tensor sboxes =
+      boxes.index_select(0, order).to(math_type(boxes.scalar_type())).contiguous();
+  at::Tensor sclasses, sscores;
+  if (idxs.has_value()) sclasses = idxs->index_select(0, order).to(at::kLong).contiguous();
+  if (score_threshold.has_value()) sscores = std::get<0>(sorted).to(at::kDouble).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor mask = at::empty({n * col_blocks}, long_opts);
+  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(sboxes.scalar_type(), "nms_mask_cuda", [&] {
+    const MaskBlock<scalar_t> f{sboxes.data_ptr<scalar_t>(),
+                                sclasses.defined() ? sclasses.data_ptr<int64_t>() : nullptr,
+                                n,
+                                col_blocks,
+                                threshold_in<scalar_t>(iou_threshold),
+                                mp};
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(col_blocks));
+    nms_mask_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // out[0, n): kept indices; out[n]: how many.
+  at::Tensor out = at::empty({n + 1}, long_opts);
+  const GatherKept g{mp,
+                     n,
+                     col_blocks,
+                     order.data_ptr<int64_t>(),
+                     sscores.defined() ? sscores.data_ptr<double>() : nullptr,
+                     score_threshold.value_or(0.0),
+                     max_output.value_or(-1),
+                     out.data_ptr<int64_t>()};
+  at::Tensor removed_global;
+  size_t shared_bytes = 0;
+  if (col_blocks <= kSharedRemovedWords) {
+    shared_bytes = static_cast<size_t>(col_blocks) * sizeof(uint64_t);
+  } else {
+    removed_global = at::empty({col_blocks}, long_opts);
+  }
+  nms_gather_kernel<<<1, kGatherThreads, shared_bytes, stream>>>(
+      g,
+      removed_global.defined() ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
+                               : nullptr,
+      out.data_ptr<int64_t>() + n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The one host synchronisation (documented): the output's length is data-dependent.
+  const int64_t count = out.select(0, n).item<int64_t>();
+  return out.narrow(0, 0, count);
+}
+
+at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                    c10::optional<double> score_threshold, c10::optional<int64_t> max_output) {
+  return nms_cuda_impl(boxes, scores, c10::nullopt, iou_threshold, score_threshold,
+                       max_output);
+}
+
+at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
+                            const at::Tensor& idxs, double iou_threshold,
+                            c10::optional<double> score_threshold,
+                            c10::optional<int64_t> max_output) {
+  return nms_cuda_impl(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
+}
+
+at::Tensor box_area_cuda(const at::Tensor& boxes) {
+  check_boxes(boxes, "boxes");
+  c10::cuda::CUDAGuard guard(boxes.device());
+  const at::Tensor b = boxes.contiguous();
+  at::Tensor out = at::empty({b.size(0)}, b.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "box_area_cuda",
+                                  [&] {
+    using T = at::opmath_type<scalar_t>;
+    cuda_for_each(b.size(0),
+                  BoxArea<scalar_t, T>{b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()});
+  });
+  return out;
+}
+
+at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  check_boxes(boxes1, "boxes1");
+  check_boxes(boxes2, "boxes2");
+  check_same_device(boxes1, boxes2, "boxes1", "boxes2");
+  TORCH_CHECK(boxes1.scalar_type() == boxes2.scalar_type(),
+              "boxes1 and boxes2 must have the same dtype, got ", boxes1.scalar_type(), " and ",
+              boxes2.scalar_type());
+  c10::cuda::CUDAGuard guard(boxes1.device());
+  const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cuda",
+                                  [&] {
+    using T = at::opmath_type<scalar_t>;
+    cuda_for_each(out.numel(), BoxIoU<scalar_t, T>{a.data_ptr<scalar_t>(),
+                                                   b.data_ptr<scalar_t>(), b.size(0),
+                                                   out.data_ptr<scalar_t>()});
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskops, CUDA, m) {
+  m.impl("nms", &nms_cuda);
+  m.impl("batched_nms", &batched_nms_cuda);
+  m.impl("box_area", &box_area_cuda);
+  m.impl("box_iou", &box_iou_cuda);
+}
+
+}  // namespace nms
+}  // namespace maskops
