@@ -66,7 +66,7 @@ def median_time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
-def run(device: str, reps: int):
+def cases_table(device: str, reps: int):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     cases = []
@@ -99,6 +99,32 @@ def run(device: str, reps: int):
     return rows
 
 
+def run(device: str = "cpu", quick: bool = False):
+    """The suite's entry point (python -m benchmarks): the same cases as rows of the common table."""
+    from benchmarks.common import Row, measure, nbytes
+
+    out = []
+    sizes = (1000,) if quick else SIZES
+    reps = 3 if quick else 7
+    for n in sizes:
+        boxes, scores, distinct, idxs = make_case(n, seed=n)
+        boxes, scores, distinct, idxs = (t.to(device) for t in (boxes, scores, distinct, idxs))
+        for name, ours, theirs, args in (
+                ("nms", maskops.nms, tv_nms, (boxes, scores, IOU)),
+                (f"batched_nms ({CLASSES} classes)", maskops.batched_nms, tv_batched_nms,
+                 (boxes, distinct, idxs, IOU))):
+            kept = theirs(*args)
+            if not torch.equal(ours(*args).cpu(), kept.cpu()):
+                raise AssertionError(f"{name} at {n} boxes differs from torchvision: not timed")
+            slow = device == "cpu" and n >= 20000
+            out.append(Row(name, device, f"{n:,} boxes, IoU {IOU}",
+                           measure(lambda: ours(*args), device, reps),
+                           measure(lambda: theirs(*args), device, 2 if slow else reps,
+                                   warmup=0 if slow else 1),
+                           min_bytes=nbytes(*args[:-1], kept)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
@@ -117,7 +143,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for d in devices:
-        rows += run(d, args.reps)
+        rows += cases_table(d, args.reps)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after")
     bad = 0
