@@ -9,7 +9,7 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp c
 DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
            hypothesis pycocotools setuptools wheel build matplotlib tqdm
 
-.PHONY: test test-fast demo bench build wheel clean venv
+.PHONY: test demo bench build wheel clean venv sanitize
 
 venv: $(STAMP)
 $(STAMP):
@@ -35,8 +35,12 @@ demo: $(BUILT)
 bench: $(BUILT)
 	$(VPY) -m benchmarks
 
+# ASan + UBSan build of the CPU kernels in build-sanitize/, then the op tests under it.
+sanitize: $(STAMP)
+	bash scripts/sanitize.sh
+
 wheel: $(STAMP)
 	$(VPY) -m build --wheel --no-isolation
 
 clean:
-	rm -rf build dist *.egg-info maskops/_C*.so maskops/_build_info.py $(BUILT)
+	rm -rf build build-sanitize dist *.egg-info maskops/_C*.so maskops/_build_info.py $(BUILT)
