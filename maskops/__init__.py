@@ -17,6 +17,7 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"or `make build`. Original error: {e}") from e
 
 from .nms import batched_nms, box_area, box_iou, nms
+from .patch import is_patched, patch_torchvision, torchvision_patched, unpatch_torchvision
 from .paste_masks import masks_to_rle, paste_masks, paste_masks_in_image
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 
@@ -26,6 +27,7 @@ __all__ = [
     "roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign",
     "nms", "batched_nms", "box_iou", "box_area",
     "paste_masks", "paste_masks_in_image", "masks_to_rle",
+    "patch_torchvision", "unpatch_torchvision", "torchvision_patched", "is_patched",
     "has_cuda", "build_info", "__version__",
 ]
 

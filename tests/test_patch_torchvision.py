@@ -1,0 +1,60 @@
+"""maskops.patch_torchvision(): torchvision's own Mask R-CNN, patched and unpatched, gives the
+same detections, and the patched run really goes through maskops."""
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+import maskops
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_thresh=0.0,
+                              min_size=320, max_size=480)
+    return m.eval()
+
+
+def _run(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+def test_patched_model_gives_the_same_detections(model):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 300, 400, generator=g), torch.rand(3, 256, 256, generator=g)]
+    expected = _run(model, images)
+    assert not maskops.is_patched()
+    with maskops.torchvision_patched():
+        assert maskops.is_patched()
+        assert torchvision.ops.boxes.batched_nms is maskops.batched_nms
+        assert torchvision.models.detection.transform.paste_masks_in_image is maskops.paste_masks_in_image
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = _run(model, images)
+    names = {e.key for e in prof.key_averages()}
+    assert {"maskops::multiscale_roi_align", "maskops::batched_nms", "maskops::paste_masks"} <= names
+    assert not maskops.is_patched()
+    assert torchvision.ops.boxes.batched_nms is not maskops.batched_nms
+    for e, o in zip(expected, got):
+        assert len(e["boxes"]) > 0
+        assert torch.equal(e["labels"], o["labels"])
+        torch.testing.assert_close(o["boxes"], e["boxes"], rtol=0, atol=1e-2)
+        torch.testing.assert_close(o["scores"], e["scores"], rtol=0, atol=1e-4)
+        agree = ((o["masks"] >= 0.5) == (e["masks"] >= 0.5)).float().mean().item()
+        assert agree >= 0.999
+    # After unpatching, torchvision runs its own ops again (same result as before).
+    again = _run(model, images)
+    assert torch.equal(again[0]["boxes"], expected[0]["boxes"])
+
+
+def test_patch_is_idempotent_and_unpatch_restores():
+    original = torchvision.ops.roi_align
+    maskops.patch_torchvision()
+    maskops.patch_torchvision()
+    try:
+        assert torchvision.ops.roi_align is maskops.roi_align
+        assert torchvision.ops.MultiScaleRoIAlign is maskops.MultiScaleRoIAlign
+    finally:
+        maskops.unpatch_torchvision()
+    assert torchvision.ops.roi_align is original
