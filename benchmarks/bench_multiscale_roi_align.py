@@ -7,14 +7,13 @@ proposal-like boxes, 7x7 (box head) and 14x14 (mask head) outputs, sampling_rati
 """
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 
 import torch
 import torchvision
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
+from benchmarks.common import Row, check_same, cli, measure, nbytes
 
 
 def workload(device: str, rois: int = 1000, channels: int = 256, image: int = 800, batch: int = 1,
@@ -66,19 +65,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[Row]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for d in devices:
-        rows += run(d, a.quick)
-    print(machine())
-    print(table(rows))
-    if a.json:
-        save_json(a.json, rows)
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ and thresholded straight to bool (what a user keeps); torchvision's time is its 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
+from benchmarks.common import Row, check_same, cli, measure, nbytes
 
 
 def workload(device: str, n: int, image: int = 800, seed: int = 0):
@@ -53,19 +52,7 @@ run = bench
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for d in devices:
-        rows += bench(d, a.quick)
-    print(machine())
-    print(table(rows))
-    if a.json:
-        save_json(a.json, rows)
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

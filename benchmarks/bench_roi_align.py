@@ -7,13 +7,12 @@ The default workload is a Mask R-CNN box head's: 1000 RoIs on a stride-16 map of
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torchvision
 
 import maskops
-from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
+from benchmarks.common import Row, check_same, cli, measure, nbytes
 
 
 def workload(device: str, rois: int = 1000, channels: int = 256, size: int = 50, batch: int = 2,
@@ -69,19 +68,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[Row]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
-    a = p.parse_args(argv)
-    devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for d in devices:
-        rows += run(d, a.quick)
-    print(machine())
-    print(table(rows))
-    if a.json:
-        save_json(a.json, rows)
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

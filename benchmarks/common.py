@@ -169,3 +169,22 @@ def markdown_report(device: str, rows: list[Row], extra: str = "") -> str:
             "both libraries; every maskops result was checked against torchvision's first.", "",
             table(rows)]
     return "\n".join(head + body + ([ "", extra] if extra else [])) + "\n"
+
+
+def cli(run, doc: str, argv=None) -> None:
+    """The command line every bench_*.py shares: --quick, --device, --json."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    devices = [a.device] if a.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for d in devices:
+        rows += run(d, a.quick)
+    print(machine())
+    print(table(rows))
+    if a.json:
+        save_json(a.json, rows)

@@ -119,6 +119,24 @@ struct Params {
   float threshold;  // used by thresholded outputs
 };
 
+template <typename box_t>
+inline Params<box_t> make_params(int64_t num_masks, int64_t channels, int64_t mask_size,
+                                 int64_t padding, int64_t height, int64_t width,
+                                 double threshold) {
+  Params<box_t> p;
+  p.num_masks = num_masks;
+  p.channels = channels;
+  p.mask_size = mask_size;
+  p.padding = padding;
+  p.height = height;
+  p.width = width;
+  // torchvision's scale is a Python float applied to float32 boxes, i.e. rounded to box_t.
+  p.box_scale = static_cast<box_t>(static_cast<double>(mask_size + 2 * padding) /
+                                   static_cast<double>(mask_size));
+  p.threshold = static_cast<float>(threshold);
+  return p;
+}
+
 // One output pixel per iteration, over [N, C, H, W] in order: zero outside the mask's box,
 // the resized mask value (or value >= threshold) inside. On the GPU this is the whole paste:
 // one coalesced pass that also writes the zeros. out_t is the mask type, bool or uint8.

@@ -49,23 +49,6 @@ at::ScalarType out_type(const at::Tensor& masks, bool thresholded, bool as_uint8
   return as_uint8 ? at::kByte : at::kBool;
 }
 
-template <typename T, typename box_t>
-Params<box_t> make_params(const at::Tensor& masks, int64_t padding, int64_t height,
-                          int64_t width, double threshold) {
-  const int64_t M = masks.size(2);
-  Params<box_t> p;
-  p.num_masks = masks.size(0);
-  p.channels = masks.size(1);
-  p.mask_size = M;
-  p.padding = padding;
-  p.height = height;
-  p.width = width;
-  // torchvision's scale is a Python float applied to float32 boxes, i.e. rounded to box_t.
-  p.box_scale = static_cast<box_t>(static_cast<double>(M + 2 * padding) / static_cast<double>(M));
-  p.threshold = static_cast<float>(threshold);
-  return p;
-}
-
 template <typename scalar_t, typename T, typename box_t, typename out_t>
 void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
                 const Params<box_t>& p, bool thresholded) {
@@ -148,7 +131,8 @@ void dispatch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
     using mask_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "paste_masks_boxes", [&] {
       using box_t = scalar_t;
-      const auto p = make_params<T, box_t>(masks, padding, H, W, threshold);
+      const auto p = make_params<box_t>(masks.size(0), masks.size(1), masks.size(2), padding,
+                                        H, W, threshold);
       if (!thresholded) {
         Body<mask_t, T, box_t, mask_t>::run(masks, boxes, out, p, false);
       } else if (out.scalar_type() == at::kBool) {

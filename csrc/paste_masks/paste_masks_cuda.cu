@@ -21,16 +21,8 @@ namespace {
 template <typename scalar_t, typename T, typename box_t, typename out_t>
 void launch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
             double threshold, bool thresholded) {
-  const int64_t M = masks.size(2);
-  Params<box_t> p;
-  p.num_masks = masks.size(0);
-  p.channels = masks.size(1);
-  p.mask_size = M;
-  p.padding = padding;
-  p.height = out.size(2);
-  p.width = out.size(3);
-  p.box_scale = static_cast<box_t>(static_cast<double>(M + 2 * padding) / static_cast<double>(M));
-  p.threshold = static_cast<float>(threshold);
+  const auto p = make_params<box_t>(masks.size(0), masks.size(1), masks.size(2), padding,
+                                    out.size(2), out.size(3), threshold);
   PasteElement<scalar_t, T, box_t, out_t> f{p, masks.data_ptr<scalar_t>(), boxes.data_ptr<box_t>(),
                                             out.data_ptr<out_t>(), thresholded};
   cuda_for_each(out.numel(), f);

@@ -20,67 +20,20 @@
 #include "common/checks.h"
 #include "common/launch_cuda.cuh"
 #include "roi_align/roi_align.h"
+#include "roi_align/roi_align_args.h"
 
 namespace maskops {
 namespace roi_align {
 namespace {
 
-at::ScalarType math_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
-  check_floating(rois, "rois");
-  check_dim(rois, 2, "rois");
-  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "output_size must be positive, got (", pooled_h,
-              ", ", pooled_w, ")");
-}
-
-template <typename T>
-Params<T> make_params(int64_t N, int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
-                      at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t K,
-                      int64_t sampling_ratio, bool aligned, double canonical_scale,
-                      double canonical_level, int64_t k_min) {
-  Params<T> p{};
-  p.num_levels = static_cast<int>(scales.size());
-  for (int l = 0; l < p.num_levels; ++l) {
-    p.height[l] = heights[l];
-    p.width[l] = widths[l];
-    p.spatial_scale[l] = static_cast<T>(scales[l]);
-  }
-  p.level_of = LevelMap<T>{p.num_levels, static_cast<int>(k_min),
-                           static_cast<T>(canonical_scale), static_cast<T>(canonical_level)};
-  p.batch_size = N;
-  p.channels = C;
-  p.pooled_h = PH;
-  p.pooled_w = PW;
-  p.num_rois = K;
-  p.sampling_ratio = sampling_ratio;
-  p.aligned = aligned;
-  return p;
-}
-
 at::Tensor pyramid_forward_cuda(at::TensorList features, const at::Tensor& rois,
                                 at::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
                                 int64_t sampling_ratio, bool aligned, double canonical_scale,
                                 double canonical_level, int64_t k_min) {
-  TORCH_CHECK(!features.empty() && features.size() <= static_cast<size_t>(kMaxLevels) &&
-                  scales.size() == features.size(),
-              "features must hold 1 to ", kMaxLevels, " levels, one spatial scale each");
+  check_features(features, rois, scales);
   check_rois(rois, pooled_h, pooled_w);
   const at::Tensor& f0 = features[0];
-  std::vector<int64_t> heights, widths;
-  for (const auto& f : features) {
-    check_floating(f, "features");
-    check_dim(f, 4, "features");
-    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() &&
-                    f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
-                "every level must share dtype, device, batch size and channels with level 0");
-    heights.push_back(f.size(2));
-    widths.push_back(f.size(3));
-  }
-  check_same_device(f0, rois, "features", "rois");
+  const std::vector<int64_t> heights = sizes_of(features, 2), widths = sizes_of(features, 3);
   c10::cuda::CUDAGuard guard(f0.device());
   const int64_t K = rois.size(0);
   const auto fmt = output_memory_format(f0);
@@ -110,20 +63,9 @@ std::vector<at::Tensor> pyramid_backward_cuda(
     int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
     at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
     double canonical_scale, double canonical_level, int64_t k_min) {
-  check_floating(grad, "grad");
-  check_dim(grad, 4, "grad");
-  check_rois(rois, pooled_h, pooled_w);
-  check_same_device(grad, rois, "grad", "rois");
+  check_backward_args(grad, rois, scales, pooled_h, pooled_w, channels, heights, widths);
   const int L = static_cast<int>(scales.size());
-  TORCH_CHECK(L >= 1 && L <= kMaxLevels && heights.size() == scales.size() &&
-                  widths.size() == scales.size(),
-              "spatial_scales, heights and widths must have one entry per level (1 to ",
-              kMaxLevels, ")");
   const int64_t K = rois.size(0);
-  TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
-                  grad.size(3) == pooled_w,
-              "grad must have shape [", K, ", ", channels, ", ", pooled_h, ", ", pooled_w,
-              "], got ", grad.sizes());
   c10::cuda::CUDAGuard guard(grad.device());
   const at::ScalarType mt = math_type(grad.scalar_type());
   // One float (or double) accumulator for all levels, each level a contiguous slice.

@@ -1,0 +1,99 @@
+// Argument checks and kernel parameters shared by roi_align_cpu.cpp and roi_align_cuda.cu
+// (host code only).
+#pragma once
+
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "common/checks.h"
+#include "roi_align/roi_align.h"
+
+namespace maskops {
+namespace roi_align {
+
+inline at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) {
+  check_floating(rois, "rois");
+  check_dim(rois, 2, "rois");
+  TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got ",
+              rois.sizes());
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "output_size must be positive, got (", pooled_h,
+              ", ", pooled_w, ")");
+}
+
+inline void check_features(at::TensorList features, const at::Tensor& rois,
+                    at::ArrayRef<double> scales) {
+  TORCH_CHECK(!features.empty() && features.size() <= static_cast<size_t>(kMaxLevels),
+              "features must hold 1 to ", kMaxLevels, " levels, got ", features.size());
+  TORCH_CHECK(scales.size() == features.size(), "spatial_scales must have one entry per level (",
+              features.size(), "), got ", scales.size());
+  const at::Tensor& f0 = features[0];
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor& f = features[l];
+    check_floating(f, "features");
+    check_dim(f, 4, "features");
+    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() &&
+                    f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
+                "every level must share dtype, device, batch size and channels with level 0; "
+                "level ", l, " is ", f.scalar_type(), " ", f.sizes(), " on ", f.device());
+    TORCH_CHECK(scales[l] > 0, "spatial_scales[", l, "] must be positive, got ", scales[l]);
+  }
+  check_same_device(f0, rois, "features", "rois");
+}
+
+template <typename T>
+Params<T> make_params(int64_t N, int64_t C, at::IntArrayRef heights, at::IntArrayRef widths,
+                      at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t K,
+                      int64_t sampling_ratio, bool aligned, double canonical_scale,
+                      double canonical_level, int64_t k_min) {
+  Params<T> p{};
+  p.num_levels = static_cast<int>(scales.size());
+  for (int l = 0; l < p.num_levels; ++l) {
+    p.height[l] = heights[l];
+    p.width[l] = widths[l];
+    p.spatial_scale[l] = static_cast<T>(scales[l]);
+  }
+  p.level_of = LevelMap<T>{p.num_levels, static_cast<int>(k_min), static_cast<T>(canonical_scale),
+                           static_cast<T>(canonical_level)};
+  p.batch_size = N;
+  p.channels = C;
+  p.pooled_h = PH;
+  p.pooled_w = PW;
+  p.num_rois = K;
+  p.sampling_ratio = sampling_ratio;
+  p.aligned = aligned;
+  return p;
+}
+
+inline std::vector<int64_t> sizes_of(at::TensorList features, int dim) {
+  std::vector<int64_t> out;
+  for (const auto& f : features) out.push_back(f.size(dim));
+  return out;
+}
+
+// Checks the backward arguments shared by the CPU and CUDA backward kernels.
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
+                                at::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
+                                int64_t channels, at::IntArrayRef heights, at::IntArrayRef widths) {
+  check_floating(grad, "grad");
+  check_dim(grad, 4, "grad");
+  check_rois(rois, pooled_h, pooled_w);
+  check_same_device(grad, rois, "grad", "rois");
+  const size_t L = scales.size();
+  TORCH_CHECK(L >= 1 && L <= static_cast<size_t>(kMaxLevels) && heights.size() == L &&
+                  widths.size() == L,
+              "spatial_scales, heights and widths must have one entry per level (1 to ",
+              kMaxLevels, ")");
+  const int64_t K = rois.size(0);
+  TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
+                  grad.size(3) == pooled_w,
+              "grad must have shape [", K, ", ", channels, ", ", pooled_h, ", ", pooled_w,
+              "], got ", grad.sizes());
+}
+
+}  // namespace roi_align
+}  // namespace maskops
