@@ -265,6 +265,27 @@ void check_batch_indices(const T* rois, int64_t K, int64_t N) {
   }
 }
 
+// A level in the math type, channels-last ([N, H, W, C] memory). Float NCHW input is
+// transposed here in cache-sized blocks on every thread (several times faster than a generic
+// strided copy); anything else goes through ATen.
+at::Tensor channels_last_copy(const at::Tensor& x, at::ScalarType mt) {
+  if (x.scalar_type() != at::kFloat || mt != at::kFloat || !x.is_contiguous() || x.numel() == 0)
+    return x.to(mt).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  constexpr int64_t kBlock = 64;  // spatial positions per task
+  const int64_t blocks = (HW + kBlock - 1) / kBlock;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / blocks, p0 = (t % blocks) * kBlock, np = std::min(kBlock, HW - p0);
+      transpose(src + n * C * HW + p0, C, np, HW, dst + (n * HW + p0) * C, C);
+    }
+  });
+  return out;
+}
+
 // How many RoIs read each level.
 template <typename T>
 std::vector<int64_t> rois_per_level(const Params<T>& p, const T* rois, int64_t K) {
@@ -321,8 +342,8 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
     std::vector<bool> nhwc(L);
     for (int l = 0; l < L; ++l) {
       nhwc[l] = prefer_channels_last(features[l], count[l], pooled_h * pooled_w);
-      data[l] = features[l].to(mt).contiguous(nhwc[l] ? at::MemoryFormat::ChannelsLast
-                                                      : at::MemoryFormat::Contiguous);
+      data[l] = nhwc[l] ? channels_last_copy(features[l], mt)
+                        : features[l].to(mt).contiguous();
     }
     std::vector<const T*> fp(L);
     for (int l = 0; l < L; ++l) fp[l] = data[l].data_ptr<T>();
