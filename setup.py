@@ -124,9 +124,10 @@ def extensions():
     sources = ["csrc/maskops.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
     # on one thread.
-    cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000", "-fno-math-errno", "-Wall",
-           "-Wno-unused-function"]
-    nvcc = ["-O3", "-DPy_LIMITED_API=0x03090000", "--expt-relaxed-constexpr", "-lineinfo"]
+    # (py_limited_api=True makes torch define Py_LIMITED_API; -Wno-psabi silences GCC's note
+    # that 64-byte vector arguments change the ABI, irrelevant to internal functions.)
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if os.environ.get("MASKOPS_EXTRA_CFLAGS"):  # used by `make sanitize`
         cxx += os.environ["MASKOPS_EXTRA_CFLAGS"].split()
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
@@ -153,10 +154,10 @@ setup(
     version=VERSION,
     description="Fast, dependable C++/CUDA ops for Mask R-CNN: RoIAlign, NMS, anchors, mask paste",
     packages=find_packages(include=["maskops", "maskops.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
 )
