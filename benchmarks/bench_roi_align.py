@@ -48,7 +48,7 @@ def bench(device: str = "cpu", quick: bool = False, rois: int = 1000, output: in
     floor = measure(lambda: torch.empty_like(ours).fill_(1.0), device, reps)
     rows.append(Row("roi_align fwd", device, case, t_ours, t_tv,
                     note=f"(floor {floor.median_ms:.1f} ms: {t_ours.median_ms / floor.median_ms:.2f}x of it)",
-                    min_bytes=nbytes(x, r, ours)))
+                    min_bytes=nbytes(x, r, ours), flops=ours.numel() * 4 * 11))
 
     grad = torch.randn_like(ours)
     n, c, h, w = x.shape
@@ -59,7 +59,9 @@ def bench(device: str = "cpu", quick: bool = False, rois: int = 1000, output: in
     t_ours = measure(lambda: torch.ops.maskops._roi_align_backward(grad, *bwd_args), device, reps)
     t_tv = measure(lambda: torch.ops.torchvision._roi_align_backward(grad, *bwd_args), device,
                    2 if device == "cpu" else reps, warmup=0 if device == "cpu" else 1)
-    rows.append(Row("roi_align bwd", device, case, t_ours, t_tv, min_bytes=nbytes(grad, r, ours_g)))
+    # FLOPs: 2x2 samples per bin, each 4 bilinear taps (weights + multiply-adds): ~11 per sample.
+    rows.append(Row("roi_align bwd", device, case, t_ours, t_tv, min_bytes=nbytes(grad, r, ours_g),
+                    flops=grad.numel() * 4 * 11))
     return rows
 
 

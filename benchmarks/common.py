@@ -75,6 +75,7 @@ class Row:
     torchvision: Timing
     note: str = ""
     min_bytes: float = 0.0  # fewest bytes the op must move: inputs read once, outputs written once
+    flops: float = 0.0  # floating-point operations of the algorithm (an estimate, stated per op)
 
     @property
     def ratio(self) -> float:
@@ -140,14 +141,15 @@ def copy_bandwidth_GBps(device: str, size_mb: int = 1024) -> float:
 
 def roofline_table(rows: list[Row], copy_GBps: float) -> str:
     lines = [f"Measured device-to-device copy bandwidth: **{copy_GBps:.0f} GB/s** (read + write).", "",
-             "| op | case | min bytes (MB) | maskops ms | achieved GB/s | of copy bandwidth |",
-             "|---|---|---|---|---|---|"]
+             "| op | case | min bytes (MB) | GFLOP | maskops ms | achieved GB/s | of copy bandwidth | GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.min_bytes:
             continue
         gbps = r.min_bytes / (r.maskops.median_ms / 1e3) / 1e9
-        lines.append(f"| {r.op} | {r.case} | {r.min_bytes / 1e6:.1f} | {r.maskops.median_ms:.3f} "
-                     f"| {gbps:.0f} | {100 * gbps / copy_GBps:.0f} % |")
+        gflop = r.flops / 1e9
+        lines.append(f"| {r.op} | {r.case} | {r.min_bytes / 1e6:.1f} | {gflop:.2f} | {r.maskops.median_ms:.3f} "
+                     f"| {gbps:.0f} | {100 * gbps / copy_GBps:.0f} % | {gflop / (r.maskops.median_ms / 1e3):.0f} |")
     return "\n".join(lines)
 
 
