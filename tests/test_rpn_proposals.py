@@ -146,6 +146,35 @@ def test_ties_match_torchvision_as_sets():
     assert_same_sets(got, expected)
 
 
+@pytest.mark.parametrize("pattern", ["spikes", "nan", "signed_zeros"])
+def test_top_k_edge_cases(pattern):
+    """The CPU top-k takes a threshold from a strided sample and defers to torch.topk where
+    its result is not unique: exercise the sample missing the top values, NaN logits, and
+    equal values (0.0 and -0.0) at the edge of the top k."""
+    images, anchors, per_level, objectness, deltas = make_case((512, 512), 2, seed=12)
+    obj = objectness.view(2, -1).clone()
+    n0 = per_level[0]  # 49,152 anchors: large enough for the sampled threshold
+    if pattern == "spikes":
+        # The strided sample sees only the spikes, so its threshold is too high: second pass.
+        step = n0 // 4096
+        obj[:, :n0] = -5 + torch.rand(2, n0, generator=gen(1)) * 1e-3
+        obj[:, :n0:step] = torch.linspace(0, 1, obj[:, :n0:step].numel()).view(2, -1)
+    elif pattern == "nan":
+        obj[0, 5:n0:977] = math.nan
+        obj[1, n0 + 7] = math.nan
+    else:
+        obj[:, :n0] = obj[:, :n0].clamp(max=0.0)  # many zeros at the top
+        obj[0, :n0:2] = torch.where(obj[0, :n0:2] == 0, -0.0, obj[0, :n0:2])
+    obj = obj.reshape(-1, 1)
+    rpn = make_rpn()
+    expected = torchvision_proposals(rpn, images, anchors, per_level, obj, deltas)
+    got = maskops_proposals(rpn, images, anchors, per_level, obj, deltas)
+    if pattern == "signed_zeros":
+        assert_same_sets(got, expected)  # equal scores: NMS orders them differently
+    else:
+        assert_identical(got, expected)
+
+
 def test_full_rpn_module_matches():
     """A torchvision RPN with a random head on random features, run end to end, against the
     same head's outputs through maskops.AnchorGenerator and rpn_proposals."""
