@@ -132,9 +132,12 @@ def generate_anchors(
         raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {dtype!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
+    # No cache while compiling: the anchors become part of the traced graph instead.
     use_cache = V.boolean(cache, "cache") and not torch.compiler.is_compiling()
-    key = (feature_sizes, strides, sizes, ratios, dtype, device, torch.is_inference_mode_enabled())
     if use_cache:
+        # Inference-mode tensors cannot be used by autograd code later: cached apart.
+        key = (feature_sizes, strides, sizes, ratios, dtype, device,
+               torch.is_inference_mode_enabled())
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)

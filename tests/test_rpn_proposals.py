@@ -268,6 +268,28 @@ def test_opcheck(op, anchor_batch):
     torch.library.opcheck(getattr(torch.ops.maskops, op).default, _opcheck_args(anchor_batch))
 
 
+def test_torch_compile_fullgraph():
+    # Anchors (not cached while compiling) and proposals whose count per image depends on the
+    # data (an unbacked size from the fake kernel), in one graph.
+    torch._dynamo.reset()
+    gen_ = maskops.AnchorGenerator(((32,), (64,)), ((0.5, 1.0, 2.0),) * 2)
+    sizes = [(64, 96), (60, 90)]
+    levels = [16 * 24 * 3, 8 * 12 * 3]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(images, f0, f1, objectness, deltas):
+        anchors = gen_(ImageList(images, sizes), [f0, f1])
+        return maskops.rpn_proposals(objectness, deltas, anchors, sizes, 100, 50, 0.7, 0.0, 1e-3, levels)
+
+    images, feats = torch.zeros(2, 3, 64, 96), [torch.zeros(2, 1, 16, 24), torch.zeros(2, 1, 8, 12)]
+    g = gen(13)
+    objectness, deltas = torch.randn(2, sum(levels), generator=g), torch.randn(2, sum(levels), 4, generator=g) * 0.2
+    got = f(images, *feats, objectness, deltas)
+    expected = maskops.rpn_proposals(objectness, deltas, gen_(ImageList(images, sizes), feats), sizes,
+                                     100, 50, 0.7, 0.0, 1e-3, levels)
+    assert_identical(got, expected)
+
+
 O, D, A = torch.randn(2, 30), torch.randn(2, 30, 4), torch.rand(30, 4) * 10 + torch.tensor([0, 0, 10, 10])
 SZ = [(40, 40), (40, 40)]
 

@@ -119,15 +119,18 @@ struct DecodeInputs {
   }
 };
 
-// CPU part 1: log-scales into buf[2 i], buf[2 i + 1].
+// CPU part 1: log-scales of element i into buf[2 (i - first)] and the next slot (buf holds
+// one chunk of elements, from `first` on).
 template <typename code_t, typename box_t, typename T>
 struct DecodeLogScales {
   DecodeInputs<code_t, box_t, T> in;
   T* buf;
+  int64_t first;
   HOST_DEVICE void operator()(int64_t i) const {
     T b[4], d[4];
     in.load(i, b, d);
-    decode_log_scales(d, in.w, in.clip, buf[2 * i], buf[2 * i + 1]);
+    T* e = buf + 2 * (i - first);
+    decode_log_scales(d, in.w, in.clip, e[0], e[1]);
   }
 };
 
@@ -136,11 +139,13 @@ template <typename code_t, typename box_t, typename T>
 struct DecodeFinish {
   DecodeInputs<code_t, box_t, T> in;
   const T* buf;
+  int64_t first;
   code_t* out;  // [N, K, 4]
   HOST_DEVICE void operator()(int64_t i) const {
     T b[4], d[4], o[4];
     in.load(i, b, d);
-    decode_box(b, d, buf[2 * i], buf[2 * i + 1], in.w, o);
+    const T* e = buf + 2 * (i - first);
+    decode_box(b, d, e[0], e[1], in.w, o);
     for (int c = 0; c < 4; ++c) out[4 * i + c] = static_cast<code_t>(o[c]);
   }
 };
@@ -195,31 +200,34 @@ struct EncodeInputs {
   }
 };
 
-// CPU part 1: dx, dy into out (math type, [N, 4]); the ratios into buf[2 i], buf[2 i + 1].
+// CPU part 1: dx, dy into out; the ratios into buf[2 (i - first)] and the next slot.
 template <typename scalar_t, typename T>
 struct EncodeRatios {
   EncodeInputs<scalar_t, T> in;
-  T* out;
   T* buf;
+  int64_t first;
+  scalar_t* out;  // [N, 4]
   HOST_DEVICE void operator()(int64_t i) const {
-    T r[4], p[4];
+    T r[4], p[4], o[4];
     in.load(i, r, p);
-    encode_part1(r, p, in.w, out + 4 * i, buf[2 * i], buf[2 * i + 1]);
+    T* e = buf + 2 * (i - first);
+    encode_part1(r, p, in.w, o, e[0], e[1]);
+    out[4 * i + 0] = static_cast<scalar_t>(o[0]);
+    out[4 * i + 1] = static_cast<scalar_t>(o[1]);
   }
 };
 
-// CPU part 2: buf now holds the logs; writes the codes in the output dtype.
+// CPU part 2: buf now holds the logs.
 template <typename scalar_t, typename T>
 struct EncodeFinish {
-  const T* partial;  // [N, 4] from part 1 (dx, dy)
-  const T* buf;
   Weights<T> w;
+  const T* buf;
+  int64_t first;
   scalar_t* out;
   HOST_DEVICE void operator()(int64_t i) const {
-    out[4 * i + 0] = static_cast<scalar_t>(partial[4 * i + 0]);
-    out[4 * i + 1] = static_cast<scalar_t>(partial[4 * i + 1]);
-    out[4 * i + 2] = static_cast<scalar_t>(mul_rn(w.ww, buf[2 * i]));
-    out[4 * i + 3] = static_cast<scalar_t>(mul_rn(w.wh, buf[2 * i + 1]));
+    const T* e = buf + 2 * (i - first);
+    out[4 * i + 2] = static_cast<scalar_t>(mul_rn(w.ww, e[0]));
+    out[4 * i + 3] = static_cast<scalar_t>(mul_rn(w.wh, e[1]));
   }
 };
 

@@ -3,6 +3,7 @@
 // encode / decode run in two passes around torch's own vectorised log / exp (see
 // box_coder.h): pass 1 writes their arguments to a buffer, at::log_ / at::exp_ runs on it,
 // pass 2 finishes. That keeps float32 and float64 results identical to torchvision's. The
+// passes go chunk by chunk (the buffer stays in cache), all chunks in one parallel region. The
 // test-only ops _encode_boxes_elementwise / _decode_boxes_elementwise run the one-pass CUDA
 // functors instead.
 #include <ATen/Dispatch.h>
@@ -22,6 +23,7 @@
 
 #include "boxes/box_coder.h"
 #include "boxes/boxes_args.h"
+#include "common/cpu_chunks.h"
 #include "common/host_device.h"
 
 namespace maskops {
@@ -30,6 +32,9 @@ namespace {
 
 // Elements per task: each is a few tens of flops, so small inputs stay on one thread.
 constexpr int64_t kGrain = 16384;
+// Two-pass kernels: elements per chunk (their exp / log arguments fit L2), chunks per task.
+constexpr int64_t kChunk = 8192;
+constexpr int64_t kChunksPerTask = kGrain / kChunk;
 
 at::Tensor decode_impl(const at::Tensor& rel_codes, const at::Tensor& boxes,
                        at::ArrayRef<double> weights, double clamp, bool one_pass) {
@@ -51,11 +56,16 @@ at::Tensor decode_impl(const at::Tensor& rel_codes, const at::Tensor& boxes,
       cpu_for_each(n, kGrain, Decode<scalar_t, T, T>{in, out.data_ptr<scalar_t>()});
       return;
     }
-    at::Tensor buf = at::empty({2 * n}, codes.options().dtype(mt));
-    cpu_for_each(n, kGrain, DecodeLogScales<scalar_t, T, T>{in, buf.data_ptr<T>()});
-    buf.exp_();
-    cpu_for_each(n, kGrain,
-                 DecodeFinish<scalar_t, T, T>{in, buf.data_ptr<T>(), out.data_ptr<scalar_t>()});
+    scalar_t* op = out.data_ptr<scalar_t>();
+    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+      at::Tensor buf = at::empty({2 * (hi - lo)}, codes.options().dtype(mt));
+      T* bp = buf.data_ptr<T>();
+      const DecodeLogScales<scalar_t, T, T> pass1{in, bp, lo};
+      for (int64_t i = lo; i < hi; ++i) pass1(i);
+      buf.exp_();
+      const DecodeFinish<scalar_t, T, T> pass2{in, bp, lo, op};
+      for (int64_t i = lo; i < hi; ++i) pass2(i);
+    });
   });
   return out;
 }
@@ -86,13 +96,16 @@ at::Tensor encode_impl(const at::Tensor& reference_boxes, const at::Tensor& prop
       cpu_for_each(n, kGrain, Encode<scalar_t, T>{in, out.data_ptr<scalar_t>()});
       return;
     }
-    at::Tensor partial = at::empty({n, 4}, r.options().dtype(mt));
-    at::Tensor buf = at::empty({2 * n}, r.options().dtype(mt));
-    cpu_for_each(n, kGrain,
-                 EncodeRatios<scalar_t, T>{in, partial.data_ptr<T>(), buf.data_ptr<T>()});
-    buf.log_();
-    cpu_for_each(n, kGrain, EncodeFinish<scalar_t, T>{partial.data_ptr<T>(), buf.data_ptr<T>(),
-                                                      in.w, out.data_ptr<scalar_t>()});
+    scalar_t* op = out.data_ptr<scalar_t>();
+    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+      at::Tensor buf = at::empty({2 * (hi - lo)}, r.options().dtype(mt));
+      T* bp = buf.data_ptr<T>();
+      const EncodeRatios<scalar_t, T> pass1{in, bp, lo, op};
+      for (int64_t i = lo; i < hi; ++i) pass1(i);
+      buf.log_();
+      const EncodeFinish<scalar_t, T> pass2{in.w, bp, lo, op};
+      for (int64_t i = lo; i < hi; ++i) pass2(i);
+    });
   });
   return out;
 }

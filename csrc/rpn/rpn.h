@@ -73,12 +73,17 @@ struct Candidates {
   }
 };
 
-// CPU pass 1: log-scales of candidate i into buf[2 i], buf[2 i + 1].
+// CPU pass 1: log-scales of candidate i into buf[2 (i - first)] and the next slot (buf holds
+// one chunk of candidates, from `first` on).
 template <typename T>
 struct LogScales {
   Candidates<T> c;
   T* buf;
-  HOST_DEVICE void operator()(int64_t i) const { c.log_scales(i, buf[2 * i], buf[2 * i + 1]); }
+  int64_t first;
+  HOST_DEVICE void operator()(int64_t i) const {
+    T* e = buf + 2 * (i - first);
+    c.log_scales(i, e[0], e[1]);
+  }
 };
 
 // CPU pass 2: buf holds the exps, scores the sigmoids.
@@ -86,11 +91,13 @@ template <typename T>
 struct Finish {
   Candidates<T> c;
   const T* buf;
+  int64_t first;
   const T* scores;  // [B * K]
   T* boxes;         // [B * K, 4]
   bool* keep;       // [B * K]
   HOST_DEVICE void operator()(int64_t i) const {
-    keep[i] = c.finish(i, buf[2 * i], buf[2 * i + 1], scores[i], boxes + 4 * i);
+    const T* e = buf + 2 * (i - first);
+    keep[i] = c.finish(i, e[0], e[1], scores[i], boxes + 4 * i);
   }
 };
 

@@ -5,7 +5,8 @@
 //   2. scores: at::sigmoid on the gathered [B, K] logits: the same call on the same shape as
 //      torchvision's (torch's vectorised sigmoid rounds a tensor's last few elements by a
 //      scalar path, so position matters for bit-exact scores);
-//   3. decode, clip and filter every candidate in two passes around at::exp_ (rpn.h);
+//   3. decode, clip and filter every candidate in two passes around at::exp_ (rpn.h), chunk by
+//      chunk;
 //   4. per image: the kept candidates compacted, then maskops::batched_nms by level with
 //      max_output = post_nms_top_n, which stops as soon as that many boxes are kept.
 // The test-only op _rpn_proposals_elementwise runs the CUDA algorithm (rpn_host.h) instead.
@@ -29,6 +30,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include "common/cpu_chunks.h"
 #include "common/host_device.h"
 #include "rpn/rpn.h"
 #include "rpn/rpn_host.h"
@@ -37,8 +39,12 @@ namespace maskops {
 namespace rpn {
 namespace {
 
-// Candidates per task: a few thousand per image are a fraction of a millisecond of work, not
-// worth waking a second thread on a busy machine.
+// Candidates per chunk of the two passes around at::exp_, and chunks per task: a few thousand
+// per image are a fraction of a millisecond of work, not worth waking a second thread for on a
+// busy machine.
+constexpr int64_t kChunk = 8192;
+constexpr int64_t kChunksPerTask = 2;
+// Candidates per task of the test-only op's one-pass functor.
 constexpr int64_t kGrain = 8192;
 
 // The indices of the k largest of v[0, n), by decreasing value, into out; returns false when
@@ -156,13 +162,18 @@ Proposals rpn_proposals_cpu(const at::Tensor& objectness, const at::Tensor& delt
     using T = scalar_t;
     const Candidates<T> c = make_candidates<T>(nullptr, del, anc, sel.index, image_sizes.data(),
                                                score_thresh, min_size);
-    at::Tensor buf = at::empty({2 * n}, opts);
-    cpu_for_each(n, kGrain, LogScales<T>{c, buf.data_ptr<T>()});
-    buf.exp_();
     T* bp = boxes.data_ptr<T>();
     const T* sp = scores.data_ptr<T>();
     const bool* kp = keep.data_ptr<bool>();
-    cpu_for_each(n, kGrain, Finish<T>{c, buf.data_ptr<T>(), sp, bp, keep.data_ptr<bool>()});
+    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+      at::Tensor buf = at::empty({2 * (hi - lo)}, opts);
+      T* e = buf.data_ptr<T>();
+      const LogScales<T> pass1{c, e, lo};
+      for (int64_t i = lo; i < hi; ++i) pass1(i);
+      buf.exp_();
+      const Finish<T> pass2{c, e, lo, sp, bp, keep.data_ptr<bool>()};
+      for (int64_t i = lo; i < hi; ++i) pass2(i);
+    });
     for (int64_t b = 0; b < B; ++b) {
       int64_t count = 0;
       for (int64_t i = b * K; i < (b + 1) * K; ++i) count += kp[i];
