@@ -29,7 +29,8 @@ at::Tensor generate_anchors_cpu(const at::Tensor& sizes, const at::Tensor& aspec
   const at::Tensor r = aspect_ratios.to(at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "generate_anchors_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    cpu_for_each(total, 4096,
+    // About 10 ns per anchor: a second thread only for 2^18 anchors (2.5 ms) or more.
+    cpu_for_each(total, int64_t(1) << 18,
                  AnchorGrid<scalar_t, T>{table.data_ptr<int64_t>(), table.size(0),
                                          s.data_ptr<float>(), r.data_ptr<float>(),
                                          out.data_ptr<scalar_t>()});

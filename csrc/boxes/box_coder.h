@@ -268,7 +268,7 @@ template <typename scalar_t, typename T>
 HOST_DEVICE inline bool large_enough(const scalar_t* b, T min_size) {
   const T w = static_cast<T>(static_cast<scalar_t>(static_cast<T>(b[2]) - static_cast<T>(b[0])));
   const T h = static_cast<T>(static_cast<scalar_t>(static_cast<T>(b[3]) - static_cast<T>(b[1])));
-  return w >= min_size && h >= min_size;
+  return (w >= min_size) & (h >= min_size);  // no branch: the outcome is often unpredictable
 }
 
 template <typename scalar_t, typename T>

@@ -11,7 +11,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/nonzero.h>
 #include <torch/library.h>
 
 // No fused multiply-adds: every operation rounds separately, as torch's do.
@@ -30,9 +29,13 @@ namespace maskops {
 namespace boxes {
 namespace {
 
-// Elements per task: each is a few tens of flops, so small inputs stay on one thread.
-constexpr int64_t kGrain = 16384;
-// Two-pass kernels: elements per chunk (their exp / log arguments fit L2), chunks per task.
+// Work per task. A parallel region waits for every thread to be scheduled, which on a busy
+// machine can take a whole time slice (milliseconds), so a second thread is only woken for
+// about 2 ms of single-thread work: 2^18 codes (about 5 ns each, exp / log included) or boxes,
+// 2^21 coordinates to clip.
+constexpr int64_t kGrain = int64_t(1) << 18;
+constexpr int64_t kClipGrain = int64_t(1) << 21;
+// Two-pass kernels: elements per chunk (their exp / log arguments stay in L2), chunks per task.
 constexpr int64_t kChunk = 8192;
 constexpr int64_t kChunksPerTask = kGrain / kChunk;
 
@@ -129,7 +132,7 @@ at::Tensor clip_cpu(const at::Tensor& boxes, int64_t height, int64_t width) {
     // The bounds in the boxes' dtype, as torch.clamp converts them.
     const T w = static_cast<T>(static_cast<scalar_t>(width));
     const T h = static_cast<T>(static_cast<scalar_t>(height));
-    cpu_for_each(b.numel(), 4 * kGrain,
+    cpu_for_each(b.numel(), kClipGrain,
                  Clip<scalar_t, T>{b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), w, h});
   });
   return out;
@@ -145,7 +148,19 @@ at::Tensor remove_small_cpu(const at::Tensor& boxes, double min_size) {
     cpu_for_each(b.size(0), kGrain,
                  LargeEnough<scalar_t, T>{b.data_ptr<scalar_t>(), m, keep.data_ptr<bool>()});
   });
-  return at::nonzero(keep).view({-1});
+  // The indices of the kept boxes: a serial pass (cheaper than at::nonzero at these sizes).
+  const bool* kp = keep.data_ptr<bool>();
+  const int64_t n = b.size(0);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += kp[i];
+  // Branch-free: every index is written, and kept ones advance (one spare slot at the end).
+  at::Tensor out = at::empty({count + 1}, b.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; i < n; ++i) {
+    op[j] = i;
+    j += kp[i];
+  }
+  return out.resize_({count});
 }
 
 }  // namespace

@@ -69,7 +69,7 @@ struct Candidates {
     box[1] = boxes::clamp_to(box[1], height);
     box[2] = boxes::clamp_to(box[2], width);
     box[3] = boxes::clamp_to(box[3], height);
-    return boxes::large_enough<T, T>(box, min_size) && score >= score_thresh;
+    return boxes::large_enough<T, T>(box, min_size) & (score >= score_thresh);
   }
 };
 

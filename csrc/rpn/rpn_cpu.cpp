@@ -39,13 +39,12 @@ namespace maskops {
 namespace rpn {
 namespace {
 
-// Candidates per chunk of the two passes around at::exp_, and chunks per task: a few thousand
-// per image are a fraction of a millisecond of work, not worth waking a second thread for on a
-// busy machine.
+// Candidates per chunk of the two passes around at::exp_, and per task: a few thousand per
+// image are a fraction of a millisecond of work, not worth waking a second thread for (on a
+// busy machine a parallel region can wait a whole time slice for it).
 constexpr int64_t kChunk = 8192;
-constexpr int64_t kChunksPerTask = 2;
-// Candidates per task of the test-only op's one-pass functor.
-constexpr int64_t kGrain = 8192;
+constexpr int64_t kChunksPerTask = 8;
+constexpr int64_t kGrain = kChunk * kChunksPerTask;
 
 // The indices of the k largest of v[0, n), by decreasing value, into out; returns false when
 // that is not unique (a NaN, or two equal values among the k largest or at the k-th place),
