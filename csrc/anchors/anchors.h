@@ -20,10 +20,12 @@
 namespace maskops {
 namespace anchors {
 
-// A level's row in the int64 level table: where its anchors start in the output, its grid,
-// strides, and where its sizes and aspect ratios start in the flat size / ratio arrays.
+// A level's row in the int64 level table: where its cells and its anchors start in the
+// output, its grid, strides, and where its sizes and aspect ratios start in the flat size /
+// ratio arrays.
 enum LevelField : int {
-  kFirst = 0,
+  kFirstCell = 0,
+  kFirst,
   kHeight,
   kWidth,
   kStrideH,
@@ -34,6 +36,15 @@ enum LevelField : int {
   kRatioOffset,
   kLevelFields
 };
+
+// std::nearbyint (without SSE4.1 it is a library call): adding and subtracting 2^23 rounds a
+// magnitude below 2^23 to an integer, half to even, in the default rounding mode; from 2^23
+// on every float is an integer already. NaN and inf pass through.
+inline float round_half_even(float v) {
+  constexpr float kTwo23 = 8388608.0f;
+  const float a = std::fabs(v);
+  return std::copysign(a < kTwo23 ? (a + kTwo23) - kTwo23 : a, v);
+}
 
 // Half the width and height of the cell anchor for one size and aspect ratio (height /
 // width), rounded like torchvision: the cell anchor is (-hw, -hh, hw, hh). round() is
@@ -47,12 +58,14 @@ HOST_DEVICE inline void cell_anchor(float size, float ratio, float& hw, float& h
 #else
   const float h_ratio = std::sqrt(ratio);
   const float w_ratio = 1.0f / h_ratio;
-  hw = std::nearbyint(w_ratio * size * 0.5f);
-  hh = std::nearbyint(h_ratio * size * 0.5f);
+  hw = round_half_even(w_ratio * size * 0.5f);
+  hh = round_half_even(h_ratio * size * 0.5f);
 #endif
 }
 
-// One anchor (4 outputs) per call. T is the math type: float, or double for double output.
+// The anchors of one feature cell (every size and ratio of its level, 4 outputs each) per
+// call: i runs over the cells of all levels. T is the math type: float, or double for double
+// output.
 template <typename scalar_t, typename T>
 struct AnchorGrid {
   const int64_t* levels;  // [num_levels, kLevelFields]
@@ -63,24 +76,27 @@ struct AnchorGrid {
 
   HOST_DEVICE void operator()(int64_t i) const {
     int64_t l = 0;
-    while (l + 1 < num_levels && i >= levels[(l + 1) * kLevelFields + kFirst]) ++l;
+    while (l + 1 < num_levels && i >= levels[(l + 1) * kLevelFields + kFirstCell]) ++l;
     const int64_t* lv = levels + l * kLevelFields;
-    const int64_t num_sizes = lv[kNumSizes];
-    const int64_t per_cell = num_sizes * lv[kNumRatios];
-    const int64_t j = i - lv[kFirst];
-    const int64_t cell = j / per_cell, a = j % per_cell;
+    const int64_t cell = i - lv[kFirstCell];
     const int64_t y = cell / lv[kWidth], x = cell % lv[kWidth];
-    float hw, hh;
-    cell_anchor(sizes[lv[kSizeOffset] + a % num_sizes], ratios[lv[kRatioOffset] + a / num_sizes],
-                hw, hh);
     // torchvision's shifts are int32 (an int32 arange times the stride).
     const int32_t sx = static_cast<int32_t>(x * lv[kStrideW]);
     const int32_t sy = static_cast<int32_t>(y * lv[kStrideH]);
-    scalar_t* o = out + 4 * i;
-    o[0] = sum(sx, -hw);
-    o[1] = sum(sy, -hh);
-    o[2] = sum(sx, hw);
-    o[3] = sum(sy, hh);
+    const int64_t num_sizes = lv[kNumSizes], num_ratios = lv[kNumRatios];
+    const float* s = sizes + lv[kSizeOffset];
+    const float* r = ratios + lv[kRatioOffset];
+    scalar_t* o = out + 4 * (lv[kFirst] + cell * num_sizes * num_ratios);
+    for (int64_t a = 0; a < num_ratios; ++a) {
+      for (int64_t b = 0; b < num_sizes; ++b, o += 4) {
+        float hw, hh;
+        cell_anchor(s[b], r[a], hw, hh);
+        o[0] = sum(sx, -hw);
+        o[1] = sum(sy, -hh);
+        o[2] = sum(sx, hw);
+        o[3] = sum(sy, hh);
+      }
+    }
   }
 
   // shift + cell anchor coordinate, each first converted to the output dtype (as torch's

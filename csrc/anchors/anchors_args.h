@@ -21,11 +21,11 @@ inline void check_list(const at::Tensor& t, const char* name) {
 }
 
 // Checks the arguments and returns the level table, an int64 CPU tensor [L, kLevelFields].
-// Sets *total to the number of anchors.
+// Sets *total to the number of anchors and *cells to the number of feature cells.
 inline at::Tensor level_table(const at::Tensor& sizes, const at::Tensor& aspect_ratios,
                               at::IntArrayRef sizes_per_level, at::IntArrayRef ratios_per_level,
                               at::IntArrayRef grid_sizes, at::IntArrayRef strides,
-                              int64_t* total) {
+                              int64_t* total, int64_t* cells) {
   check_list(sizes, "sizes");
   check_list(aspect_ratios, "aspect_ratios");
   check_same_device(sizes, aspect_ratios, "sizes", "aspect_ratios");
@@ -41,7 +41,7 @@ inline at::Tensor level_table(const at::Tensor& sizes, const at::Tensor& aspect_
               " values), got ", strides.size());
   at::Tensor table = at::empty({L, kLevelFields}, at::TensorOptions().dtype(at::kLong));
   int64_t* t = table.data_ptr<int64_t>();
-  int64_t first = 0, size_off = 0, ratio_off = 0;
+  int64_t first = 0, first_cell = 0, size_off = 0, ratio_off = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t h = grid_sizes[2 * l], w = grid_sizes[2 * l + 1];
     TORCH_CHECK(h >= 0 && w >= 0, "grid_sizes must be non-negative, got (", h, ", ", w,
@@ -52,6 +52,7 @@ inline at::Tensor level_table(const at::Tensor& sizes, const at::Tensor& aspect_
     TORCH_CHECK(sizes_per_level[l] >= 0 && ratios_per_level[l] >= 0,
                 "sizes_per_level and ratios_per_level must be non-negative");
     int64_t* row = t + l * kLevelFields;
+    row[kFirstCell] = first_cell;
     row[kFirst] = first;
     row[kHeight] = h;
     row[kWidth] = w;
@@ -62,6 +63,8 @@ inline at::Tensor level_table(const at::Tensor& sizes, const at::Tensor& aspect_
     row[kSizeOffset] = size_off;
     row[kRatioOffset] = ratio_off;
     first += h * w * sizes_per_level[l] * ratios_per_level[l];
+    // A level without anchors gets no cells, so that every cell has anchors to write.
+    first_cell += sizes_per_level[l] * ratios_per_level[l] > 0 ? h * w : 0;
     size_off += sizes_per_level[l];
     ratio_off += ratios_per_level[l];
   }
@@ -71,6 +74,7 @@ inline at::Tensor level_table(const at::Tensor& sizes, const at::Tensor& aspect_
               "aspect_ratios must hold sum(ratios_per_level) = ", ratio_off, " values, got ",
               aspect_ratios.size(0));
   *total = first;
+  *cells = first_cell;
   return table;
 }
 

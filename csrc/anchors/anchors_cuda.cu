@@ -1,4 +1,4 @@
-// generate_anchors on CUDA: launch logic only. One thread per anchor (AnchorGrid in
+// generate_anchors on CUDA: launch logic only. One thread per feature cell (AnchorGrid in
 // anchors.h, which the CPU build runs too), every level in one launch. The level table is
 // built on the host and copied to the device (a few hundred bytes; the Python front caches
 // the anchors, so this runs once per image size).
@@ -22,9 +22,9 @@ at::Tensor generate_anchors_cuda(const at::Tensor& sizes, const at::Tensor& aspe
                                  at::IntArrayRef ratios_per_level, at::IntArrayRef grid_sizes,
                                  at::IntArrayRef strides, at::ScalarType dtype) {
   check_dtype(dtype);
-  int64_t total = 0;
+  int64_t total = 0, cells = 0;
   const at::Tensor table = level_table(sizes, aspect_ratios, sizes_per_level, ratios_per_level,
-                                       grid_sizes, strides, &total);
+                                       grid_sizes, strides, &total, &cells);
   c10::cuda::CUDAGuard guard(sizes.device());
   at::Tensor out = at::empty({total, 4}, sizes.options().dtype(dtype));
   if (total == 0) return out;
@@ -33,7 +33,7 @@ at::Tensor generate_anchors_cuda(const at::Tensor& sizes, const at::Tensor& aspe
   const at::Tensor r = aspect_ratios.to(at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "generate_anchors_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    cuda_for_each(total, AnchorGrid<scalar_t, T>{dtable.data_ptr<int64_t>(), dtable.size(0),
+    cuda_for_each(cells, AnchorGrid<scalar_t, T>{dtable.data_ptr<int64_t>(), dtable.size(0),
                                                  s.data_ptr<float>(), r.data_ptr<float>(),
                                                  out.data_ptr<scalar_t>()});
   });

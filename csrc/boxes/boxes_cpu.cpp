@@ -3,8 +3,8 @@
 // encode / decode run in two passes around torch's own vectorised log / exp (see
 // box_coder.h): pass 1 writes their arguments to a buffer, at::log_ / at::exp_ runs on it,
 // pass 2 finishes. That keeps float32 and float64 results identical to torchvision's. The
-// passes go chunk by chunk (the buffer stays in cache), all chunks in one parallel region. The
-// test-only ops _encode_boxes_elementwise / _decode_boxes_elementwise run the one-pass CUDA
+// passes go chunk by chunk (common/cpu_chunks.h: the buffer stays in cache, and at most one
+// parallel region is started). The test-only ops _encode_boxes_elementwise / _decode_boxes_elementwise run the one-pass CUDA
 // functors instead.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,9 +35,8 @@ namespace {
 // 2^21 coordinates to clip.
 constexpr int64_t kGrain = int64_t(1) << 18;
 constexpr int64_t kClipGrain = int64_t(1) << 21;
-// Two-pass kernels: elements per chunk (their exp / log arguments stay in L2), chunks per task.
+// Two-pass kernels, when parallel: elements per chunk (their exp / log arguments stay in L2).
 constexpr int64_t kChunk = 8192;
-constexpr int64_t kChunksPerTask = kGrain / kChunk;
 
 at::Tensor decode_impl(const at::Tensor& rel_codes, const at::Tensor& boxes,
                        at::ArrayRef<double> weights, double clamp, bool one_pass) {
@@ -60,7 +59,7 @@ at::Tensor decode_impl(const at::Tensor& rel_codes, const at::Tensor& boxes,
       return;
     }
     scalar_t* op = out.data_ptr<scalar_t>();
-    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+    cpu_for_each_chunk(n, kChunk, kGrain, [&](int64_t lo, int64_t hi) {
       at::Tensor buf = at::empty({2 * (hi - lo)}, codes.options().dtype(mt));
       T* bp = buf.data_ptr<T>();
       const DecodeLogScales<scalar_t, T, T> pass1{in, bp, lo};
@@ -100,7 +99,7 @@ at::Tensor encode_impl(const at::Tensor& reference_boxes, const at::Tensor& prop
       return;
     }
     scalar_t* op = out.data_ptr<scalar_t>();
-    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+    cpu_for_each_chunk(n, kChunk, kGrain, [&](int64_t lo, int64_t hi) {
       at::Tensor buf = at::empty({2 * (hi - lo)}, r.options().dtype(mt));
       T* bp = buf.data_ptr<T>();
       const EncodeRatios<scalar_t, T> pass1{in, bp, lo, op};

@@ -35,12 +35,12 @@ namespace maskops {
 namespace rpn {
 namespace {
 
-// Candidates per chunk of the two passes around at::exp_, and per task: a few thousand per
-// image are a fraction of a millisecond of work, not worth waking a second thread for (on a
-// busy machine a parallel region can wait a whole time slice for it).
+// The two passes around at::exp_ (common/cpu_chunks.h): a few thousand candidates per image
+// are a fraction of a millisecond of work, so they run on the calling thread (on a busy
+// machine a parallel region can wait a whole time slice for its threads); a second thread from
+// 2^16 candidates on.
 constexpr int64_t kChunk = 8192;
-constexpr int64_t kChunksPerTask = 8;
-constexpr int64_t kGrain = kChunk * kChunksPerTask;
+constexpr int64_t kGrain = int64_t(1) << 16;
 
 Proposals rpn_proposals_cpu(const at::Tensor& objectness, const at::Tensor& deltas,
                             const at::Tensor& anchors, at::IntArrayRef image_sizes,
@@ -67,7 +67,7 @@ Proposals rpn_proposals_cpu(const at::Tensor& objectness, const at::Tensor& delt
     T* bp = boxes.data_ptr<T>();
     const T* sp = scores.data_ptr<T>();
     const bool* kp = keep.data_ptr<bool>();
-    cpu_for_each_chunk(n, kChunk, kChunksPerTask, [&](int64_t lo, int64_t hi) {
+    cpu_for_each_chunk(n, kChunk, kGrain, [&](int64_t lo, int64_t hi) {
       at::Tensor buf = at::empty({2 * (hi - lo)}, opts);
       T* e = buf.data_ptr<T>();
       const LogScales<T> pass1{c, e, lo};
