@@ -76,15 +76,22 @@ def rpn_proposals(
         decreasing score. Not differentiable (torchvision detaches these inputs too).
 
     Matching torchvision: for float32 and float64 inputs on the CPU the proposals are
-    torchvision's bit for bit (the top-k, sigmoid and exp are torch's own calls on the same
-    data), with one difference in how NMS orders equal scores: maskops orders equal scores
-    by candidate position (level, then decreasing logit), torchvision's batched NMS above
-    1,000 boxes sorts them with an unstable sort, and up to 1,000 boxes offsets the boxes by
-    level, which can round a coordinate and (rarely) change a decision at the threshold. So
-    with distinct scores the outputs are identical; with equal scores they hold the same
-    boxes, possibly in another order (and so, where the cut at ``post_nms_top_n`` falls
-    among equal scores, another of the equal boxes). Half-precision inputs compute in
-    float32. On CUDA the call waits for the GPU once, to read how many boxes each image kept.
+    torchvision's bit for bit. The sigmoid and exp are torch's own functions (their results
+    differ from the C library's in the last bit), the arithmetic is torchvision's operation
+    for operation, and the top-k is ``torch.topk``'s: computed directly where it is unique
+    and by ``torch.topk`` itself where equal logits make it depend on torch's algorithm.
+    One difference remains, in how NMS orders equal scores: maskops orders them by candidate
+    position (level, then decreasing logit); torchvision's batched NMS above 1,000 boxes
+    sorts them with an unstable sort, and up to 1,000 boxes offsets the boxes by level,
+    which can round a coordinate and (rarely) change a decision at the threshold. So with
+    distinct scores the outputs are identical; with equal scores they hold the same boxes,
+    possibly in another order (and so, where the cut at ``post_nms_top_n`` falls among equal
+    scores, another of the equal boxes). Half-precision inputs compute in float32.
+
+    On CUDA the top-k is ``torch.topk`` on the GPU, the candidates of the whole batch are
+    decoded in one launch and go through one class-aware NMS (class = image and level); the
+    call waits for the GPU once, to read how many boxes each image kept. exp and the sigmoid
+    there are the device functions torch's CUDA kernels use.
     """
     V.floating(objectness, "objectness")
     V.floating(deltas, "deltas")
