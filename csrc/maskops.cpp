@@ -84,4 +84,50 @@ TORCH_LIBRARY(maskops, m) {
   m.def(
       "_nms_bitmask(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, "
       "float? score_threshold=None, int? max_output=None) -> Tensor");
+
+  // ---- Anchors (csrc/anchors) ----
+  // Every FPN level's anchors in one launch, torchvision AnchorGenerator's values and order.
+  // Level l: grid (grid_sizes[2l], grid_sizes[2l+1]) = (H, W), strides (strides[2l],
+  // strides[2l+1]), its sizes_per_level[l] sizes and ratios_per_level[l] aspect ratios
+  // (height / width) taken in turn from the flat `sizes` / `aspect_ratios` tensors, which
+  // also set the output device. Output: [sum over levels of H * W * sizes * ratios, 4].
+  m.def(
+      "generate_anchors(Tensor sizes, Tensor aspect_ratios, int[] sizes_per_level, "
+      "int[] ratios_per_level, SymInt[] grid_sizes, SymInt[] strides, ScalarType dtype) "
+      "-> Tensor");
+
+  // ---- Box coding, clipping, small boxes (csrc/boxes) ----
+  // torchvision's BoxCoder arithmetic. weights: (wx, wy, ww, wh), positive. rel_codes [N, 4K]
+  // and boxes [N, 4] decode to [N, K, 4] in rel_codes' dtype, dw and dh clamped at `clamp`;
+  // reference_boxes and proposals [N, 4] (same dtype) encode to [N, 4].
+  m.def("decode_boxes(Tensor rel_codes, Tensor boxes, float[] weights, float clamp) -> Tensor");
+  m.def("encode_boxes(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor");
+  // boxes [..., 4]: x clamped to [0, width], y to [0, height].
+  m.def("clip_boxes(Tensor boxes, int height, int width) -> Tensor");
+  // boxes [N, 4]: int64 indices of the boxes whose width and height are both >= min_size.
+  m.def("remove_small_boxes(Tensor boxes, float min_size) -> Tensor");
+  // Test-only: the CUDA kernels' one-pass functors (device-style exp / log) on the CPU.
+  m.def(
+      "_decode_boxes_elementwise(Tensor rel_codes, Tensor boxes, float[] weights, float clamp) "
+      "-> Tensor");
+  m.def(
+      "_encode_boxes_elementwise(Tensor reference_boxes, Tensor proposals, float[] weights) "
+      "-> Tensor");
+
+  // ---- RPN proposals (csrc/rpn) ----
+  // torchvision RegionProposalNetwork's decode + filter_proposals for a batch: objectness
+  // [B, A] logits, deltas [B, A, 4], anchors [A, 4] (shared) or [B, A, 4], image_sizes
+  // (height, width) per image, flattened; levels split A as num_anchors_per_level. Returns
+  // per image the kept boxes [K_b, 4] (deltas' dtype) and scores [K_b] (objectness' dtype),
+  // by decreasing score; K_b depends on the data.
+  m.def(
+      "rpn_proposals(Tensor objectness, Tensor deltas, Tensor anchors, int[] image_sizes, "
+      "int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
+      "float min_size, int[] num_anchors_per_level) -> (Tensor[], Tensor[])");
+  // Test-only: the CUDA algorithm (one pass per candidate, one NMS for the batch) on the CPU.
+  m.def(
+      "_rpn_proposals_elementwise(Tensor objectness, Tensor deltas, Tensor anchors, "
+      "int[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, "
+      "float score_thresh, float min_size, int[] num_anchors_per_level) "
+      "-> (Tensor[], Tensor[])");
 }

@@ -16,10 +16,13 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
         f"or `make build`. Original error: {e}") from e
 
+from .anchors import AnchorGenerator, clear_anchor_cache, generate_anchors
+from .boxes import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
 from .nms import batched_nms, box_area, box_iou, nms
 from .patch import is_patched, patch_torchvision, torchvision_patched, unpatch_torchvision
 from .paste_masks import masks_to_rle, paste_masks, paste_masks_in_image
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
+from .rpn import rpn_proposals
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,9 @@ __all__ = [
     "nms", "batched_nms", "box_iou", "box_area",
     "paste_masks", "paste_masks_in_image", "masks_to_rle",
     "patch_torchvision", "unpatch_torchvision", "torchvision_patched", "is_patched",
+    "generate_anchors", "AnchorGenerator", "clear_anchor_cache",
+    "encode_boxes", "decode_boxes", "BoxCoder", "clip_boxes", "remove_small_boxes",
+    "rpn_proposals",
     "has_cuda", "build_info", "__version__",
 ]
 

@@ -199,3 +199,39 @@ def optional_non_negative_int(v, name: str):
     if v < 0:
         raise ValueError(f"{name} must be non-negative, got {v}")
     return int(v)
+
+
+def non_negative_int(v, name: str) -> int:
+    v = integer(v, name)
+    if v < 0:
+        raise ValueError(f"{name} must be non-negative, got {v}")
+    return v
+
+
+def non_negative_number(v, name: str) -> float:
+    v = number(v, name)
+    if v < 0:
+        raise ValueError(f"{name} must be non-negative, got {v}")
+    return v
+
+
+def image_size(v, name: str) -> tuple[int, int]:
+    """An image size (height, width): a pair of non-negative ints (a torch.Size works)."""
+    if not isinstance(v, (list, tuple, torch.Size)) or len(v) != 2:
+        raise ValueError(f"{name} must be a pair (height, width), got {v!r}")
+    h, w = (integer(int(x) if isinstance(x, torch.Tensor) and x.dim() == 0 else x, f"{name}[{i}]")
+            for i, x in enumerate(v))
+    if h < 0 or w < 0:
+        raise ValueError(f"{name} must be non-negative, got {(h, w)}")
+    return h, w
+
+
+def box_weights(v, name: str = "weights") -> tuple[float, float, float, float]:
+    """Box-coder weights (wx, wy, ww, wh): 4 finite positive numbers (a sequence or a tensor)."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 1 or v.numel() != 4:
+            raise ValueError(f"{name} must hold 4 numbers (wx, wy, ww, wh), got {_describe(v)}")
+        v = v.tolist()
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise ValueError(f"{name} must hold 4 numbers (wx, wy, ww, wh), got {v!r}")
+    return tuple(positive_float(x, f"{name}[{i}]") for i, x in enumerate(v))
