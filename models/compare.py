@@ -30,14 +30,16 @@ class DetectionDiff:
     in_order: bool = True
     cutoff_score: float = 0.0
     score_tol: float = 1e-4
+    got_scores: Tensor = None
 
     def identical(self, ref_scores: Tensor) -> bool:
         """Same detections: everything matched, except detections tied (within
         ``score_tol``) with the last one kept, which a detector may keep either of."""
-        near_cut = [i for i in self.unmatched_ref
-                    if float(ref_scores[i]) - self.cutoff_score <= self.score_tol]
-        return (len(near_cut) == len(self.unmatched_ref)
-                and len(self.unmatched_got) == len(self.unmatched_ref))
+        def at_cutoff(scores, idx):
+            return all(abs(float(scores[i]) - self.cutoff_score) <= self.score_tol for i in idx)
+        return (len(self.unmatched_got) == len(self.unmatched_ref)
+                and at_cutoff(ref_scores, self.unmatched_ref)
+                and at_cutoff(self.got_scores, self.unmatched_got))
 
     def summary(self) -> str:
         return (f"{len(self.pairs)} matched{' in order' if self.in_order else ''}, "
@@ -63,7 +65,7 @@ def compare_detections(ref: Dict[str, Tensor], got: Dict[str, Tensor], box_tol: 
     rb, gb = ref["boxes"].float().cpu(), got["boxes"].float().cpu()
     rl, gl = ref["labels"].cpu(), got["labels"].cpu()
     rs, gs = ref["scores"].float().cpu(), got["scores"].float().cpu()
-    diff = DetectionDiff(score_tol=score_tol,
+    diff = DetectionDiff(score_tol=score_tol, got_scores=gs,
                          cutoff_score=float(rs.min()) if len(rs) else 0.0)
     if len(rb) and len(gb):
         box_err = (rb[:, None, :] - gb[None, :, :]).abs().amax(-1)           # [R, G]

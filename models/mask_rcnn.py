@@ -11,7 +11,6 @@ The pipeline, each stage a module::
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -76,6 +75,7 @@ class MaskRCNN(nn.Module):
         with stage(rec, "transform"):
             batch, targets = self.transform(images, targets)
         keep(rec, "input", tuple(batch.tensors.shape))
+        keep(rec, "image_sizes", batch.image_sizes)
         with stage(rec, "backbone"):
             features = self.backbone(batch.tensors)
         keep(rec, "features", features)
@@ -257,8 +257,3 @@ def load_weights(model: nn.Module, path: str) -> None:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state, strict=True)
-
-
-def random_init_warning() -> None:
-    warnings.warn("no --weights given: the model has random weights, so its detections are "
-                  "meaningless (a demo of the pipeline only)", stacklevel=2)
