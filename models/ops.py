@@ -49,9 +49,20 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if hasattr(maskops, "batched_nms"):
         return maskops.batched_nms(boxes, scores, idxs, iou_threshold)
     # Fallback, replaced by maskops.batched_nms.
-    if boxes.numel() <= _OFFSET_TRICK_MAX_NUMEL or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return _offset_nms(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() <= _OFFSET_TRICK_MAX_NUMEL:
         return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
     return _grouped_nms(boxes, scores, idxs, iou_threshold)
+
+
+def _offset_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    # torchvision's coordinate-offset trick (shift each class's boxes beyond all others, one
+    # NMS), written without its `numel() == 0` early return: the number of boxes is unknown
+    # while tracing for export, and a max over the boxes plus a 0 needs no special case.
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def _grouped_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

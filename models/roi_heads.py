@@ -182,7 +182,7 @@ class RoIHeads(nn.Module):
         keep(recorder, "mask_roi_features", tuple(mask_features.shape))
         with stage(recorder, "mask_head"):
             mask_logits = self.mask_predictor(self.mask_head(mask_features), torch.cat(labels))
-            mask_probs = to_float32(mask_logits).sigmoid().split([len(b) for b in boxes])
+            mask_probs = to_float32(mask_logits).sigmoid().split([b.shape[0] for b in boxes])
         return [{"boxes": b, "labels": l, "scores": s, "masks": m}
                 for b, l, s, m in zip(boxes, labels, scores, mask_probs)], {}
 
@@ -193,7 +193,7 @@ class RoIHeads(nn.Module):
         per-image boxes, scores and labels: one candidate per (proposal, foreground class),
         thresholded, NMS per class, best ``detections_per_img`` kept."""
         num_classes = class_logits.shape[-1]
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # shape, not len(): symbolic under export
         # Background (class 0) boxes are never used: decode classes 1..C-1 only.
         boxes = ops.decode_boxes(box_deltas[:, 4:], torch.cat(proposals), self.bbox_reg_weights)
         boxes = boxes.reshape(-1, num_classes - 1, 4)
