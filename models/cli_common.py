@@ -24,7 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="autocast convolutions and linear layers to half precision")
+                   help="run convolutions and linear layers in half precision: weights "
+                        "converted by optimize_for_inference(dtype=...), or autocast with "
+                        "--no-optimize; boxes and scores stay float32")
     p.add_argument("--no-optimize", action="store_true",
                    help="skip optimize_for_inference() (batch-norm folding, fusion, channels-last)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -43,12 +45,16 @@ def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCN
                             box_score_thresh=box_score_thresh)
     model.eval().to(a.device)
     if not a.no_optimize:
-        model.optimize_for_inference()
+        model.optimize_for_inference(dtype=_half(a))
     return model
 
 
+def _half(a: argparse.Namespace):
+    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
+
+
 def autocast(a: argparse.Namespace):
-    if a.amp is None:
+    """Autocast for ``--amp`` with ``--no-optimize`` (an optimised model holds half weights)."""
+    if a.amp is None or not a.no_optimize:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if a.amp == "bf16" else torch.float16
-    return torch.autocast(torch.device(a.device).type, dtype=dtype)
+    return torch.autocast(torch.device(a.device).type, dtype=_half(a))

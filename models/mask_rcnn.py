@@ -111,8 +111,8 @@ class MaskRCNN(nn.Module):
             self.recorder = previous
 
     @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True
-                               ) -> "MaskRCNN":
+    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
+                               dtype: Optional[torch.dtype] = None) -> "MaskRCNN":
         """Rewrites the model, in place, for fast inference, and returns it in eval mode.
 
         - folds the backbone's batch norms into the convolutions before them;
@@ -121,11 +121,17 @@ class MaskRCNN(nn.Module):
           ResNet blocks, FPN laterals, RPN head and mask head;
         - with ``channels_last``, stores the convolutions' weights and batches images
           channels-last, so that activations stay channels-last end to end, and reorders
-          ``fc6`` so that the pooled box features flatten without a copy.
+          ``fc6`` so that the pooled box features flatten without a copy;
+        - with ``dtype=torch.bfloat16`` (or ``float16``), stores the weights in that type and
+          batches images in it, so that every convolution and linear layer runs in half
+          precision (on CPUs with AMX, far faster than float32). Unlike autocast, no weight
+          is cast per call. Box coordinates, scores and mask probabilities stay float32.
 
-        Detections are unchanged up to float rounding. Load weights first: afterwards the
-        state_dict no longer has torchvision's layout.
+        In float32, detections are unchanged up to float rounding. Load weights first:
+        afterwards the state_dict no longer has torchvision's layout.
         """
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
         if self.inference_optimized:
             return self
         self.eval()
@@ -140,6 +146,10 @@ class MaskRCNN(nn.Module):
             c = self.backbone.out_channels
             h, w = self.roi_heads.box_roi_pool.output_size
             self.roi_heads.box_head.use_nhwc_order(c, h, w)
+        if dtype is not None and dtype != torch.float32:
+            for part in (self.backbone, self.rpn, self.roi_heads):
+                part.to(dtype)
+            self.transform.dtype = dtype
         self.inference_optimized = True
         return self
 

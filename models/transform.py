@@ -57,12 +57,15 @@ class ImageTransform(nn.Module):
         image_mean, image_std: per-channel normalisation of the ``[0, 1]`` input.
         size_divisible: the padded size's divisor (32: the coarsest backbone stride).
         channels_last: batch into a channels-last tensor (what a channels-last backbone reads).
+        dtype: the batch's dtype (default: the images'); images are normalised and resized
+            in their own precision first.
     """
 
     def __init__(self, min_size=800, max_size: int = 1333,
                  image_mean: Sequence[float] = IMAGENET_MEAN,
                  image_std: Sequence[float] = IMAGENET_STD,
-                 size_divisible: int = 32, channels_last: bool = False) -> None:
+                 size_divisible: int = 32, channels_last: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
@@ -70,6 +73,7 @@ class ImageTransform(nn.Module):
         self.image_std = list(image_std)
         self.size_divisible = size_divisible
         self.channels_last = channels_last
+        self.dtype = dtype
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Tuple[ImageBatch, Optional[List[Dict[str, Tensor]]]]:
@@ -142,9 +146,10 @@ class ImageTransform(nn.Module):
         h = int(math.ceil(max(im.shape[1] for im in images) / d) * d)
         w = int(math.ceil(max(im.shape[2] for im in images) / d) * d)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if len(images) == 1 and images[0].shape[1:] == (h, w):
-            return images[0][None].contiguous(memory_format=fmt)  # nothing to pad
-        out = torch.empty((len(images), c, h, w), dtype=images[0].dtype,
+        dtype = self.dtype or images[0].dtype
+        if len(images) == 1 and images[0].shape[1:] == (h, w):  # nothing to pad
+            return images[0][None].to(dtype).contiguous(memory_format=fmt)
+        out = torch.empty((len(images), c, h, w), dtype=dtype,
                           device=images[0].device, memory_format=fmt).zero_()
         for i, im in enumerate(images):
             out[i, :, :im.shape[1], :im.shape[2]].copy_(im)
@@ -170,4 +175,5 @@ class ImageTransform(nn.Module):
     def extra_repr(self) -> str:
         return (f"min_size={self.min_size}, max_size={self.max_size}, "
                 f"mean={self.image_mean}, std={self.image_std}, "
-                f"size_divisible={self.size_divisible}, channels_last={self.channels_last})")
+                f"size_divisible={self.size_divisible}, channels_last={self.channels_last}, "
+                f"dtype={self.dtype}")

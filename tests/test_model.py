@@ -220,6 +220,19 @@ def test_bfloat16_autocast_keeps_boxes_and_scores_float32(rng):
     assert out["masks"].dtype == torch.bool and len(out["boxes"]) > 0
 
 
+def test_bfloat16_weights_keep_boxes_and_scores_float32(rng):
+    model = tiny_model(box_score_thresh=0.0).optimize_for_inference(dtype=torch.bfloat16)
+    assert model.roi_heads.box_head.fc6.weight.dtype == torch.bfloat16
+    with torch.inference_mode(), model.record_stages(keep_outputs=True) as rec:
+        out = model([torch.rand(3, 100, 140, generator=rng)])[0]
+    assert rec.outputs["features"]["0"].dtype == torch.bfloat16
+    assert rec.outputs["proposals"][0][0].dtype == torch.float32
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    assert out["masks"].dtype == torch.bool and len(out["boxes"]) > 0
+    with pytest.raises(ValueError, match="dtype"):
+        tiny_model().optimize_for_inference(dtype=torch.int8)
+
+
 def test_record_stages_times_every_stage(rng):
     model = tiny_model().eval()
     with torch.inference_mode(), model.record_stages() as rec:
