@@ -108,9 +108,10 @@ def run(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0) -
                 continue
             # Tolerances as in tests/test_model_equivalence.py: with random weights torchvision
             # itself moves boxes by ~0.02 px and scores by ~1e-4 between NCHW and
-            # channels-last; the summary below gives the actual differences.
+            # channels-last, and up to 2 sub-pixel-wide slivers among near-duplicates may
+            # swap; the summary below gives the actual differences.
             d = compare_detections(outputs["torchvision"], out, box_tol=0.1, score_tol=2e-4)
-            if not d.identical(outputs["torchvision"]["scores"]):
+            if not d.identical(allow_slivers=2):
                 raise AssertionError(f"{name}: detections differ from torchvision's "
                                      f"({d.summary()}); refusing to report its speed")
             checks[name] = d.summary()
