@@ -127,52 +127,65 @@ def encode_boxes(gt_boxes: Tensor, boxes: Tensor, weights: Tuple[float, float, f
 
 def decode_boxes(deltas: Tensor, boxes: Tensor, weights: Tuple[float, float, float, float],
                  clip: float = BBOX_XFORM_CLIP) -> Tensor:
-    """Applies ``deltas: Tensor[N, 4 * K]`` (K boxes per row, e.g. one per class) to
-    ``boxes: Tensor[N, 4]``; returns ``Tensor[N, 4 * K]`` boxes in ``deltas``' dtype.
+    """Applies ``deltas: Tensor[N, 4 * K]`` (K codes per row, e.g. one per class) to
+    ``boxes: Tensor[N, 4]``; returns ``Tensor[N, K, 4]`` boxes in ``deltas``' dtype.
     The inverse of :func:`encode_boxes`; width/height deltas are clamped at ``clip``."""
     if hasattr(maskops, "decode_boxes"):
         return maskops.decode_boxes(deltas, boxes, weights, clip)
     # replaced by maskops.decode_boxes
     coder = torchvision.models.detection._utils.BoxCoder(weights, bbox_xform_clip=clip)
-    return coder.decode_single(deltas, boxes)
+    return coder.decode_single(deltas, boxes).view(deltas.shape[0], -1, 4)
 
 
-def generate_anchors(base_anchors: Tensor, grid_size: Tuple[int, int],
-                     stride: Tuple[int, int]) -> Tensor:
-    """Anchors of one feature level.
+def generate_anchors(feature_sizes: Sequence[Tuple[int, int]],
+                     strides: Sequence[Tuple[int, int]],
+                     sizes: Sequence[Sequence[float]],
+                     aspect_ratios: Sequence[Sequence[float]],
+                     dtype: torch.dtype = torch.float32,
+                     device: torch.device = None) -> Tensor:
+    """The anchors of every feature level, concatenated (torchvision's ``AnchorGenerator``).
 
     Args:
-        base_anchors: ``Tensor[A, 4]`` anchors centred on (0, 0).
-        grid_size: ``(height, width)`` of the feature map.
-        stride: ``(stride_y, stride_x)`` in image pixels per feature cell.
+        feature_sizes: ``(H_l, W_l)`` of each level.
+        strides: ``(stride_y, stride_x)`` of each level, in image pixels per feature cell.
+        sizes, aspect_ratios: per level, anchor sizes (sqrt of the area) and height / width
+            ratios; the cell anchors are ratio-major, rounded to whole pixels.
 
     Returns:
-        ``Tensor[height * width * A, 4]``, ordered (y, x, anchor): the layout of a
-        channels-last ``[N, A, H, W]`` prediction flattened to ``[N, H * W * A]``.
+        ``Tensor[sum_l H_l * W_l * A_l, 4]``, each level ordered (y, x, anchor): the layout of
+        a channels-last ``[N, A, H, W]`` prediction flattened to ``[N, H * W * A]``.
     """
     if hasattr(maskops, "generate_anchors"):
-        return maskops.generate_anchors(base_anchors, grid_size, stride)
-    # replaced by maskops.generate_anchors (torchvision's AnchorGenerator.grid_anchors)
-    h, w = grid_size
-    dev = base_anchors.device
-    sx = torch.arange(w, dtype=torch.int64, device=dev) * stride[1]
-    sy = torch.arange(h, dtype=torch.int64, device=dev) * stride[0]
-    yy, xx = torch.meshgrid(sy, sx, indexing="ij")
-    xx, yy = xx.reshape(-1), yy.reshape(-1)
-    shifts = torch.stack((xx, yy, xx, yy), dim=1)
-    return (shifts.view(-1, 1, 4) + base_anchors.view(1, -1, 4)).reshape(-1, 4)
+        return maskops.generate_anchors(feature_sizes, strides, sizes, aspect_ratios,
+                                        dtype=dtype, device=device)
+    # replaced by maskops.generate_anchors (torchvision's cell anchors and grid, in PyTorch)
+    out = []
+    for (h, w), (sy, sx), sz, ar in zip(feature_sizes, strides, sizes, aspect_ratios):
+        scales = torch.as_tensor(sz, dtype=torch.float32, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(ar, dtype=torch.float32, device=device))
+        ws = (1 / h_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+        shift_x = torch.arange(w, dtype=torch.int64, device=device) * sx
+        shift_y = torch.arange(h, dtype=torch.int64, device=device) * sy
+        yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+        xx, yy = xx.reshape(-1), yy.reshape(-1)
+        shifts = torch.stack((xx, yy, xx, yy), dim=1)
+        out.append((shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4).to(dtype))
+    return torch.cat(out)
 
 
 def rpn_proposals(
-    objectness: List[Tensor],
-    deltas: List[Tensor],
-    anchors: List[Tensor],
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
     image_sizes: Sequence[Tuple[int, int]],
     pre_nms_top_n: int,
     post_nms_top_n: int,
     nms_thresh: float,
-    score_thresh: float = 0.0,
-    min_size: float = 1e-3,
+    score_thresh: float,
+    min_size: float,
+    num_anchors_per_level: Sequence[int],
 ) -> Tuple[List[Tensor], List[Tensor]]:
     """The RPN's proposal selection, for every image of a batch.
 
@@ -183,10 +196,11 @@ def rpn_proposals(
     (which decodes every anchor first).
 
     Args:
-        objectness: per level ``Tensor[N, H_l * W_l * A]`` logits.
-        deltas: per level ``Tensor[N, H_l * W_l * A, 4]``.
-        anchors: per level ``Tensor[H_l * W_l * A, 4]`` (shared by the images of a batch).
+        objectness: ``Tensor[N, A]`` logits, the levels one after another.
+        deltas: ``Tensor[N, A, 4]``.
+        anchors: ``Tensor[A, 4]`` (shared by the images of a batch).
         image_sizes: ``(height, width)`` of each image (before padding).
+        num_anchors_per_level: how many of the ``A`` anchors belong to each level.
 
     Returns:
         Per image, ``Tensor[K_i, 4]`` proposals and ``Tensor[K_i]`` objectness probabilities,
@@ -194,14 +208,17 @@ def rpn_proposals(
     """
     if hasattr(maskops, "rpn_proposals"):
         return maskops.rpn_proposals(objectness, deltas, anchors, image_sizes, pre_nms_top_n,
-                                     post_nms_top_n, nms_thresh, score_thresh, min_size)
+                                     post_nms_top_n, nms_thresh, score_thresh, min_size,
+                                     num_anchors_per_level)
     # Fallback composed of the ops above, replaced by maskops.rpn_proposals.
-    num_images = objectness[0].shape[0]
+    num_images = objectness.shape[0]
+    batch = torch.arange(num_images, device=objectness.device)[:, None]
     top_scores, top_boxes, top_levels = [], [], []
-    for level, (ob, dl, an) in enumerate(zip(objectness, deltas, anchors)):
+    levels = zip(objectness.split(num_anchors_per_level, 1), deltas.split(num_anchors_per_level, 1),
+                 anchors.split(num_anchors_per_level))
+    for level, (ob, dl, an) in enumerate(levels):
         k = min(pre_nms_top_n, ob.shape[1])
         scores, idx = ob.topk(k, dim=1)
-        batch = torch.arange(num_images, device=ob.device)[:, None]
         boxes = decode_boxes(dl[batch, idx].reshape(-1, 4), an[idx].reshape(-1, 4),
                              (1.0, 1.0, 1.0, 1.0))
         top_scores.append(scores)

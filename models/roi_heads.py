@@ -196,7 +196,6 @@ class RoIHeads(nn.Module):
         counts = [p.shape[0] for p in proposals]  # shape, not len(): symbolic under export
         # Background (class 0) boxes are never used: decode classes 1..C-1 only.
         boxes = ops.decode_boxes(box_deltas[:, 4:], torch.cat(proposals), self.bbox_reg_weights)
-        boxes = boxes.reshape(-1, num_classes - 1, 4)
         scores = F.softmax(class_logits, -1)[:, 1:]
         out_boxes, out_scores, out_labels = [], [], []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes):

@@ -112,22 +112,22 @@ class RegionProposalNetwork(nn.Module):
             losses (training: ``loss_objectness``, ``loss_rpn_box_reg``; else empty).
         """
         logits, deltas = self.head(features)
-        logits = [to_float32(x) for x in logits]
-        deltas = [to_float32(x) for x in deltas]
-        anchors = self.anchor_generator(
+        # [N, A] and [N, A, 4] with the levels one after another (a few MB at most).
+        logits = to_float32(torch.cat(logits, dim=1))
+        deltas = to_float32(torch.cat(deltas, dim=1))
+        anchors, per_level = self.anchor_generator(
             tuple(batch.tensors.shape[-2:]), [tuple(f.shape[-2:]) for f in features],
-            logits[0].dtype, logits[0].device)
+            logits.dtype, logits.device)
         with torch.no_grad():  # proposals are not differentiated through (Faster R-CNN)
             proposals, scores = ops.rpn_proposals(
-                [x.detach() for x in logits], [x.detach() for x in deltas], anchors,
-                batch.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(),
-                self.nms_thresh, self.score_thresh, self.min_size)
+                logits.detach(), deltas.detach(), anchors, batch.image_sizes,
+                self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
+                self.score_thresh, self.min_size, per_level)
         losses: Dict[str, Tensor] = {}
         if self.training:
             if targets is None:
                 raise ValueError("targets are needed in training mode")
-            losses = self.loss(torch.cat(logits, dim=1), torch.cat(deltas, dim=1),
-                               torch.cat(anchors), targets)
+            losses = self.loss(logits, deltas, anchors, targets)
         return proposals, scores, losses
 
     def loss(self, objectness: Tensor, deltas: Tensor, anchors: Tensor,

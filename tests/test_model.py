@@ -56,8 +56,9 @@ def test_anchors_match_torchvision():
     shapes = [(84, 100), (42, 50), (21, 25), (11, 13), (6, 7)]
     feats = [torch.zeros(1, 1, h, w) for h, w in shapes]
     expected = tv(ImageList(torch.zeros(1, 3, 336, 400), [(330, 400)]), feats)[0]
-    got = ours((336, 400), shapes, torch.float32, torch.device("cpu"))
-    assert torch.equal(torch.cat(got), expected)
+    got, per_level = ours((336, 400), shapes, torch.float32, torch.device("cpu"))
+    assert torch.equal(got, expected)
+    assert per_level == [h * w * 3 for h, w in shapes]
 
 
 def test_rpn_proposals_match_torchvision_filter_proposals(rng):
@@ -75,7 +76,8 @@ def test_rpn_proposals_match_torchvision_filter_proposals(rng):
     proposals = coder.decode(torch.cat(deltas, 1).reshape(-1, 4), [torch.cat(anchors)] * n)
     exp_boxes, exp_scores = tv.filter_proposals(proposals.view(n, -1, 4), torch.cat(logits, 1),
                                                 sizes, levels)
-    boxes, scores = ops.rpn_proposals(logits, deltas, anchors, sizes, 600, 300, 0.7)
+    boxes, scores = ops.rpn_proposals(torch.cat(logits, 1), torch.cat(deltas, 1),
+                                      torch.cat(anchors), sizes, 600, 300, 0.7, 0.0, 1e-3, levels)
     for b, s, eb, es in zip(boxes, scores, exp_boxes, exp_scores):
         torch.testing.assert_close(b, eb)
         torch.testing.assert_close(s, es)
