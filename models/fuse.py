@@ -67,7 +67,8 @@ def fold_batchnorms(module: nn.Module) -> int:
 
 # ---- convolution + ReLU (+ residual add) in one oneDNN call (CPU inference) ----
 
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's fused convolution (``mkldnn._convolution_pointwise``)."""
     return hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
@@ -131,23 +132,37 @@ class FusedBlock(nn.Module):
         return self.convs[-1](x, residual=identity)
 
 
+def _norms_folded(block: nn.Module) -> bool:
+    # Fusing skips the block's norm layers: only valid once they are folded (Identity).
+    norms = [getattr(block, n) for n in ("bn1", "bn2", "bn3") if hasattr(block, n)]
+    return bool(norms) and all(isinstance(m, nn.Identity) for m in norms)
+
+
 def fuse_conv_relu(body: nn.Module) -> int:
     """Replaces, in place, the blocks of a batch-norm-folded ResNet body (``layer1`` to
     ``layer4``) with :class:`FusedBlock` and its stem's conv + ReLU with a :class:`ConvAct`.
-    Returns the number of blocks fused (0 when oneDNN's fused convolution is unavailable)."""
-    if not _onednn_available():
+    Blocks whose norms are not folded (e.g. GroupNorm) are left as they are. Returns the
+    number of blocks fused (0 when oneDNN's fused convolution is unavailable)."""
+    if not onednn_available():
         return 0
-    if any(_is_bn(m) for m in body.modules()):
-        raise ValueError("fold the batch norms first (fold_batchnorms)")
     n = 0
     for name in ("layer1", "layer2", "layer3", "layer4"):
         layer = getattr(body, name)
         for i in range(len(layer)):
-            layer[i] = FusedBlock(layer[i])
-            n += 1
-    body.conv1 = ConvAct(body.conv1, relu=True)
-    body.relu = nn.Identity()
+            if _norms_folded(layer[i]):
+                layer[i] = FusedBlock(layer[i])
+                n += 1
+    if _norms_folded(body):
+        body.conv1 = ConvAct(body.conv1, relu=True)
+        body.relu = nn.Identity()
     return n
+
+
+def fpn_fusable(fpn: nn.Module) -> bool:
+    """Whether :class:`FusedFPN` reproduces ``fpn``: convolutions only, LastLevelMaxPool."""
+    blocks = list(fpn.inner_blocks) + list(fpn.layer_blocks)
+    return (isinstance(fpn.extra_blocks, LastLevelMaxPool)
+            and all(len(b) == 1 and isinstance(b[0], nn.Conv2d) for b in blocks))
 
 
 class FusedFPN(nn.Module):
@@ -156,8 +171,9 @@ class FusedFPN(nn.Module):
 
     def __init__(self, fpn: nn.Module) -> None:
         super().__init__()
-        if not isinstance(fpn.extra_blocks, LastLevelMaxPool):
-            raise ValueError("FusedFPN reproduces an FPN with LastLevelMaxPool only")
+        if not fpn_fusable(fpn):
+            raise ValueError("FusedFPN reproduces an FPN of plain convolutions (no norm) with "
+                             "LastLevelMaxPool only")
         self.inner = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.inner_blocks])
         self.layer = nn.ModuleList([b[0] for b in fpn.layer_blocks])
 
@@ -178,7 +194,8 @@ class FusedFPN(nn.Module):
 def fuse_heads(conv_relu_blocks: nn.Sequential) -> None:
     """Replaces each ``Sequential(conv, ReLU)`` of ``conv_relu_blocks`` (the RPN head's conv,
     the mask head) with a :class:`ConvAct`, in place."""
-    if not _onednn_available():
+    if not onednn_available():
         return
     for i, block in enumerate(conv_relu_blocks):
-        conv_relu_blocks[i] = ConvAct(block[0], relu=True)
+        if len(block) == 2 and isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.ReLU):
+            conv_relu_blocks[i] = ConvAct(block[0], relu=True)

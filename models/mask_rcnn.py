@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from . import ops
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, ResNetFPN, resnet_fpn
-from .fuse import FusedFPN, fold_batchnorms, fuse_conv_relu, fuse_heads
+from .fuse import (FusedFPN, fold_batchnorms, fpn_fusable, fuse_conv_relu, fuse_heads,
+                   onednn_available)
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -136,8 +137,10 @@ class MaskRCNN(nn.Module):
             return self
         self.eval()
         fold_batchnorms(self.backbone.body)
-        if fuse and fuse_conv_relu(self.backbone.body):
-            self.backbone.fpn = FusedFPN(self.backbone.fpn)
+        if fuse and onednn_available():
+            fuse_conv_relu(self.backbone.body)
+            if fpn_fusable(self.backbone.fpn):
+                self.backbone.fpn = FusedFPN(self.backbone.fpn)
             fuse_heads(self.rpn.head.conv)
             fuse_heads(self.roi_heads.mask_head)
         if channels_last:

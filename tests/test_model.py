@@ -146,6 +146,20 @@ def test_conv_act_fusion_matches_separate_ops(rng):
         torch.testing.assert_close(ConvAct(conv, relu=False)(x, residual=res), conv(x) + res)
 
 
+def test_fusion_leaves_unfoldable_norms_alone(rng):
+    from models.backbone import ResNetBody
+    from models.fuse import fuse_conv_relu
+    body = ResNetBody(torchvision.models.resnet18(
+        weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))).eval()
+    x = torch.rand(1, 3, 64, 64, generator=rng)
+    with torch.no_grad():
+        expected = body(x)
+        assert fold_batchnorms(body) == 0 and fuse_conv_relu(body) == 0
+        got = body(x)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k])
+
+
 def test_optimize_for_inference_keeps_detections_and_goes_channels_last():
     # Fixed inputs: random weights make detections sensitive to rounding (see
     # test_model_equivalence.py), so this compares on known-good images, not fresh ones.
