@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torchvision

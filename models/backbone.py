@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
