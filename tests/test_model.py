@@ -236,12 +236,13 @@ def test_bfloat16_autocast_keeps_boxes_and_scores_float32(rng):
     assert out["masks"].dtype == torch.bool and len(out["boxes"]) > 0
 
 
-def test_bfloat16_weights_keep_boxes_and_scores_float32(rng):
-    model = tiny_model(box_score_thresh=0.0).optimize_for_inference(dtype=torch.bfloat16)
-    assert model.roi_heads.box_head.fc6.weight.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights_keep_boxes_and_scores_float32(rng, dtype):
+    model = tiny_model(box_score_thresh=0.0).optimize_for_inference(dtype=dtype)
+    assert model.roi_heads.box_head.fc6.weight.dtype == dtype
     with torch.inference_mode(), model.record_stages(keep_outputs=True) as rec:
         out = model([torch.rand(3, 100, 140, generator=rng)])[0]
-    assert rec.outputs["features"]["0"].dtype == torch.bfloat16
+    assert rec.outputs["features"]["0"].dtype == dtype
     assert rec.outputs["proposals"][0][0].dtype == torch.float32
     assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
     assert out["masks"].dtype == torch.bool and len(out["boxes"]) > 0
