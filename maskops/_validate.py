@@ -142,7 +142,9 @@ def batch_indices(rois: torch.Tensor, batch_size: int, name: str = "boxes") -> N
     On CUDA the kernels give RoIs with an out-of-range index zero output and zero gradient
     instead, so the call never waits for the GPU.
     """
-    if rois.numel() == 0 or rois.device.type != "cpu" or is_traced(rois):
+    # is_traced first: under torch.export the number of boxes may be data-dependent, and
+    # testing it for 0 would be a guard on it.
+    if is_traced(rois) or rois.device.type != "cpu" or rois.numel() == 0:
         return
     idx = rois[:, 0]
     bad = ~((idx >= 0) & (idx < batch_size))
