@@ -1,0 +1,255 @@
+"""Mask R-CNN (He et al. 2017) with a ResNet-FPN backbone, on maskops' ops.
+
+The pipeline, each stage a module::
+
+    images ─▶ transform ─▶ backbone (ResNet + FPN) ─▶ rpn ─▶ roi_heads (box, mask) ─▶ postprocess
+    list[Tensor[3, H_i, W_i]]                              proposals   detections    input-size masks
+
+``build_mask_rcnn("resnet50")`` has exactly the state_dict keys and shapes of torchvision's
+``maskrcnn_resnet50_fpn``, so torchvision checkpoints load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .anchors import AnchorGenerator
+from .backbone import RESNETS, ResNetFPN, resnet_fpn
+from .fuse import fold_batchnorms
+from .profiling import StageRecorder, keep, stage
+from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import ImageTransform
+
+# The stages of a forward, in order, as the stage recorder names them.
+STAGES = ("transform", "backbone", "rpn", "roi_align", "box_head", "mask_head", "paste")
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN.
+
+    Args:
+        transform: :class:`ImageTransform`; backbone: :class:`ResNetFPN`;
+        rpn: :class:`RegionProposalNetwork`; roi_heads: :class:`RoIHeads`.
+        mask_threshold: inference: masks are returned as ``bool`` (``probability >=
+            mask_threshold``); ``None`` returns probabilities (torchvision's output).
+
+    Inference (``eval()``): ``model(images)`` with ``images`` a list of ``Tensor[3, H_i,
+    W_i]`` in ``[0, 1]`` (sizes may differ) returns per image::
+
+        {"boxes": Tensor[D, 4] (x1, y1, x2, y2) input-image pixels, "labels": Tensor[D] int64,
+         "scores": Tensor[D], "masks": Tensor[D, 1, H_i, W_i] bool (or float)}
+
+    sorted by decreasing score. Training (``train()``): ``model(images, targets)`` with per
+    image ``boxes: Tensor[G, 4]``, ``labels: Tensor[G]`` int64, ``masks: Tensor[G, H_i, W_i]``
+    returns ``{"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+    "loss_rpn_box_reg"}`` (torchvision's names).
+
+    Autocast (``torch.autocast(..., dtype=torch.bfloat16)``) runs the convolutions and
+    linear layers in half precision; box coordinates, scores and masks stay float32.
+    """
+
+    def __init__(self, transform: ImageTransform, backbone: ResNetFPN,
+                 rpn: RegionProposalNetwork, roi_heads: RoIHeads,
+                 mask_threshold: Optional[float] = 0.5) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.mask_threshold = mask_threshold
+        self.inference_optimized = False
+        self.recorder: Optional[StageRecorder] = None
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        rec = self.recorder
+        if self.training:
+            _check_targets(targets, len(images))
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+
+        with stage(rec, "transform"):
+            batch, targets = self.transform(images, targets)
+        keep(rec, "input", tuple(batch.tensors.shape))
+        with stage(rec, "backbone"):
+            features = self.backbone(batch.tensors)
+        keep(rec, "features", features)
+        with stage(rec, "rpn"):
+            proposals, rpn_losses = self.rpn(batch, list(features.values()), targets)
+        keep(rec, "proposals", proposals)
+        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes,
+                                                targets, rec)
+        if self.training:
+            return {**roi_losses, **rpn_losses}
+        keep(rec, "mask_probs", [d["masks"] for d in detections])
+        with stage(rec, "paste"):
+            detections = self.transform.postprocess(detections, batch.image_sizes,
+                                                    original_sizes, self.mask_threshold)
+        return detections
+
+    @contextlib.contextmanager
+    def record_stages(self, keep_outputs: bool = False):
+        """Records each stage's time (and output, with ``keep_outputs``) in the forwards run
+        inside the block::
+
+            with model.record_stages() as rec:
+                model(images)
+            rec.times  # {"transform": s, "backbone": s, "rpn": s, "roi_align": s, ...}
+        """
+        device = next(self.parameters()).device
+        rec = StageRecorder(keep_outputs=keep_outputs, device=device)
+        previous, self.recorder = self.recorder, rec
+        try:
+            yield rec
+        finally:
+            self.recorder = previous
+
+    @torch.no_grad()
+    def optimize_for_inference(self, channels_last: bool = True) -> "MaskRCNN":
+        """Rewrites the model, in place, for fast inference, and returns it in eval mode.
+
+        - folds the backbone's batch norms into the convolutions before them;
+        - with ``channels_last``, stores the convolutions' weights and batches images
+          channels-last, so that activations stay channels-last end to end, and reorders
+          ``fc6`` so that the pooled box features flatten without a copy.
+
+        Detections are unchanged up to float rounding. Load weights first: afterwards the
+        state_dict no longer has torchvision's layout.
+        """
+        if self.inference_optimized:
+            return self
+        self.eval()
+        fold_batchnorms(self.backbone.body)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+            self.transform.channels_last = True
+            c = self.backbone.out_channels
+            h, w = self.roi_heads.box_roi_pool.output_size
+            self.roi_heads.box_head.use_nhwc_order(c, h, w)
+        self.inference_optimized = True
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.inference_optimized:
+            raise RuntimeError("this model was rewritten by optimize_for_inference(); load "
+                               "weights into a fresh model, then optimize it")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return (f"mask_threshold={self.mask_threshold}, "
+                f"inference_optimized={self.inference_optimized}")
+
+
+def _check_targets(targets, num_images: int) -> None:
+    if targets is None:
+        raise ValueError("targets are needed in training mode")
+    if len(targets) != num_images:
+        raise ValueError(f"need one target per image ({num_images}), got {len(targets)}")
+    for i, t in enumerate(targets):
+        boxes = t.get("boxes")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must be a Tensor[G, 4], got "
+                             f"{getattr(boxes, 'shape', type(boxes))}")
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            j = int(torch.where(bad)[0][0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive "
+                             "width and height; boxes are (x1, y1, x2, y2) with x1 < x2, y1 < y2")
+
+
+def build_mask_rcnn(
+    backbone: str = "resnet50",
+    num_classes: int = 91,
+    *,
+    trainable_bn: bool = False,
+    trainable_layers: int = 3,
+    bn_eps: float = 1e-5,
+    weights: Optional[str] = None,
+    min_size: Union[int, Sequence[int]] = 800,
+    max_size: int = 1333,
+    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_nms_thresh: float = 0.7,
+    rpn_fg_iou_thresh: float = 0.7,
+    rpn_bg_iou_thresh: float = 0.3,
+    rpn_batch_size_per_image: int = 256,
+    rpn_positive_fraction: float = 0.5,
+    rpn_score_thresh: float = 0.0,
+    box_score_thresh: float = 0.05,
+    box_nms_thresh: float = 0.5,
+    box_detections_per_img: int = 100,
+    box_fg_iou_thresh: float = 0.5,
+    box_bg_iou_thresh: float = 0.5,
+    box_batch_size_per_image: int = 512,
+    box_positive_fraction: float = 0.25,
+    bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+    mask_threshold: Optional[float] = 0.5,
+) -> MaskRCNN:
+    """Builds a Mask R-CNN with a ResNet-FPN backbone.
+
+    The options not listed here have torchvision's ``MaskRCNN`` names, meanings and defaults.
+
+    Args:
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` (torchvision's
+            ``maskrcnn_resnet50_fpn`` layout) or ``resnet101``.
+        num_classes: classes including the background (91 for COCO).
+        trainable_bn: backbone with ``BatchNorm2d`` (training from scratch; the state_dict
+            then also has ``num_batches_tracked``, like torchvision's ``weights=None`` model)
+            instead of ``FrozenBatchNorm2d`` (fine-tuning, inference, and the layout of
+            torchvision's COCO checkpoint).
+        trainable_layers: ResNet parts, from ``layer4`` back to ``conv1``, that get
+            gradients (0 to 5).
+        bn_eps: the backbone's batch-norm epsilon. torchvision's COCO checkpoint was trained
+            with 0.0 (torchvision sets it when loading those weights).
+        weights: path of a state_dict (``torch.save(model.state_dict())`` of this model or of
+            torchvision's) to load, strictly.
+        mask_threshold: see :class:`MaskRCNN`.
+    """
+    if backbone not in RESNETS:
+        raise ValueError(f"backbone must be one of {RESNETS}, got {backbone!r}")
+    body = resnet_fpn(backbone, trainable_bn=trainable_bn, trainable_layers=trainable_layers,
+                      bn_eps=bn_eps)
+    c = body.out_channels
+    anchors = AnchorGenerator()
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
+        rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
+        {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+        {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+        rpn_nms_thresh, rpn_score_thresh)
+    levels = ["0", "1", "2", "3"]
+    roi_heads = RoIHeads(
+        ops.MultiScaleRoIAlign(levels, 7, sampling_ratio=2),
+        BoxHead(c * 7 * 7, 1024), BoxPredictor(1024, num_classes),
+        ops.MultiScaleRoIAlign(levels, 14, sampling_ratio=2),
+        MaskHead(c), MaskPredictor(256, 256, num_classes),
+        box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
+        bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
+    transform = ImageTransform(min_size, max_size, image_mean, image_std)
+    model = MaskRCNN(transform, body, rpn, roi_heads, mask_threshold)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Loads a state_dict file (this model's or torchvision's layout) into ``model``, strictly.
+    A training checkpoint ``{"model": state_dict, ...}`` is accepted too."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    model.load_state_dict(state, strict=True)
+
+
+def random_init_warning() -> None:
+    warnings.warn("no --weights given: the model has random weights, so its detections are "
+                  "meaningless (a demo of the pipeline only)", stacklevel=2)
