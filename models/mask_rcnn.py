@@ -11,7 +11,6 @@ The pipeline, each stage a module::
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from . import ops
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, ResNetFPN, resnet_fpn
-from .fuse import fold_batchnorms
+from .fuse import FusedFPN, fold_batchnorms, fuse_conv_relu, fuse_heads
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -76,12 +75,14 @@ class MaskRCNN(nn.Module):
         with stage(rec, "transform"):
             batch, targets = self.transform(images, targets)
         keep(rec, "input", tuple(batch.tensors.shape))
+        keep(rec, "image_sizes", batch.image_sizes)
         with stage(rec, "backbone"):
             features = self.backbone(batch.tensors)
         keep(rec, "features", features)
         with stage(rec, "rpn"):
-            proposals, rpn_losses = self.rpn(batch, list(features.values()), targets)
-        keep(rec, "proposals", proposals)
+            proposals, proposal_scores, rpn_losses = self.rpn(batch, list(features.values()),
+                                                              targets)
+        keep(rec, "proposals", (proposals, proposal_scores))
         detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes,
                                                 targets, rec)
         if self.training:
@@ -110,10 +111,14 @@ class MaskRCNN(nn.Module):
             self.recorder = previous
 
     @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True) -> "MaskRCNN":
+    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True
+                               ) -> "MaskRCNN":
         """Rewrites the model, in place, for fast inference, and returns it in eval mode.
 
         - folds the backbone's batch norms into the convolutions before them;
+        - with ``fuse`` (CPU, where oneDNN's fused convolution is available), runs each
+          convolution with the ReLU and residual/top-down add that follow it as one call:
+          ResNet blocks, FPN laterals, RPN head and mask head;
         - with ``channels_last``, stores the convolutions' weights and batches images
           channels-last, so that activations stay channels-last end to end, and reorders
           ``fc6`` so that the pooled box features flatten without a copy.
@@ -125,6 +130,10 @@ class MaskRCNN(nn.Module):
             return self
         self.eval()
         fold_batchnorms(self.backbone.body)
+        if fuse and fuse_conv_relu(self.backbone.body):
+            self.backbone.fpn = FusedFPN(self.backbone.fpn)
+            fuse_heads(self.rpn.head.conv)
+            fuse_heads(self.roi_heads.mask_head)
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self.transform.channels_last = True
@@ -248,8 +257,3 @@ def load_weights(model: nn.Module, path: str) -> None:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state, strict=True)
-
-
-def random_init_warning() -> None:
-    warnings.warn("no --weights given: the model has random weights, so its detections are "
-                  "meaningless (a demo of the pipeline only)", stacklevel=2)

@@ -64,7 +64,9 @@ def _grouped_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
     for group in order.split(counts):
         kept.append(group[torchvision.ops.nms(boxes[group], scores[group], iou_threshold)])
     keep = torch.cat(kept).sort().values if kept else order[:0]
-    return keep[scores[keep].sort(descending=True, stable=True).indices]
+    # The same (unstable) sort call on the same ascending indices as torchvision, so that
+    # tied scores come out in torchvision's order too.
+    return keep[scores[keep].sort(descending=True).indices]
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ class RegionProposalNetwork(nn.Module):
 
     def forward(self, batch: ImageBatch, features: List[Tensor],
                 targets: Optional[List[Dict[str, Tensor]]] = None
-                ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+                ) -> Tuple[List[Tensor], List[Tensor], Dict[str, Tensor]]:
         """Proposals for each image.
 
         Args:
@@ -108,7 +108,8 @@ class RegionProposalNetwork(nn.Module):
 
         Returns:
             Per image ``Tensor[K_i, 4]`` proposals (``K_i <= post_nms_top_n``) by decreasing
-            objectness, and the losses (training: ``loss_objectness``, ``loss_rpn_box_reg``).
+            objectness, per image ``Tensor[K_i]`` their objectness probabilities, and the
+            losses (training: ``loss_objectness``, ``loss_rpn_box_reg``; else empty).
         """
         logits, deltas = self.head(features)
         logits = [to_float32(x) for x in logits]
@@ -117,7 +118,7 @@ class RegionProposalNetwork(nn.Module):
             tuple(batch.tensors.shape[-2:]), [tuple(f.shape[-2:]) for f in features],
             logits[0].dtype, logits[0].device)
         with torch.no_grad():  # proposals are not differentiated through (Faster R-CNN)
-            proposals, _ = ops.rpn_proposals(
+            proposals, scores = ops.rpn_proposals(
                 [x.detach() for x in logits], [x.detach() for x in deltas], anchors,
                 batch.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(),
                 self.nms_thresh, self.score_thresh, self.min_size)
@@ -127,7 +128,7 @@ class RegionProposalNetwork(nn.Module):
                 raise ValueError("targets are needed in training mode")
             losses = self.loss(torch.cat(logits, dim=1), torch.cat(deltas, dim=1),
                                torch.cat(anchors), targets)
-        return proposals, losses
+        return proposals, scores, losses
 
     def loss(self, objectness: Tensor, deltas: Tensor, anchors: Tensor,
              targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:

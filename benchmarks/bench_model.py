@@ -1,0 +1,188 @@
+"""End-to-end Mask R-CNN inference: models/ (on maskops) vs stock torchvision, same run.
+
+    python -m benchmarks.bench_model [--reps 5] [--size 800] [--threads 2] [--variants]
+                                     [--json PATH]
+
+Both models get the same seeded random weights (torchvision's ``maskrcnn_resnet50_fpn(
+weights=None)`` state_dict loaded into ours) and the same seeded 800x800 image, float32.
+Ours runs after ``optimize_for_inference()`` (batch norms folded, channels-last). Before any
+timing, the detections are compared and the run refuses to report a speed if they differ.
+The two models are timed alternately, rep by rep, so that a change of machine load hits
+both; medians are reported with a per-stage breakdown. ``--variants`` adds ours without
+``optimize_for_inference()`` and torchvision with channels-last weights (its convolutions
+then run channels-last).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+import torchvision
+
+from benchmarks.common import machine
+from models import build_mask_rcnn
+from models.compare import compare_detections
+
+STAGE_NAMES = {"transform": "1 input (normalise, resize, batch)", "backbone": "2 backbone (ResNet-FPN)",
+               "rpn": "3 region proposal network", "roi_align": "4 RoI Align (box + mask)",
+               "box_head": "5 box head + postprocess", "mask_head": "6 mask head",
+               "paste": "6b mask paste to image size"}
+
+
+class TorchvisionStages:
+    """Times torchvision's Mask R-CNN stages with forward hooks (the same stage split as
+    ours: the box stage is what roi_heads spends outside RoI Align and the mask head)."""
+
+    def __init__(self, model) -> None:
+        self.times: Dict[str, float] = defaultdict(float)
+        self._start: Dict[str, float] = {}
+        rh = model.roi_heads
+        parts = {"transform": model.transform, "backbone": model.backbone, "rpn": model.rpn,
+                 "roi_heads": rh, "roi_align_box": rh.box_roi_pool,
+                 "roi_align_mask": rh.mask_roi_pool, "mask_head": rh.mask_head,
+                 "mask_predictor": rh.mask_predictor}
+        for name, m in parts.items():
+            m.register_forward_pre_hook(self._pre(name))
+            m.register_forward_hook(self._post(name))
+        post = model.transform.postprocess
+
+        def timed_postprocess(*args, **kwargs):
+            t = time.perf_counter()
+            out = post(*args, **kwargs)
+            self.times["paste"] += time.perf_counter() - t
+            return out
+        model.transform.postprocess = timed_postprocess
+
+    def _pre(self, name):
+        def hook(module, args):
+            self._start[name] = time.perf_counter()
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, out):
+            self.times[name] += time.perf_counter() - self._start[name]
+        return hook
+
+    def take(self) -> Dict[str, float]:
+        t = self.times
+        roi_align = t["roi_align_box"] + t["roi_align_mask"]
+        mask = t["mask_head"] + t["mask_predictor"]
+        out = {"transform": t["transform"], "backbone": t["backbone"], "rpn": t["rpn"],
+               "roi_align": roi_align, "box_head": t["roi_heads"] - roi_align - mask,
+               "mask_head": mask, "paste": t["paste"]}
+        self.times = defaultdict(float)
+        return out
+
+
+def run(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    tv.eval()
+    ours = build_mask_rcnn("resnet50")
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    models = {"maskops model": ours.eval().optimize_for_inference()}
+    if variants:
+        plain = build_mask_rcnn("resnet50")
+        plain.load_state_dict(tv.state_dict(), strict=True)
+        models["maskops model, not optimized"] = plain.eval()
+        tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
+        models["torchvision channels_last"] = tv_cl
+    models["torchvision"] = tv
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+
+    def call(name, model):
+        return model([image])[0]
+
+    with torch.inference_mode():
+        outputs = {name: call(name, m) for name, m in models.items()}  # also the warm-up
+        checks = {}
+        for name, out in outputs.items():
+            if name == "torchvision":
+                continue
+            # Tolerances as in tests/test_model_equivalence.py: with random weights torchvision
+            # itself moves boxes by ~0.02 px and scores by ~1e-4 between NCHW and
+            # channels-last; the summary below gives the actual differences.
+            d = compare_detections(outputs["torchvision"], out, box_tol=0.1, score_tol=2e-4)
+            if not d.identical(outputs["torchvision"]["scores"]):
+                raise AssertionError(f"{name}: detections differ from torchvision's "
+                                     f"({d.summary()}); refusing to report its speed")
+            checks[name] = d.summary()
+
+        tv_stages = TorchvisionStages(tv)
+        if variants:
+            tvcl_stages = TorchvisionStages(models["torchvision channels_last"])
+        totals, stages = defaultdict(list), defaultdict(lambda: defaultdict(list))
+        for _ in range(reps):
+            for name, m in models.items():
+                recorder = None
+                start = time.perf_counter()
+                if name.startswith("maskops"):
+                    with m.record_stages() as recorder:
+                        call(name, m)
+                else:
+                    call(name, m)
+                totals[name].append(time.perf_counter() - start)
+                st = (recorder.times if recorder is not None else
+                      (tvcl_stages if "channels_last" in name else tv_stages).take())
+                for k, v in st.items():
+                    stages[name][k].append(v)
+    med = {n: statistics.median(v) * 1e3 for n, v in totals.items()}
+    return {
+        "machine": machine(), "image": f"1 x 3 x {size} x {size}", "reps": reps,
+        "detections": {n: len(o["boxes"]) for n, o in outputs.items()},
+        "checks": checks,
+        "end_to_end_ms": med,
+        "speedup_vs_torchvision": {n: med["torchvision"] / v for n, v in med.items()},
+        "stages_ms": {n: {k: statistics.median(v) * 1e3 for k, v in s.items()}
+                      for n, s in stages.items()},
+        "samples_ms": {n: [round(x * 1e3, 1) for x in v] for n, v in totals.items()},
+    }
+
+
+def report(r: dict) -> str:
+    names = list(r["end_to_end_ms"])
+    lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cpu_threads']} threads, "
+             f"torch {r['machine']['torch']}, torchvision {r['machine'].get('torchvision')}",
+             f"Input: {r['image']} float32, {r['reps']} reps (medians), "
+             f"detections: {r['detections']}", ""]
+    for n, c in r["checks"].items():
+        lines.append(f"- {n} vs torchvision: {c}")
+    lines += ["", "| model | end to end ms | speed-up vs torchvision |", "|---|---|---|"]
+    for n in names:
+        lines.append(f"| {n} | {r['end_to_end_ms'][n]:.0f} | "
+                     f"**{r['speedup_vs_torchvision'][n]:.2f}x** |")
+    lines += ["", "| stage | " + " | ".join(f"{n} ms" for n in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for k, label in STAGE_NAMES.items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{r['stages_ms'][n].get(k, 0.0):.0f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=800)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    r = run(a.size, a.reps, a.variants)
+    print(report(r))
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

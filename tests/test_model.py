@@ -1,0 +1,292 @@
+"""models/: parts against torchvision, the inference rewrites, training, options and CLIs.
+
+Whole-model cases use a ResNet-18 backbone at a small resolution to stay fast; the
+ResNet-50 comparisons with torchvision are in test_model_equivalence.py.
+"""
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FrozenBatchNorm2d
+
+from models import STAGES, build_mask_rcnn, ops
+from models.anchors import AnchorGenerator
+from models.compare import compare_detections
+from models.fuse import ConvAct, fold_batchnorms, fold_conv_bn
+
+# Small images, and few proposals and detections: the heads' cost scales with them.
+TINY = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
+            box_batch_size_per_image=64, box_detections_per_img=20)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(TINY)
+    opts.update(kw)
+    return build_mask_rcnn("resnet18", **opts)
+
+
+def tiny_targets(g, sizes, n=2):
+    out = []
+    for h, w in sizes:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * torch.tensor(
+            [w * 0.4, h * 0.4]) + 6], dim=1)
+        masks = torch.zeros(n, h, w, dtype=torch.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+            masks[i, y1:y2, x1:x2] = 1
+        out.append({"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g),
+                    "masks": masks})
+    return out
+
+
+# ---- parts against torchvision ----
+
+def test_anchors_match_torchvision():
+    ours = AnchorGenerator()
+    tv = TVAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    shapes = [(84, 100), (42, 50), (21, 25), (11, 13), (6, 7)]
+    feats = [torch.zeros(1, 1, h, w) for h, w in shapes]
+    expected = tv(ImageList(torch.zeros(1, 3, 336, 400), [(330, 400)]), feats)[0]
+    got = ours((336, 400), shapes, torch.float32, torch.device("cpu"))
+    assert torch.equal(torch.cat(got), expected)
+
+
+def test_rpn_proposals_match_torchvision_filter_proposals(rng):
+    from torchvision.models.detection.rpn import RegionProposalNetwork as TVRPN
+    levels = [2000, 500, 120]
+    n = 2
+    anchors = [torch.cat([xy := torch.rand(k, 2, generator=rng) * 300,
+                          xy + torch.rand(k, 2, generator=rng) * 100 + 1], 1) for k in levels]
+    logits = [torch.randn(n, k, generator=rng) for k in levels]
+    deltas = [torch.randn(n, k, 4, generator=rng) * 0.3 for k in levels]
+    sizes = [(300, 320), (280, 400)]
+    tv = TVRPN(None, None, 0.7, 0.3, 256, 0.5, {"training": 0, "testing": 600},
+               {"training": 0, "testing": 300}, 0.7).eval()
+    coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
+    proposals = coder.decode(torch.cat(deltas, 1).reshape(-1, 4), [torch.cat(anchors)] * n)
+    exp_boxes, exp_scores = tv.filter_proposals(proposals.view(n, -1, 4), torch.cat(logits, 1),
+                                                sizes, levels)
+    boxes, scores = ops.rpn_proposals(logits, deltas, anchors, sizes, 600, 300, 0.7)
+    for b, s, eb, es in zip(boxes, scores, exp_boxes, exp_scores):
+        torch.testing.assert_close(b, eb)
+        torch.testing.assert_close(s, es)
+
+
+def test_grouped_nms_matches_torchvision_per_class_nms(rng):
+    n = 3000  # > 1000 boxes: torchvision's per-class loop, which ours regroups
+    xy = torch.rand(n, 2, generator=rng) * 200
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=rng) * 60 + 1], 1)
+    scores = torch.rand(n, generator=rng)
+    scores[::7] = scores[1::7][: len(scores[::7])]  # some exact ties
+    classes = torch.randint(0, 40, (n,), generator=rng)
+    expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, classes, 0.5)
+    assert torch.equal(ops._grouped_nms(boxes, scores, classes, 0.5), expected)
+    assert torch.equal(ops.batched_nms(boxes, scores, classes, 0.5).sort().values,
+                       expected.sort().values)
+
+
+def test_other_backbones_match_torchvision_layout():
+    for name in ("resnet18", "resnet34"):
+        tv = torchvision.models.detection.MaskRCNN(
+            resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5,
+                                norm_layer=FrozenBatchNorm2d), num_classes=5)
+        expected = {k: v.shape for k, v in tv.state_dict().items()}
+        got = {k: v.shape for k, v in build_mask_rcnn(name, 5).state_dict().items()}
+        assert got == expected, name
+
+
+def test_trainable_layers_freeze_the_rest():
+    body = tiny_model(trainable_layers=2).backbone.body
+    trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    body = tiny_model(trainable_layers=5, trainable_bn=True).backbone.body
+    assert all(p.requires_grad for p in body.parameters())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    with pytest.raises(ValueError, match="trainable_layers"):
+        build_mask_rcnn("resnet18", trainable_layers=6)
+    with pytest.raises(ValueError, match="backbone"):
+        build_mask_rcnn("vgg16")
+
+
+# ---- inference rewrites ----
+
+@pytest.mark.parametrize("bn_type", ["frozen", "batchnorm"])
+def test_fold_conv_bn_is_exact_up_to_rounding(rng, bn_type):
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=bn_type == "batchnorm")
+    bn = FrozenBatchNorm2d(16) if bn_type == "frozen" else nn.BatchNorm2d(16).eval()
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).data = torch.randn(16, generator=rng)
+    bn.running_var.data = torch.rand(16, generator=rng) + 0.1
+    x = torch.randn(2, 8, 12, 12, generator=rng)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        got = fold_conv_bn(conv, bn)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_act_fusion_matches_separate_ops(rng):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 20, 20, generator=rng).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(1, 16, 20, 20, generator=rng)
+    with torch.inference_mode():
+        torch.testing.assert_close(ConvAct(conv, relu=True)(x), torch.relu(conv(x)))
+        torch.testing.assert_close(ConvAct(conv, relu=True)(x, residual=res),
+                                   torch.relu(conv(x) + res))
+        torch.testing.assert_close(ConvAct(conv, relu=False)(x, residual=res), conv(x) + res)
+
+
+def test_optimize_for_inference_keeps_detections_and_goes_channels_last():
+    # Fixed inputs: random weights make detections sensitive to rounding (see
+    # test_model_equivalence.py), so this compares on known-good images, not fresh ones.
+    rng = torch.Generator().manual_seed(7)
+    model = tiny_model(box_score_thresh=0.0).eval()
+    images = [torch.rand(3, 120, 160, generator=rng), torch.rand(3, 100, 90, generator=rng)]
+    with torch.inference_mode():
+        expected = model(images)
+        model.optimize_for_inference()
+        assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in model.modules())
+        with model.record_stages(keep_outputs=True) as rec:
+            got = model(images)
+    for f in rec.outputs["features"].values():
+        assert f.is_contiguous(memory_format=torch.channels_last)
+    for e, g in zip(expected, got):
+        d = compare_detections(e, g, box_tol=0.1, score_tol=2e-4)
+        assert d.identical(e["scores"]) and d.mask_agreement > 0.999, d.summary()
+    with pytest.raises(RuntimeError, match="optimize_for_inference"):
+        model.load_state_dict(tiny_model().state_dict())
+
+
+# ---- modes and options ----
+
+def test_training_returns_torchvision_loss_names_and_trains(rng):
+    model = tiny_model(trainable_bn=True, trainable_layers=5).train()
+    sizes = [(120, 160), (150, 110)]
+    images = [torch.rand(3, h, w, generator=rng) for h, w in sizes]
+    targets = tiny_targets(rng, sizes)
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                  "masks": torch.zeros(0, 150, 110, dtype=torch.uint8)}  # no objects
+    losses = model(images, targets)
+    assert list(losses) == ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                            "loss_rpn_box_reg"]
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_head[0][0].weight.grad.abs().sum() > 0
+    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_training_rejects_degenerate_boxes(rng):
+    model = tiny_model().train()
+    t = tiny_targets(rng, [(100, 100)])
+    t[0]["boxes"][0, 2] = t[0]["boxes"][0, 0]
+    with pytest.raises(ValueError, match="positive width"):
+        model([torch.rand(3, 100, 100, generator=rng)], t)
+
+
+def test_no_detections_gives_empty_outputs(rng):
+    model = tiny_model(box_score_thresh=1.0).eval()  # no probability exceeds 1
+    with torch.inference_mode():
+        out = model([torch.rand(3, 90, 130, generator=rng)])[0]
+    assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
+    assert out["masks"].shape == (0, 1, 90, 130) and out["masks"].dtype == torch.bool
+
+
+def test_float_masks_option_matches_bool_masks(rng):
+    model = tiny_model(box_score_thresh=0.0).eval()
+    image = [torch.rand(3, 100, 140, generator=rng)]
+    with torch.inference_mode():
+        binary = model(image)[0]["masks"]
+        model.mask_threshold = None
+        probs = model(image)[0]["masks"]
+    assert probs.dtype == torch.float32 and probs.shape == binary.shape
+    assert ((probs >= 0.5) == binary).float().mean() > 0.9999
+
+
+def test_bfloat16_autocast_keeps_boxes_and_scores_float32(rng):
+    model = tiny_model(box_score_thresh=0.0).eval().optimize_for_inference()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with model.record_stages(keep_outputs=True) as rec:
+            out = model([torch.rand(3, 100, 140, generator=rng)])[0]
+    assert rec.outputs["features"]["0"].dtype == torch.bfloat16
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    assert out["masks"].dtype == torch.bool and len(out["boxes"]) > 0
+
+
+def test_record_stages_times_every_stage(rng):
+    model = tiny_model().eval()
+    with torch.inference_mode(), model.record_stages() as rec:
+        model([torch.rand(3, 100, 100, generator=rng)])
+    assert list(rec.times) == list(STAGES)
+    assert all(t > 0 for t in rec.times.values())
+    assert model.recorder is None
+
+
+def test_compare_detections_matches_by_content():
+    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]),
+           "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.90001, 0.5])}
+    got = {"boxes": ref["boxes"][[1, 0, 2]] + 0.001, "labels": ref["labels"][[1, 0, 2]],
+           "scores": ref["scores"][[1, 0, 2]]}
+    d = compare_detections(ref, got)
+    assert d.identical(ref["scores"]) and not d.in_order
+    got["labels"] = torch.tensor([3, 1, 3])  # the best detection's class changed
+    assert not compare_detections(ref, got).identical(ref["scores"])
+
+
+# ---- CLIs ----
+
+@pytest.fixture
+def image_file(tmp_path, rng):
+    path = tmp_path / "img.png"
+    torchvision.io.write_png((torch.rand(3, 96, 128, generator=rng) * 255).to(torch.uint8),
+                             str(path))
+    return str(path)
+
+
+CLI_MODEL = ["--backbone", "resnet18", "--min-size", "96", "--max-size", "128"]
+
+
+def test_predict_cli(image_file, tmp_path, capsys):
+    from models import predict
+    out = tmp_path / "pred.png"
+    assert predict.main(["--image", image_file, "--out", str(out), "--score-thresh", "0.0"]
+                        + CLI_MODEL) == 0
+    captured = capsys.readouterr()
+    assert "random weights" in captured.err
+    assert "detections with score >= 0.0" in captured.out
+    drawn = torchvision.io.decode_image(str(out))
+    assert drawn.shape == (3, 96, 128)
+
+
+def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
+    from models import trace
+    assert trace.main(["--image", image_file, "--json", "--save-dir", str(tmp_path / "st")]
+                      + CLI_MODEL) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["stage"][0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert rows[0]["output"] == "1 x 3 x 96 x 128"
+    assert "x 256 x 7 x 7 (box)" in rows[3]["output"]
+    assert all(r["ms"] > 0 for r in rows)
+    saved = sorted(p.name for p in (tmp_path / "st").iterdir())
+    assert saved[0] == "1_input.png" and "3_proposals_top100.png" in saved
+    assert saved[-1] == "6_masks.png"
+
+
+# ---- CUDA ----
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(rng):
+    model = tiny_model(box_score_thresh=0.0).eval()
+    images = [torch.rand(3, 120, 160, generator=rng)]
+    with torch.inference_mode():
+        expected = model(images)[0]
+        got = model.cuda()([im.cuda() for im in images])[0]
+    got = {k: v.cpu() for k, v in got.items()}
+    d = compare_detections(expected, got, box_tol=0.1, score_tol=2e-4)
+    assert d.identical(expected["scores"]) and d.mask_agreement > 0.999, d.summary()
