@@ -17,17 +17,16 @@ machines, composed from the same modules:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 import torchvision
 from torch import nn
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody, ResNetFPN
-from .mask_rcnn import MaskRCNN, build_mask_rcnn
+from .mask_rcnn import MaskRCNN, build_mask_rcnn, load_weights
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor
 from .rpn import RPNHead
 
@@ -134,7 +133,6 @@ def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
         d = cfg.mask_head_channels
         heads.mask_predictor = MaskPredictor(layers[-1] if layers else c, d, cfg.num_classes)
     if weights is not None:
-        from .mask_rcnn import load_weights
         load_weights(model, weights)
     return model
 

@@ -181,8 +181,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device,
         with ctx:
             dets = model(images)
         ids = [int(t["image_id"]) for t in targets]
-        lm = label_map if label_map is not None else list(range(10_000))
-        r = detections_to_coco(dets, ids, lm)
+        r = detections_to_coco(dets, ids, label_map if label_map is not None else _Identity())
         out["bbox"] += r["bbox"]
         out["segm"] += r["segm"]
         out["image_ids"] += ids
@@ -211,6 +210,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device,
     result = dist_utils.broadcast_object(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Identity:
+    """Labels that are category ids already."""
+
+    def __getitem__(self, label: int) -> int:
+        return label
 
 
 def nan_to_zero(x: float) -> float:

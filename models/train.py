@@ -16,7 +16,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import signal

@@ -1,12 +1,10 @@
 """The COCO-format loader and the synthetic shapes dataset."""
 import json
-import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from models.data import CocoDataset, DatasetError, collate, find_split
 from models.data.coco import hflip

@@ -1,6 +1,5 @@
 """Training: loss decrease, overfitting one image, checkpoints, resume, and resilience."""
 import csv
-import dataclasses
 import os
 import signal
 import subprocess
@@ -54,9 +53,11 @@ def test_overfit_one_image_reaches_mask_ap50(shapes):
     ds = CocoDataset(shapes, "train", image_ids=[1])
     model = build_model(tiny_model(box_score_thresh=0.3)).train()
     batch = collate([ds[0]])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(120):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 60)
+    for _ in range(60):
         train_step(model, opt, [batch], torch.device("cpu"), clip_grad=10.0)
+        sched.step()
     model.eval()
     with torch.no_grad():
         dets = model(batch[0])
@@ -182,3 +183,17 @@ def test_sigterm_mid_epoch_leaves_last_checkpoint_loadable(shapes, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_bf16_autocast_step_and_fp16_needs_gpu(shapes):
+    from models.train import autocast_dtype
+    torch.manual_seed(0)
+    model = build_model(tiny_model()).train()
+    ds = CocoDataset(shapes, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = train_step(model, opt, [collate([ds[0]])], torch.device("cpu"),
+                        amp_dtype=autocast_dtype("bf16", torch.device("cpu")), clip_grad=10.0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        autocast_dtype("fp16", torch.device("cpu"))
