@@ -1,0 +1,4 @@
+"""Datasets in COCO format (``instances_*.json`` + image folders) and a synthetic one."""
+from .coco import CocoDataset, DatasetError, collate, find_split
+
+__all__ = ["CocoDataset", "DatasetError", "collate", "find_split"]
