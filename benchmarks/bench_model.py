@@ -82,7 +82,8 @@ class TorchvisionStages:
         return out
 
 
-def run(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0) -> dict:
+def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0,
+              device: str = "cpu") -> dict:
     torch.manual_seed(seed)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     tv.eval()
@@ -96,10 +97,14 @@ def run(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0) -
         tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
         models["torchvision channels_last"] = tv_cl
     models["torchvision"] = tv
-    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    models = {n: m.to(device) for n, m in models.items()}
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
     def call(name, model):
-        return model([image])[0]
+        out = model([image])[0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
 
     with torch.inference_mode():
         outputs = {name: call(name, m) for name, m in models.items()}  # also the warm-up
@@ -151,6 +156,19 @@ def run(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0) -
     }
 
 
+def run(device: str = "cpu", quick: bool = False):
+    """The suite's entry point: end-to-end inference as a row of the common table."""
+    from benchmarks.common import Row, Timing
+
+    r = run_model(size=320 if quick else 800, reps=2 if quick else 5, device=device)
+    q = lambda v: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3  # noqa: E731
+    timing = {n: Timing(r["end_to_end_ms"][n], q(r["samples_ms"][n])[2] - q(r["samples_ms"][n])[0],
+                        r["reps"], r["samples_ms"][n]) for n in r["end_to_end_ms"]}
+    return [Row("Mask R-CNN R50-FPN inference", device, f"{r['image']}, float32, same weights",
+                timing["maskops model"], timing["torchvision"],
+                note="(detections checked equal first)")]
+
+
 def report(r: dict) -> str:
     names = list(r["end_to_end_ms"])
     lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cpu_threads']} threads, "
@@ -183,7 +201,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = run(a.size, a.reps, a.variants)
+    r = run_model(a.size, a.reps, a.variants)
     print(report(r))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

@@ -13,7 +13,5 @@ def test_quick_run(name, module):
         mod = importlib.import_module(module)
     except ImportError:
         pytest.skip(f"{module} not present yet")
-    if name == "model":
-        pytest.skip("the model benchmark is exercised by its own tests")
     rows = mod.run("cpu", quick=True)
     assert rows and all(r.maskops.median_ms > 0 and r.torchvision.median_ms > 0 for r in rows)
