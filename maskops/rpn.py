@@ -86,7 +86,9 @@ def rpn_proposals(
     which can round a coordinate and (rarely) change a decision at the threshold. So with
     distinct scores the outputs are identical; with equal scores they hold the same boxes,
     possibly in another order (and so, where the cut at ``post_nms_top_n`` falls among equal
-    scores, another of the equal boxes). Half-precision inputs compute in float32.
+    scores, another of the equal boxes). The math is in float64 for float64 deltas and in
+    float32 otherwise (half-precision inputs compute in float32, where torchvision rounds to
+    the half type after every operation).
 
     On CUDA the top-k is ``torch.topk`` on the GPU, the candidates of the whole batch are
     decoded in one launch and go through one class-aware NMS (class = image and level); the

@@ -222,6 +222,11 @@ def test_empty_inputs():
     boxes, scores = maskops.rpn_proposals(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [],
                                           10, 10, 0.7, 0.0, 1e-3, [5])
     assert boxes == [] and scores == []
+    op = torch.ops.maskops._rpn_proposals_elementwise
+    assert op(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [], 10, 10, 0.7, 0.0, 1e-3,
+              [5]) == ([], [])
+    boxes, scores = op(obj, deltas, anchors, [10, 10, 10, 10], 10, 10, 0.7, 0.0, 1e-3, [0, 0])
+    assert [b.shape for b in boxes] == [(0, 4), (0, 4)]
 
 
 # ---- the CUDA algorithm on the CPU ----
