@@ -37,23 +37,16 @@ struct Weights {
   T wx, wy, ww, wh;
 };
 
-template <typename T>
-HOST_DEVICE inline T exp_math(T x) {
 #if defined(__CUDA_ARCH__)
-  return ::exp(x);
+#define MASKOPS_MATH(device_expr, host_expr) device_expr
 #else
-  return std::exp(x);
+#define MASKOPS_MATH(device_expr, host_expr) host_expr
 #endif
-}
-
-template <typename T>
-HOST_DEVICE inline T log_math(T x) {
-#if defined(__CUDA_ARCH__)
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
+HOST_DEVICE inline float exp_math(float x) { return MASKOPS_MATH(expf(x), std::exp(x)); }
+HOST_DEVICE inline double exp_math(double x) { return MASKOPS_MATH(exp(x), std::exp(x)); }
+HOST_DEVICE inline float log_math(float x) { return MASKOPS_MATH(logf(x), std::log(x)); }
+HOST_DEVICE inline double log_math(double x) { return MASKOPS_MATH(log(x), std::log(x)); }
+#undef MASKOPS_MATH
 
 // torch.clamp(x, max=hi): NaN stays NaN.
 template <typename T>
