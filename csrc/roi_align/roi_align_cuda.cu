@@ -82,24 +82,13 @@ std::vector<at::Tensor> pyramid_backward_cuda(
       const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
                                     pooled_w, K, sampling_ratio, aligned, canonical_scale,
                                     canonical_level, k_min);
-      const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       T* base = acc.data_ptr<T>();
       if (deterministic) {
-        BackwardGather<scalar_t, T> f{};
-        f.p = p;
-        f.grad = grad.data_ptr<scalar_t>();
-        f.gs = gs;
-        f.rois = rois_m.data_ptr<T>();
-        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
+        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, base, offset);
         for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
         cuda_for_each(offset[L], f);
       } else {
-        BackwardScatter<scalar_t, T> f{};
-        f.p = p;
-        f.grad = grad.data_ptr<scalar_t>();
-        f.gs = gs;
-        f.rois = rois_m.data_ptr<T>();
-        for (int l = 0; l < L; ++l) f.grad_input[l] = base + offset[l];
+        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, base, offset);
         cuda_for_each(grad.numel(), f);
       }
     });
