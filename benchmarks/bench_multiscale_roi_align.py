@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import maskops
-from benchmarks.common import Row, check_same, cli, measure, nbytes
+from benchmarks.common import Row, check_same, cli, measure, measure_uncached, nbytes
 
 
 def workload(device: str, rois: int = 1000, channels: int = 256, image: int = 800, batch: int = 1,
@@ -44,6 +44,10 @@ def bench(device: str = "cpu", quick: bool = False, output: int = 7) -> list[Row
                 measure(lambda: ours(feats, boxes, shapes), device, reps),
                 measure(lambda: theirs(feats, boxes, shapes), device, reps),
                 min_bytes=nbytes(levels, boxes, out))]
+    if device == "cpu":
+        rows.append(Row("multiscale_roi_align fwd (no cache)", device, case,
+                        measure_uncached(lambda: ours(feats, boxes, shapes), device, reps),
+                        rows[0].torchvision, min_bytes=rows[0].min_bytes))
 
     def fwd_bwd(module):
         leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in feats.items())

@@ -66,6 +66,18 @@ def measure(fn, device: str = "cpu", reps: int = 7, warmup: int = 1) -> Timing:
     return Timing(statistics.median(samples), q[2] - q[0], reps, samples)
 
 
+def measure_uncached(fn, device: str = "cpu", reps: int = 7, warmup: int = 1) -> Timing:
+    """measure() with maskops' CPU buffer cache off (maskops/memory.py): every call maps fresh
+    memory, as for outputs a caller keeps rather than frees."""
+    import maskops
+
+    previous = maskops.set_cpu_cache_limit(0)
+    try:
+        return measure(fn, device, reps, warmup)
+    finally:
+        maskops.set_cpu_cache_limit(previous)
+
+
 @dataclass
 class Row:
     op: str
@@ -168,7 +180,10 @@ def markdown_report(device: str, rows: list[Row], extra: str = "") -> str:
             "| machine | |", "|---|---|"]
     head += [f"| {k} | {v} |" for k, v in m.items()]
     body = ["", "Medians (interquartile range) of repeated calls in one process, same inputs for "
-            "both libraries; every maskops result was checked against torchvision's first.", "",
+            "both libraries; every maskops result was checked against torchvision's first. "
+            "Each call's output is freed before the next, so on the CPU maskops reuses it "
+            "through its buffer cache (maskops/memory.py); rows marked \"no cache\" turn "
+            "the cache off (fresh memory every call).", "",
             table(rows)]
     return "\n".join(head + body + ([ "", extra] if extra else [])) + "\n"
 

@@ -11,6 +11,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_allocator.h"
+
 // The extension is imported as a Python module only so that loading it runs the
 // registrations below; it has no Python-level functions of its own.
 extern "C" {
@@ -130,4 +132,9 @@ TORCH_LIBRARY(maskops, m) {
       "int[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, "
       "float score_thresh, float min_size, int[] num_anchors_per_level) "
       "-> (Tensor[], Tensor[])");
+
+  // ---- The CPU buffer cache (csrc/common/cpu_allocator.h); no tensors, so one kernel ----
+  m.def("_cpu_cache_release() -> int", &maskops::cpu_cache_release);
+  m.def("_cpu_cache_stats() -> int[]", &maskops::cpu_cache_stats);
+  m.def("_cpu_cache_set_limit(int bytes) -> int", &maskops::cpu_cache_set_limit);
 }

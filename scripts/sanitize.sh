@@ -27,6 +27,6 @@ ASAN_OPTIONS="detect_leaks=0:detect_odr_violation=0:alloc_dealloc_mismatch=0:hal
 UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
   "$py" -m pytest -q -p no:cacheprovider -x "$@" \
     "$root/tests/test_roi_align.py" "$root/tests/test_multiscale_roi_align.py" \
-    "$root/tests/test_paste_masks.py" "$root/tests/test_nms.py" \
+    "$root/tests/test_paste_masks.py" "$root/tests/test_nms.py" "$root/tests/test_memory.py" \
     $(ls "$root"/tests/test_anchors*.py "$root"/tests/test_box*.py "$root"/tests/test_rpn*.py 2>/dev/null) \
     -k "not compile and not export"

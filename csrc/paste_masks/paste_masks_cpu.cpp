@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cpu_allocator.h"
 #include "paste_masks/paste_masks.h"
 
 namespace maskops {
@@ -173,8 +174,8 @@ at::Tensor paste(const at::Tensor& masks, const at::Tensor& boxes, int64_t heigh
                  int64_t padding, std::optional<double> threshold, bool as_uint8) {
   check_args(masks, boxes, height, width, padding);
   const bool thresholded = threshold.has_value();
-  at::Tensor out = at::empty({masks.size(0), masks.size(1), height, width},
-                             masks.options().dtype(out_type(masks, thresholded, as_uint8)));
+  at::Tensor out = cpu_empty({masks.size(0), masks.size(1), height, width},
+                             out_type(masks, thresholded, as_uint8));
   if (out.numel() == 0) return out;
   dispatch<Body>(masks.contiguous(), boxes_for_math(boxes), out, padding,
                  threshold.value_or(0.0), thresholded);

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cpu_allocator.h"
 #include "common/cpu_transpose.h"
 #include "roi_align/roi_align.h"
 #include "roi_align/roi_align_args.h"
@@ -272,7 +273,7 @@ at::Tensor channels_last_copy(const at::Tensor& x, at::ScalarType mt) {
   if (x.scalar_type() != at::kFloat || mt != at::kFloat || !x.is_contiguous() || x.numel() == 0)
     return x.to(mt).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = cpu_empty(x.sizes(), at::kFloat, at::MemoryFormat::ChannelsLast);
   constexpr int64_t kBlock = 64;  // spatial positions per task
   const int64_t blocks = (HW + kBlock - 1) / kBlock;
   const float* src = x.data_ptr<float>();
@@ -282,6 +283,26 @@ at::Tensor channels_last_copy(const at::Tensor& x, at::ScalarType mt) {
       const int64_t n = t / blocks, p0 = (t % blocks) * kBlock, np = std::min(kBlock, HW - p0);
       transpose(src + n * C * HW + p0, C, np, HW, dst + (n * HW + p0) * C, C);
     }
+  });
+  return out;
+}
+
+// The inverse of channels_last_copy: a contiguous [N, C, H, W] copy of an [N, H, W, C] tensor.
+at::Tensor nhwc_to_nchw(const at::Tensor& x) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), HW = H * W;
+  at::Tensor out = cpu_empty({N, C, H, W}, x.scalar_type());
+  if (out.numel() == 0) return out;
+  constexpr int64_t kBlock = 64;  // spatial positions per task
+  const int64_t blocks = (HW + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nhwc_to_nchw", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / blocks, p0 = (t % blocks) * kBlock, np = std::min(kBlock, HW - p0);
+        transpose(src + (n * HW + p0) * C, np, C, C, dst + n * C * HW + p0, HW);
+      }
+    });
   });
   return out;
 }
@@ -323,7 +344,7 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
   const int64_t N = f0.size(0), C = f0.size(1), K = rois.size(0);
   const int L = static_cast<int>(features.size());
   const auto fmt = output_memory_format(f0);
-  at::Tensor output = at::empty({K, C, pooled_h, pooled_w}, f0.options().memory_format(fmt));
+  at::Tensor output = cpu_empty({K, C, pooled_h, pooled_w}, f0.scalar_type(), fmt);
   if (output.numel() == 0) return output;
   const at::ScalarType mt = math_type(f0.scalar_type());
   const at::Tensor rois_m = rois.to(mt).contiguous();
@@ -432,8 +453,9 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
     for (int l = 0; l < L; ++l) {
       const int64_t numel = N * C * heights[l] * widths[l];
       nhwc[l] = nhwc[l] || numel <= kConvertRatio * count[l] * C * pooled_h * pooled_w;
-      acc[l] = nhwc[l] ? at::zeros({N, heights[l], widths[l], C}, grad.options().dtype(mt))
-                       : at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(mt));
+      acc[l] = nhwc[l] ? cpu_empty({N, heights[l], widths[l], C}, mt)
+                       : cpu_empty({N, C, heights[l], widths[l]}, mt);
+      acc[l].zero_();
     }
     if (K > 0 && N > 0 && C > 0) {
       // The RoIs of each (level, image), in index order: the order of the additions.
@@ -503,6 +525,10 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
   });
   std::vector<at::Tensor> out(L);
   for (int l = 0; l < L; ++l) {
+    if (nhwc[l] && mt == grad.scalar_type() && fmt == at::MemoryFormat::Contiguous) {
+      out[l] = nhwc_to_nchw(acc[l]);
+      continue;
+    }
     // [N, H, W, C] is the channels-last layout of [N, C, H, W].
     at::Tensor g = nhwc[l] ? acc[l].permute({0, 3, 1, 2}) : acc[l];
     out[l] = g.to(grad.scalar_type()).contiguous(fmt);

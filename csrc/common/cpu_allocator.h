@@ -1,0 +1,45 @@
+// Where the CPU kernels get their large buffers (outputs and workspaces).
+//
+// A fresh multi-megabyte buffer from malloc is mapped 4 KiB page by page on first touch: on
+// the machines this library is tuned on, filling a new 64 MB mask image costs ~15 ms in page
+// faults against ~1 ms for memory already mapped, more than the paste itself. So buffers of
+// kMinCachedBytes and more come from a small cache: blocks freed by their tensors are kept
+// (up to a byte limit) and handed to the next request of a similar size, and new blocks are
+// mapped with transparent huge pages where the system allows them (Linux, madvise), 512x
+// fewer faults. Smaller buffers go to torch's default CPU allocator.
+//
+// Tensors made here are ordinary CPU tensors (resizable, shareable, freed by their last
+// reference); only their memory comes back to this cache instead of the system.
+// MASKOPS_CPU_CACHE_MB sets the limit on kept bytes (default 1024; 0 keeps nothing) and
+// maskops.empty_cache() returns what is kept to the system. Sanitizer builds bypass the
+// cache so that AddressSanitizer sees every buffer's bounds.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
+
+namespace maskops {
+
+constexpr int64_t kMinCachedBytes = int64_t(1) << 20;
+
+// The allocator itself (also usable with at::detail::empty_generic).
+c10::Allocator* cpu_allocator();
+
+// at::empty on the CPU from cpu_allocator().
+at::Tensor cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype,
+                     at::MemoryFormat format = at::MemoryFormat::Contiguous);
+
+// Returns every kept block to the system; the number of bytes released.
+int64_t cpu_cache_release();
+
+// Sets the limit on kept bytes (dropping kept blocks over it); returns the previous limit.
+int64_t cpu_cache_set_limit(int64_t bytes);
+
+// [bytes kept now, limit, requests served from the cache, requests that mapped new memory,
+//  1 if the cache is bypassed (sanitizer builds) else 0]
+std::vector<int64_t> cpu_cache_stats();
+
+}  // namespace maskops

@@ -1,0 +1,46 @@
+"""The CPU buffer cache behind maskops' large CPU outputs and workspaces.
+
+A new multi-megabyte CPU buffer is mapped page by page as it is first written; for a
+64 MB mask image that costs more than pasting the masks. So the CPU kernels take buffers of
+1 MiB and more from a cache: memory freed by their tensors is kept (up to a limit) and given
+to the next request of a similar size, and new memory is mapped with transparent huge pages
+where the system allows it. The tensors are ordinary CPU tensors; only their memory returns
+here when they are freed.
+
+The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read at the first large allocation;
+default 1024, ``0`` keeps nothing) or ``set_cpu_cache_limit()``; ``empty_cache()`` gives
+kept memory back to the system.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["empty_cache", "cpu_cache_info", "set_cpu_cache_limit"]
+
+
+def empty_cache() -> int:
+    """Returns the CPU memory kept by maskops' buffer cache to the system.
+
+    Tensors still alive are not affected. Returns the number of bytes released.
+    """
+    return int(torch.ops.maskops._cpu_cache_release())
+
+
+def cpu_cache_info() -> dict:
+    """The buffer cache's state: ``kept_bytes`` (memory kept now), ``limit_bytes``,
+    ``hits`` (requests served from kept memory) and ``misses`` (requests that mapped new
+    memory); ``bypassed`` is True in sanitizer builds, where every buffer comes from torch's
+    allocator so that AddressSanitizer sees its bounds."""
+    kept, limit, hits, misses, bypassed = torch.ops.maskops._cpu_cache_stats()
+    return {"kept_bytes": kept, "limit_bytes": limit, "hits": hits, "misses": misses,
+            "bypassed": bool(bypassed)}
+
+
+def set_cpu_cache_limit(limit_bytes: int) -> int:
+    """Sets how many bytes of freed memory the cache may keep (``0``: none; kept memory over
+    the new limit is released). Returns the previous limit."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int):
+        raise TypeError(f"limit_bytes must be an int, got {type(limit_bytes).__name__}")
+    if limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be non-negative, got {limit_bytes}")
+    return int(torch.ops.maskops._cpu_cache_set_limit(limit_bytes))

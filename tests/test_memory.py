@@ -1,0 +1,171 @@
+"""The CPU buffer cache (maskops.memory, csrc/common/cpu_allocator.h): reused memory never
+leaks stale values into results, cached tensors behave as ordinary tensors, the limit and
+empty_cache() work, and concurrent use is safe."""
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
+
+import maskops
+
+SANITIZED = maskops.cpu_cache_info()["bypassed"]  # ASan builds bypass the cache
+
+
+def _paste_case(g, n, image=(400, 500), side=150.0):
+    masks = torch.rand(n, 1, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([image[1] - 10.0, image[0] - 10.0])
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * side + 2], dim=1)
+    return masks, boxes
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_freed_output_is_kept_and_reused():
+    maskops.empty_cache()
+    before = maskops.cpu_cache_info()
+    g = torch.Generator().manual_seed(0)
+    masks, boxes = _paste_case(g, 8)
+    out = maskops.paste_masks(masks, boxes, (1000, 1000))  # 8 MB of bool
+    assert maskops.cpu_cache_info()["kept_bytes"] == 0
+    nbytes = out.numel()
+    del out
+    info = maskops.cpu_cache_info()
+    assert info["kept_bytes"] >= nbytes
+    out = maskops.paste_masks(masks, boxes, (1000, 1000))
+    after = maskops.cpu_cache_info()
+    assert after["hits"] == info["hits"] + 1 and after["misses"] == info["misses"]
+    assert after["misses"] >= before["misses"] + 1
+    del out
+    released = maskops.empty_cache()
+    assert released >= nbytes and maskops.cpu_cache_info()["kept_bytes"] == 0
+
+
+def test_reused_memory_never_shows_in_results():
+    """Fill the cache with ones (full-image boxes of all-one masks), then paste small boxes
+    and pool RoIs into memory that held them: results equal the references."""
+    g = torch.Generator().manual_seed(1)
+    image = (600, 700)
+    ones = maskops.paste_masks(torch.ones(6, 1, 28, 28), torch.tensor([[0.0, 0, 700, 600]] * 6),
+                               image, threshold=None)
+    assert bool((ones > 0.2).all())  # (padding fades the edges)
+    del ones
+    masks, boxes = _paste_case(g, 6, image, side=40.0)
+    got = maskops.paste_masks(masks, boxes, image, threshold=None)
+    torch.testing.assert_close(got, tv_paste(masks, boxes, image), atol=1e-5, rtol=0)
+    del got
+    got = maskops.paste_masks(masks, boxes, image, threshold=0.5)
+    assert torch.equal(got, tv_paste(masks, boxes, image) >= 0.5)
+    del got
+    # RoIAlign's output and backward workspaces come from the same cache.
+    x = torch.randn(1, 64, 100, 100, generator=g, requires_grad=True)
+    rois = torch.tensor([[0, 10.0, 10.0, 300.0, 200.0], [0, 50.0, 60.0, 70.0, 90.0]] * 50)
+    for _ in range(2):
+        out = maskops.roi_align(x, rois, 14, 0.25, 2, True)
+        ref = torch.ops.torchvision.roi_align(x, rois, 0.25, 14, 14, 2, True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        (gref,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(gx, gref, atol=1e-4, rtol=1e-4)
+        del out, gx
+
+
+def test_cached_tensors_behave_as_ordinary_tensors(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    masks, boxes = _paste_case(g, 5)
+    out = maskops.paste_masks(masks, boxes, (700, 800), threshold=None)  # 11 MB
+    ref = out.clone()
+    # resize keeps the values (the storage grows through the same allocator)
+    out.resize_(6, 1, 700, 800)
+    assert torch.equal(out[:5], ref)
+    out = out[:5].clone()
+    # pickling, torch.save and shared memory (as a DataLoader worker would use it)
+    assert torch.equal(pickle.loads(pickle.dumps(out)), ref)
+    torch.save(out, tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt"), ref)
+    shared = maskops.paste_masks(masks, boxes, (700, 800), threshold=None).share_memory_()
+    assert shared.is_shared() and torch.equal(shared, ref)
+    # numpy views keep the memory alive after the tensor is gone
+    arr = maskops.paste_masks(masks, boxes, (700, 800), threshold=None).numpy()
+    maskops.paste_masks(masks, boxes, (700, 800), threshold=None).fill_(5)
+    assert torch.equal(torch.from_numpy(arr), ref)
+
+
+def test_concurrent_calls_and_frees():
+    g = torch.Generator().manual_seed(3)
+    cases = [_paste_case(g, 10) for _ in range(4)]
+    expected = [tv_paste(m, b, (500, 600)) >= 0.5 for m, b in cases]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(10):
+                out = maskops.paste_masks(*cases[i], (500, 600))
+                if not torch.equal(out, expected[i]):
+                    errors.append(i)
+                del out
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+PASTE_TWICE = """
+import torch, maskops
+m = torch.rand(4, 1, 28, 28); b = torch.tensor([[10., 10., 300., 300.]] * 4)
+for _ in range(2):
+    out = maskops.paste_masks(m, b, (1000, 1000)); del out
+print(maskops.cpu_cache_info())
+"""
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_limit_from_environment():
+    r = _run(PASTE_TWICE, MASKOPS_CPU_CACHE_MB="0")
+    assert r.returncode == 0, r.stderr
+    info = eval(r.stdout.strip().splitlines()[-1])
+    assert info == {"kept_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 2, "bypassed": False}
+    r = _run(PASTE_TWICE, MASKOPS_CPU_CACHE_MB="3")  # one 4 MB block does not fit
+    info = eval(r.stdout.strip().splitlines()[-1])
+    assert info["kept_bytes"] == 0 and info["limit_bytes"] == 3 << 20
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_bad_limit_is_a_clear_error():
+    r = _run(PASTE_TWICE, MASKOPS_CPU_CACHE_MB="lots")
+    assert r.returncode != 0
+    assert "MASKOPS_CPU_CACHE_MB" in r.stderr and "non-negative integer" in r.stderr
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_set_limit_at_run_time():
+    out = maskops.paste_masks(torch.rand(4, 1, 28, 28), torch.tensor([[1.0, 1, 90, 90]] * 4),
+                              (1000, 1000))
+    del out
+    assert maskops.cpu_cache_info()["kept_bytes"] > 0
+    previous = maskops.set_cpu_cache_limit(0)
+    try:
+        assert maskops.cpu_cache_info()["kept_bytes"] == 0
+        out = maskops.paste_masks(torch.rand(4, 1, 28, 28),
+                                  torch.tensor([[1.0, 1, 90, 90]] * 4), (1000, 1000))
+        del out
+        assert maskops.cpu_cache_info()["kept_bytes"] == 0
+    finally:
+        assert maskops.set_cpu_cache_limit(previous) == 0
+    with pytest.raises(ValueError, match="limit_bytes"):
+        maskops.set_cpu_cache_limit(-1)
+    with pytest.raises(TypeError, match="limit_bytes"):
+        maskops.set_cpu_cache_limit(1.5)
