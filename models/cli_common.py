@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 
 import torch
 
 from .backbone import RESNETS
+from .coco import COCO_CATEGORIES
 from .mask_rcnn import MaskRCNN, build_mask_rcnn
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=None,
-                   help="state_dict file (this model's or torchvision's maskrcnn_resnet50_fpn); "
-                        "without it the weights are random (a warning is printed)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", default=None,
+                     help="state_dict file (this model's or torchvision's maskrcnn_resnet50_fpn); "
+                          "without it (or --checkpoint) the weights are random (a warning is "
+                          "printed)")
+    src.add_argument("--checkpoint", default=None,
+                     help="a checkpoint of models.train (last.pt / best.pt): the model is rebuilt "
+                          "from the configuration saved in it and detections are named with "
+                          "its dataset's class names; --backbone, --num-classes and --bn-eps "
+                          "are then ignored")
     p.add_argument("--backbone", default="resnet50", choices=RESNETS)
     p.add_argument("--num-classes", type=int, default=91)
     p.add_argument("--bn-eps", type=float, default=0.0,
@@ -34,19 +43,40 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCNN:
+    """The model the options describe, in eval mode on ``a.device``. Its ``class_names``
+    attribute names the labels (COCO's, or those saved in a ``--checkpoint``)."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.weights is None:
-        print("warning: no --weights given: random weights, so the detections are "
-              "meaningless (a demo of the pipeline)", file=sys.stderr)
-        torch.manual_seed(a.seed)
-    model = build_mask_rcnn(a.backbone, a.num_classes, bn_eps=a.bn_eps, weights=a.weights,
-                            min_size=a.min_size, max_size=a.max_size,
-                            box_score_thresh=box_score_thresh)
+    if getattr(a, "checkpoint", None):
+        model, names = _from_checkpoint(a, box_score_thresh)
+    else:
+        if a.weights is None:
+            print("warning: no --weights given: random weights, so the detections are "
+                  "meaningless (a demo of the pipeline)", file=sys.stderr)
+            torch.manual_seed(a.seed)
+        model = build_mask_rcnn(a.backbone, a.num_classes, bn_eps=a.bn_eps, weights=a.weights,
+                                min_size=a.min_size, max_size=a.max_size,
+                                box_score_thresh=box_score_thresh)
+        names = None
+    model.class_names = names if names is not None else list(COCO_CATEGORIES)
     model.eval().to(a.device)
     if not a.no_optimize:
         model.optimize_for_inference(dtype=_half(a))
     return model
+
+
+def _from_checkpoint(a: argparse.Namespace, box_score_thresh: float):
+    """``(model, class names or None)`` rebuilt from a models.train checkpoint."""
+    from .build import ModelConfig, build_model
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(a.checkpoint, required=("model", "config"))
+    cfg = dataclasses.replace(ModelConfig.from_dict(state["config"]["model"]),
+                              min_size=a.min_size, max_size=a.max_size,
+                              box_score_thresh=box_score_thresh)
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model, state.get("class_names")
 
 
 def _half(a: argparse.Namespace):

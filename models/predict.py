@@ -1,6 +1,7 @@
 """Runs Mask R-CNN on one image: prints the detections and draws them.
 
     python -m models.predict --weights W.pth --image IMG [--out pred.png] [--score-thresh 0.5]
+    python -m models.predict --checkpoint RUN/best.pt --image IMG   (a models.train run)
 
 Without --weights the model has random weights (a warning says so): the pipeline runs end
 to end, but its detections mean nothing.
@@ -14,7 +15,6 @@ import time
 import torch
 
 from .cli_common import add_model_args, autocast, load_model
-from .coco import category_name
 from .visualize import draw_detections, read_image, save_image
 
 
@@ -42,9 +42,10 @@ def main(argv=None) -> int:
     for box, label, score in zip(det["boxes"][sel].tolist(), det["labels"][sel].tolist(),
                                  det["scores"][sel].tolist()):
         coords = ", ".join(f"{v:7.1f}" for v in box)
-        print(f"{category_name(label):<16} {score:6.3f}   ({coords})")
+        name = model.class_names[label] if 0 <= label < len(model.class_names) else f"class {label}"
+        print(f"{name:<16} {score:6.3f}   ({coords})")
     if a.out:
-        save_image(draw_detections(image, det, a.score_thresh), a.out)
+        save_image(draw_detections(image, det, a.score_thresh, names=model.class_names), a.out)
         print(f"wrote {a.out}")
     return 0
 

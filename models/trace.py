@@ -1,6 +1,7 @@
 """The Mask R-CNN pipeline, stage by stage: what each stage outputs and how long it takes.
 
-    python -m models.trace --image IMG [--weights W.pth] [--json] [--save-dir DIR]
+    python -m models.trace --image IMG [--weights W.pth | --checkpoint RUN/best.pt] [--json]
+                           [--save-dir DIR]
 
 One warm-up forward, then a recorded one. --save-dir writes an image per stage: the
 resized input, each FPN level's activation, the top proposals, the final masks.
@@ -70,8 +71,10 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_hw) -> List[str]:
-    """Writes one image per stage into ``save_dir``; returns the paths."""
+def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_hw,
+                      names=None) -> List[str]:
+    """Writes one image per stage into ``save_dir`` (detections labelled with ``names``, COCO's
+    by default); returns the paths."""
     os.makedirs(save_dir, exist_ok=True)
     paths = []
 
@@ -88,7 +91,7 @@ def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_h
     # Proposals live in the resized image: map the best 100 back to the input image.
     top = T.resize_boxes(proposals[0][:100].cpu(), batch_size_hw, image.shape[-2:])
     save(draw_boxes(image, top), "3_proposals_top100.png")
-    save(draw_detections(image, det, score_thresh=0.5), "6_masks.png")
+    save(draw_detections(image, det, score_thresh=0.5, names=names), "6_masks.png")
     return paths
 
 
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
     if a.save_dir:
         resized_hw = rec.outputs["image_sizes"][0]
         for path in save_stage_images(a.save_dir, image.cpu(), rec, {k: v.cpu() for k, v in det.items()},
-                                      resized_hw):
+                                      resized_hw, model.class_names):
             print(f"wrote {path}", file=sys.stderr if a.json else sys.stdout)
     return 0
 

@@ -3,6 +3,7 @@
 Whole-model cases use a ResNet-18 backbone at a small resolution to stay fast; the
 ResNet-50 comparisons with torchvision are in test_model_equivalence.py.
 """
+import dataclasses
 import json
 
 import maskops
@@ -320,6 +321,46 @@ def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
     saved = sorted(p.name for p in (tmp_path / "st").iterdir())
     assert saved[0] == "1_input.png" and "3_proposals_top100.png" in saved
     assert saved[-1] == "6_masks.png"
+
+
+def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, capsys):
+    """--checkpoint rebuilds the model from the config a models.train checkpoint holds and
+    names detections with its class names; the detections equal the model's own."""
+    from models import predict, trace
+    from models.build import build_model
+    from models.checkpoint import save_checkpoint
+    from models.visualize import read_image
+    from train_helpers import tiny_model as tiny_config_model
+
+    cfg = dataclasses.replace(tiny_config_model(), box_score_thresh=0.0, min_size=96,
+                              max_size=128)
+    torch.manual_seed(5)
+    model = build_model(cfg).eval()
+    names = ["__background__", "zebra-like", "quokka-ish", "axolotl-ish"]
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": {"model": cfg.to_dict()},
+                     "class_names": names, "epoch": 3}, path)
+    assert predict.main(["--image", image_file, "--checkpoint", str(path), "--score-thresh",
+                         "0.0", "--no-optimize", "--min-size", "96", "--max-size", "128"]) == 0
+    out = capsys.readouterr()
+    assert "random weights" not in out.err
+    with torch.inference_mode():
+        det = model([read_image(image_file)])[0]
+    assert len(det["scores"]) > 0
+    assert f"{len(det['scores'])} in all" in out.out
+    lines = [ln for ln in out.out.splitlines() if ln.split(" ")[0] in names]
+    assert len(lines) == len(det["scores"])
+    for ln, label, score in zip(lines, det["labels"].tolist(), det["scores"].tolist()):
+        assert ln.split()[0] == names[label] and abs(float(ln.split()[1]) - score) < 1e-3
+    assert trace.main(["--image", image_file, "--checkpoint", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert "x 32 x 7 x 7 (box)" in rows[3]["output"]  # the checkpoint's 32-channel FPN
+    with pytest.raises(SystemExit):  # one source of weights at a time
+        predict.main(["--image", image_file, "--checkpoint", str(path), "--weights", str(path)])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="bad.pt"):
+        predict.main(["--image", image_file, "--checkpoint", str(bad)])
 
 
 # ---- torch.export ----
