@@ -67,9 +67,17 @@ def boolean(v, name: str) -> bool:
     return v
 
 
+def _tracing() -> bool:
+    """Under torch.compile, Python floats may be traced as symbols (dynamic=True) whose values
+    are unknown, so value checks of numbers are left to eager calls (types are still checked)."""
+    return torch.compiler.is_compiling()
+
+
 def positive_float(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a number, got {_describe(v)}")
+    if _tracing():
+        return v
     v = float(v)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a finite positive number, got {v}")
@@ -183,6 +191,8 @@ def number(v, name: str) -> float:
     """A real number (int or float, not bool), not NaN."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a number, got {_describe(v)}")
+    if _tracing():
+        return v
     v = float(v)
     if math.isnan(v):
         raise ValueError(f"{name} must be a number, got NaN")

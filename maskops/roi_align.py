@@ -204,9 +204,12 @@ def multiscale_roi_align(
 
 
 def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
-    # The nearest power of two to feature size / image size, exactly as torchvision rounds it.
-    approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2 ** float(torch.tensor(approx).log2().round())
+    # The nearest power of two to feature size / image size, as torchvision rounds it (its
+    # float32 log2 and this float64 one round alike: a ratio never sits halfway between
+    # powers of two). Plain Python math so that under torch.compile(dynamic=True) the sizes
+    # stay symbolic and the scale becomes a guard rather than a data-dependent value.
+    approx = feature.shape[-2] / original_size[0]
+    return 2.0 ** round(math.log2(approx))
 
 
 class MultiScaleRoIAlign(nn.Module):

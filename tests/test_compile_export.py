@@ -8,6 +8,8 @@ import maskops
 
 
 BOX_CODER = maskops.BoxCoder((10.0, 10.0, 5.0, 5.0))
+ROI_ALIGN = maskops.RoIAlign((3, 4), 0.25, 2, aligned=True)
+MULTISCALE = maskops.MultiScaleRoIAlign(["0", "1", "2"], 3, 2)
 RPN_GRIDS = [(8, 12), (4, 6)]
 RPN_SIZES = [(32,), (64,)]
 RPN_LEVELS = [8 * 12 * 3, 4 * 6 * 3]
@@ -57,6 +59,11 @@ OPS = {
                            ("codes", "boxes")),
     "box_coder": (lambda codes, boxes: BOX_CODER.decode_single(codes, BOX_CODER.decode_single(codes[:, :4], boxes)),
                   ("codes", "boxes")),
+    # Modules: floats held as attributes (traced as symbols under dynamic=True), and
+    # MultiScaleRoIAlign's scales inferred from the (symbolic) feature sizes.
+    "RoIAlign": (lambda x, rois: ROI_ALIGN(x, rois), ("x", "rois")),
+    "MultiScaleRoIAlign": (lambda l0, l1, l2, boxes: MULTISCALE({"0": l0, "1": l1, "2": l2}, [boxes], [(64, 64)]),
+                           ("l0", "l1", "l2", "boxes")),
     # Anchors from the feature maps' (symbolic) sizes, through the module and the function.
     "anchor_generator": (lambda images, l0, l1, l2: maskops.AnchorGenerator(
         ((32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 3)(ImageList(images, [(64, 64)]), [l0, l1, l2])[0],
@@ -96,14 +103,10 @@ def _assert_same(got, expected):
         torch.allclose(got, expected, atol=1e-6)
 
 
-# Known failures of torch.compile(fullgraph=True, dynamic=True), with the reason.
-_SYMFLOAT = ("under dynamic=True Dynamo traces Python floats that are not literals in the traced code "
-             "(a function default such as decode_boxes' clamp=DEFAULT_CLAMP, BoxCoder's weights and "
-             "bbox_xform_clip attributes) as SymFloats, and maskops/_validate.py's number() / "
-             "positive_float() call math.isnan / math.isfinite on them: Dynamo cannot trace those "
-             "('torch.* op returned non-Tensor'), a graph break that fullgraph=True turns into an error. "
-             "The fix belongs in maskops/_validate.py (e.g. skip or torch._check these checks for SymFloat)")
-COMPILE_XFAIL = {"decode_boxes": _SYMFLOAT, "box_coder": _SYMFLOAT}
+# Known failures of torch.compile(fullgraph=True, dynamic=True), with the reason (none now:
+# Python floats traced as symbols, such as decode_boxes' default clamp or a module's
+# spatial_scale, skip the eager value checks of maskops/_validate.py).
+COMPILE_XFAIL = {}
 
 
 def _compile_params():
