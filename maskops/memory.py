@@ -7,9 +7,17 @@ to the next request of a similar size, and new memory is mapped with transparent
 where the system allows it. The tensors are ordinary CPU tensors; only their memory returns
 here when they are freed.
 
-The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read at the first large allocation;
-default 1024, ``0`` keeps nothing) or ``set_cpu_cache_limit()``; ``empty_cache()`` gives
-kept memory back to the system.
+The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read when the cache is first used, by
+an op or by a function here; default 256, ``0`` keeps nothing; an unusable value warns and
+keeps the default) or ``set_cpu_cache_limit()``; the oldest kept blocks are dropped first.
+``empty_cache()`` gives kept memory back to the system. A forked process (a DataLoader
+worker) starts with an empty cache. Memory handed out by the cache shows in
+``torch.profiler`` memory profiles like torch's own allocations.
+
+Where transparent huge pages are set to ``madvise`` with ``defrag=madvise``, the kernel may
+compact memory to find a huge page for a new block (a one-off stall when memory is
+fragmented); set ``MASKOPS_CPU_CACHE_MB`` and keep the cache warm, or set the system's
+``defrag`` to ``defer+madvise``, if that matters more than the page faults saved.
 """
 from __future__ import annotations
 

@@ -1,24 +1,28 @@
 // The caching, huge-page CPU allocator of cpu_allocator.h.
 #include "common/cpu_allocator.h"
 
+#include <cerrno>
 #include <cstdlib>
-#include <map>
 #include <mutex>
 #include <new>
+#include <unordered_map>
+#include <utility>
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
-#if defined(__unix__) || defined(__APPLE__)
+#if defined(_WIN32)
+#include <malloc.h>
+#else
+#include <pthread.h>
 #include <sys/mman.h>
-#define MASKOPS_HAVE_MMAP 1
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #define MASKOPS_SANITIZED 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer)
 #define MASKOPS_SANITIZED 1
 #endif
 #endif
@@ -27,17 +31,16 @@ namespace maskops {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr int64_t kDefaultLimitMB = 256;
+constexpr long long kMaxLimitMB = 1LL << 30;  // 1 PiB: keeps MB << 20 inside int64
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-// A block of `size` bytes (a multiple of kHugePage) at a kHugePage-aligned address.
-struct Block {
-  void* ptr;
-  size_t size;
-};
-
+// `size` bytes (a multiple of kHugePage) at a kHugePage-aligned address, or nullptr.
 void* map_block(size_t size) {
-#if defined(MASKOPS_HAVE_MMAP)
+#if defined(_WIN32)
+  return _aligned_malloc(size, kHugePage);
+#else
   // Map one huge page more than asked and trim both ends to an aligned range: only aligned
   // 2 MiB ranges can be backed by huge pages.
   char* raw = static_cast<char*>(mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE,
@@ -51,26 +54,30 @@ void* map_block(size_t size) {
   madvise(aligned, size, MADV_HUGEPAGE);  // advice only: fine if the system declines
 #endif
   return aligned;
-#else
-  return std::aligned_alloc(kHugePage, size);
 #endif
 }
 
-void unmap_block(const Block& b) {
-#if defined(MASKOPS_HAVE_MMAP)
-  munmap(b.ptr, b.size);
+void unmap_block(void* ptr, size_t size) {
+#if defined(_WIN32)
+  (void)size;
+  _aligned_free(ptr);
 #else
-  std::free(b.ptr);
+  munmap(ptr, size);
 #endif
 }
 
+// MASKOPS_CPU_CACHE_MB, or the default (with a warning) when it is not a usable number.
 int64_t limit_from_env() {
   const char* s = std::getenv("MASKOPS_CPU_CACHE_MB");
-  if (s == nullptr || *s == '\0') return int64_t(1024) << 20;
+  if (s == nullptr || *s == '\0') return kDefaultLimitMB << 20;
   char* end = nullptr;
+  errno = 0;
   const long long mb = std::strtoll(s, &end, 10);
-  TORCH_CHECK(end != s && *end == '\0' && mb >= 0,
-              "MASKOPS_CPU_CACHE_MB must be a non-negative integer (megabytes), got '", s, "'");
+  if (end == s || *end != '\0' || mb < 0 || errno == ERANGE || mb > kMaxLimitMB) {
+    TORCH_WARN("maskops: MASKOPS_CPU_CACHE_MB must be a non-negative integer (megabytes) up to ",
+               kMaxLimitMB, ", got '", s, "'; using the default of ", kDefaultLimitMB);
+    return kDefaultLimitMB << 20;
+  }
   return static_cast<int64_t>(mb) << 20;
 }
 
@@ -83,8 +90,9 @@ class CachingCpuAllocator final : public c10::Allocator {
     return c10::GetDefaultCPUAllocator()->allocate(n);
 #else
     if (n < static_cast<size_t>(kMinCachedBytes)) return c10::GetDefaultCPUAllocator()->allocate(n);
-    Block* b = take(round_up(n, kHugePage));
-    return {b->ptr, b, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
+    void* p = take(round_up(n, kHugePage));
+    // Context == data (a "simple" data pointer), as copy-on-write storages require.
+    return {p, p, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
 #endif
   }
 
@@ -93,22 +101,30 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   int64_t release_all() {
-    std::lock_guard<std::mutex> lock(mu_);
-    int64_t freed = 0;
-    for (auto& kv : free_) {
-      unmap_block(kv.second);
-      freed += static_cast<int64_t>(kv.second.size);
+    std::vector<Kept> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(kept_);
+      kept_bytes_ = 0;
     }
-    free_.clear();
-    kept_ = 0;
+    int64_t freed = 0;
+    for (const Kept& k : drop) {
+      unmap_block(k.ptr, k.size);
+      freed += static_cast<int64_t>(k.size);
+    }
     return freed;
   }
 
   int64_t set_limit(int64_t limit) {
-    std::lock_guard<std::mutex> lock(mu_);
-    const int64_t previous = limit_;
-    limit_ = limit;
-    trim(0);
+    std::vector<Kept> drop;
+    int64_t previous;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      previous = limit_;
+      limit_ = limit;
+      trim(0, drop);
+    }
+    for (const Kept& k : drop) unmap_block(k.ptr, k.size);
     return previous;
   }
 
@@ -119,75 +135,141 @@ class CachingCpuAllocator final : public c10::Allocator {
 #else
     const int64_t bypassed = 0;
 #endif
-    return {kept_, limit_, hits_, misses_, bypassed};
+    return {kept_bytes_, limit_, hits_, misses_, bypassed};
+  }
+
+  // fork(): the parent holds mu_ across the fork so the child's copy of the state is
+  // consistent; the child then drops its copies of the kept blocks (reusing them would
+  // only copy-on-write the parent's pages). Blocks in use stay live in both processes.
+  void before_fork() { mu_.lock(); }
+  void after_fork_in_parent() { mu_.unlock(); }
+  void after_fork_in_child() {
+    for (const Kept& k : kept_) unmap_block(k.ptr, k.size);
+    kept_.clear();
+    kept_bytes_ = 0;
+    mu_.unlock();
   }
 
  private:
-  // A kept block of at least `size` bytes and at most a quarter more, else a new one.
-  Block* take(size_t size) {
+  struct Kept {
+    void* ptr;
+    size_t size;
+    uint64_t freed_at;  // a counter: lower is older
+  };
+
+  // The smallest kept block of at least `size` bytes and at most a quarter more, else a
+  // newly mapped one. (Kept blocks are few, so a linear scan is fine.)
+  void* take(size_t size) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.lower_bound(size);
-      if (it != free_.end() && it->first <= size + size / 4) {
-        Block* b = new Block(it->second);
-        kept_ -= static_cast<int64_t>(b->size);
-        free_.erase(it);
+      size_t best = kept_.size();
+      for (size_t i = 0; i < kept_.size(); ++i)
+        if (kept_[i].size >= size && kept_[i].size <= size + size / 4 &&
+            (best == kept_.size() || kept_[i].size < kept_[best].size))
+          best = i;
+      if (best < kept_.size()) {
+        const Kept k = kept_[best];
+        kept_[best] = kept_.back();
+        kept_.pop_back();
+        kept_bytes_ -= static_cast<int64_t>(k.size);
+        live_.emplace(k.ptr, k.size);  // (may throw before anything changed hands: k is lost
+                                       // to the cache but stays mapped, never corrupt)
+        live_bytes_ += static_cast<int64_t>(k.size);
         ++hits_;
-        return b;
+        report(k.ptr, static_cast<int64_t>(k.size));
+        return k.ptr;
       }
       ++misses_;
     }
     void* p = map_block(size);
-    if (p == nullptr) {  // maybe memory is held here: give it back and try once more
+    if (p == nullptr) {  // maybe memory is kept here: give it back and try once more
       release_all();
       p = map_block(size);
     }
     TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "maskops: could not allocate ", size,
                      " bytes of CPU memory");
-    return new Block{p, size};
-  }
-
-  // Keeps a block freed by its tensor, making room by dropping the largest kept blocks; a
-  // block larger than the limit goes back to the system.
-  void give_back(Block* b) {
     std::lock_guard<std::mutex> lock(mu_);
-    const int64_t size = static_cast<int64_t>(b->size);
-    trim(size);
-    if (kept_ + size <= limit_) {
-      free_.emplace(b->size, *b);
-      kept_ += size;
-    } else {
-      unmap_block(*b);
+    try {
+      live_.emplace(p, size);
+    } catch (...) {
+      unmap_block(p, size);
+      throw;
     }
-    delete b;
+    live_bytes_ += static_cast<int64_t>(size);
+    report(p, static_cast<int64_t>(size));
+    return p;
   }
 
-  // Drops the largest kept blocks until `room` more bytes fit the limit (mu_ held).
-  void trim(int64_t room) {
-    while (!free_.empty() && kept_ + room > limit_) {
-      auto largest = std::prev(free_.end());
-      unmap_block(largest->second);
-      kept_ -= static_cast<int64_t>(largest->first);
-      free_.erase(largest);
+  // Keeps a block freed by its tensor, dropping the oldest kept blocks to make room; a block
+  // larger than the limit goes straight back to the system.
+  void give_back(void* p) {
+    std::vector<Kept> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = live_.find(p);
+      TORCH_INTERNAL_ASSERT(it != live_.end(), "maskops: freeing a block it does not own");
+      const size_t size = it->second;
+      live_.erase(it);
+      live_bytes_ -= static_cast<int64_t>(size);
+      if (static_cast<int64_t>(size) > limit_) {
+        drop.push_back({p, size, 0});
+      } else {
+        trim(static_cast<int64_t>(size), drop);
+        kept_.push_back({p, size, ++clock_});
+        kept_bytes_ += static_cast<int64_t>(size);
+      }
+      report(p, -static_cast<int64_t>(size));
+    }
+    for (const Kept& k : drop) unmap_block(k.ptr, k.size);
+  }
+
+  // Moves the oldest kept blocks to `drop` until `room` more bytes fit the limit (mu_ held).
+  void trim(int64_t room, std::vector<Kept>& drop) {
+    while (!kept_.empty() && kept_bytes_ + room > limit_) {
+      size_t oldest = 0;
+      for (size_t i = 1; i < kept_.size(); ++i)
+        if (kept_[i].freed_at < kept_[oldest].freed_at) oldest = i;
+      drop.push_back(kept_[oldest]);
+      kept_bytes_ -= static_cast<int64_t>(kept_[oldest].size);
+      kept_[oldest] = kept_.back();
+      kept_.pop_back();
     }
   }
 
-  static void release(void* ctx);
+  // Tells torch's profiler (profile_memory=True) about memory handed out (delta > 0) or
+  // returned, after the counters were updated (mu_ held).
+  void report(void* p, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) return;
+    c10::reportMemoryUsageToProfiler(p, delta, static_cast<size_t>(live_bytes_),
+                                     static_cast<size_t>(live_bytes_ + kept_bytes_),
+                                     c10::Device(c10::DeviceType::CPU));
+  }
+
+  static void release(void* ptr);
 
   std::mutex mu_;
-  std::multimap<size_t, Block> free_;  // by size, for best fit
-  int64_t kept_ = 0;
+  std::vector<Kept> kept_;                     // freed blocks waiting for reuse
+  std::unordered_map<void*, size_t> live_;     // blocks owned by tensors: their sizes
+  int64_t kept_bytes_ = 0, live_bytes_ = 0;
   int64_t limit_;
   int64_t hits_ = 0, misses_ = 0;
+  uint64_t clock_ = 0;
 };
 
 // Never destroyed: tensors may be freed during interpreter shutdown, after static destructors.
 CachingCpuAllocator& instance() {
-  static CachingCpuAllocator* a = new CachingCpuAllocator();
+  static CachingCpuAllocator* a = [] {
+    auto* created = new CachingCpuAllocator();
+#if !defined(_WIN32)
+    pthread_atfork([] { instance().before_fork(); }, [] { instance().after_fork_in_parent(); },
+                   [] { instance().after_fork_in_child(); });
+#endif
+    return created;
+  }();
   return *a;
 }
 
-void CachingCpuAllocator::release(void* ctx) { instance().give_back(static_cast<Block*>(ctx)); }
+void CachingCpuAllocator::release(void* ptr) { instance().give_back(ptr); }
 
 }  // namespace
 
