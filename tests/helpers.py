@@ -32,3 +32,18 @@ def devices():
     if torch.cuda.is_available():
         out.append("cuda")
     return out
+
+
+def in_layout(x, kind):
+    """The same values as a 4-d tensor in another memory layout: "channels_last", "sliced"
+    (every other column of a wider tensor), "expanded" (stride 0 along the batch, when all
+    batch entries are equal), anything else unchanged."""
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "sliced":
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if kind == "expanded" and x.shape[0] > 0:
+        return x[:1].expand(x.shape[0], *x.shape[1:]) if bool((x == x[:1]).all()) else x
+    return x

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import maskops
+from helpers import in_layout
 
 ops = torch.ops.maskops
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -19,19 +20,6 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 SPECIAL = [math.nan, math.inf, -math.inf, 1e30, -1e30]
 coord = st.one_of(st.floats(-30, 60, allow_nan=False, width=32), st.sampled_from(SPECIAL))
 finite_coord = st.floats(-30, 60, allow_nan=False, width=32)
-
-
-def _layout(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values in another memory layout."""
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if kind == "sliced":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    if kind == "expanded" and x.shape[0] > 0:  # stride 0 along the batch
-        return x[:1].expand(x.shape[0], *x.shape[1:]) if bool((x == x[:1]).all()) else x
-    return x
 
 
 @st.composite
@@ -57,7 +45,7 @@ def test_roi_align_equals_torchvision(case):
     base = torch.randn(*case["shape"], generator=g, dtype=torch.float64)
     if case["layout"] == "expanded":
         base = base[:1].expand(case["shape"]).contiguous()
-    x = _layout(base, case["layout"])
+    x = in_layout(base, case["layout"])
     rois = case["rois"].double()
     args = (case["output"], case["scale"], case["sr"], case["aligned"])
     got = maskops.roi_align(x, rois, *args)
@@ -82,7 +70,7 @@ def test_roi_align_equals_torchvision(case):
 @given(roi_align_case(finite=False))
 def test_roi_align_never_crashes_and_stays_finite(case):
     g = torch.Generator().manual_seed(case["seed"])
-    x = _layout(torch.randn(*case["shape"], generator=g), case["layout"])
+    x = in_layout(torch.randn(*case["shape"], generator=g), case["layout"])
     args = (case["scale"], *case["output"], case["sr"], case["aligned"])
     out = ops.roi_align(x, case["rois"], *args)
     assert torch.isfinite(out).all()

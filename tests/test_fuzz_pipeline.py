@@ -35,6 +35,7 @@ from torchvision.ops import boxes as tv_boxes
 from torchvision.ops.poolers import LevelMapper
 
 import maskops
+from helpers import in_layout
 from test_rpn_proposals import make_rpn, torchvision_proposals
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,17 +48,6 @@ DEFAULT_CLIP = math.log(1000.0 / 16)
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values in another memory layout (4-d tensors)."""
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if kind == "sliced":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    return x
 
 
 def sliced_rows(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +167,7 @@ def test_multiscale_roi_align_equals_torchvision(case):
     dtype = case["dtype"]
     ref_dtype = torch.float32 if dtype in HALF else dtype  # half types compute in float32
     ref_feats = [f.to(ref_dtype) for f in base]
-    feats = [layout(f, case["layout"]) for f in base]
+    feats = [in_layout(f, case["layout"]) for f in base]
     boxes = [b.to(ref_dtype) for b in case["boxes"]]
     canonical_scale, canonical_level = case["canonical"]
     opts = dict(canonical_scale=canonical_scale, canonical_level=canonical_level)
@@ -234,7 +224,7 @@ def test_multiscale_roi_align_equals_torchvision(case):
 @given(msroi_case(finite=False))
 def test_multiscale_roi_align_non_finite_boxes_stay_finite(case):
     _, base, names = _msroi_inputs(case)
-    feats = [layout(f, case["layout"]) for f in base]
+    feats = [in_layout(f, case["layout"]) for f in base]
     boxes = [b.to(torch.float64 if case["dtype"] == torch.float64 else torch.float32)
              for b in case["boxes"]]
     canonical_scale, canonical_level = case["canonical"]
