@@ -16,8 +16,8 @@ worker) starts with an empty cache. Memory handed out by the cache shows in
 
 Where transparent huge pages are set to ``madvise`` with ``defrag=madvise``, the kernel may
 compact memory to find a huge page for a new block (a one-off stall when memory is
-fragmented); set ``MASKOPS_CPU_CACHE_MB`` and keep the cache warm, or set the system's
-``defrag`` to ``defer+madvise``, if that matters more than the page faults saved.
+fragmented). Keep the cache warm, set the system's ``defrag`` to ``defer+madvise``, or set
+``MASKOPS_CPU_HUGE_PAGES=0`` (ordinary pages) if that matters more than the faults saved.
 """
 from __future__ import annotations
 

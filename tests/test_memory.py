@@ -228,3 +228,34 @@ def test_set_limit_at_run_time():
         maskops.set_cpu_cache_limit(-1)
     with pytest.raises(TypeError, match="limit_bytes"):
         maskops.set_cpu_cache_limit(1.5)
+
+
+HUGE_PAGES_USED = """
+import torch, maskops
+out = maskops.paste_masks(torch.rand(4, 1, 28, 28), torch.tensor([[10., 10., 300., 300.]] * 4),
+                          (2000, 2000))  # 16 MB
+with open("/proc/self/smaps") as f:
+    print(sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages")))
+"""
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(SANITIZED or _thp_mode() != "madvise",
+                    reason="needs the cache and transparent huge pages in madvise mode")
+def test_huge_pages_and_turning_them_off():
+    on = _run(HUGE_PAGES_USED)
+    off = _run(HUGE_PAGES_USED, MASKOPS_CPU_HUGE_PAGES="0")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    kb_on, kb_off = int(on.stdout.split()[-1]), int(off.stdout.split()[-1])
+    # In madvise mode only advised memory gets huge pages.
+    assert kb_off == 0
+    if kb_on == 0:
+        pytest.skip("the system had no huge page to give (memory fragmented)")
+    assert kb_on >= 2048

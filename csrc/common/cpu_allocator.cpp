@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <string>
 #include <unordered_map>
 #include <utility>
 
@@ -36,6 +37,15 @@ constexpr long long kMaxLimitMB = 1LL << 30;  // 1 PiB: keeps MB << 20 inside in
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+// MASKOPS_CPU_HUGE_PAGES=0 turns the huge-page advice off (read once).
+bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* s = std::getenv("MASKOPS_CPU_HUGE_PAGES");
+    return s == nullptr || std::string(s) != "0";
+  }();
+  return wanted;
+}
+
 // `size` bytes (a multiple of kHugePage) at a kHugePage-aligned address, or nullptr.
 void* map_block(size_t size) {
 #if defined(_WIN32)
@@ -51,7 +61,7 @@ void* map_block(size_t size) {
   const size_t tail = (raw + size + kHugePage) - (aligned + size);
   if (tail > 0) munmap(aligned + size, tail);
 #if defined(MADV_HUGEPAGE)
-  madvise(aligned, size, MADV_HUGEPAGE);  // advice only: fine if the system declines
+  if (huge_pages_wanted()) madvise(aligned, size, MADV_HUGEPAGE);  // advice: may be declined
 #endif
   return aligned;
 #endif

@@ -12,7 +12,7 @@
 // reference); only their memory comes back to this cache instead of the system.
 // MASKOPS_CPU_CACHE_MB sets the limit on kept bytes (default 256; 0 keeps nothing), the
 // oldest kept blocks going first, and maskops.empty_cache() returns what is kept to the
-// system. A forked child starts with nothing kept. Sanitizer builds bypass the cache so
+// system. MASKOPS_CPU_HUGE_PAGES=0 maps ordinary pages. A forked child starts with nothing kept. Sanitizer builds bypass the cache so
 // that AddressSanitizer sees every buffer's bounds.
 #pragma once
 
