@@ -3,9 +3,9 @@
 A new multi-megabyte CPU buffer is mapped page by page as it is first written; for a
 64 MB mask image that costs more than pasting the masks. So the CPU kernels take buffers of
 1 MiB and more from a cache: memory freed by their tensors is kept (up to a limit) and given
-to the next request of a similar size, and new memory is mapped with transparent huge pages
-where the system allows it. The tensors are ordinary CPU tensors; only their memory returns
-here when they are freed.
+to the next request of a similar size, and new buffers of 32 MiB and more are mapped with
+transparent huge pages where the system allows it. The tensors are ordinary CPU tensors;
+only their memory returns here when they are freed.
 
 The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read when the cache is first used, by
 an op or by a function here; default 256, ``0`` keeps nothing; an unusable value warns and

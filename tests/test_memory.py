@@ -233,7 +233,7 @@ def test_set_limit_at_run_time():
 HUGE_PAGES_USED = """
 import torch, maskops
 out = maskops.paste_masks(torch.rand(4, 1, 28, 28), torch.tensor([[10., 10., 300., 300.]] * 4),
-                          (2000, 2000))  # 16 MB
+                          (3000, 3000))  # 36 MB: past the huge-page threshold (32 MB)
 with open("/proc/self/smaps") as f:
     print(sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages")))
 """

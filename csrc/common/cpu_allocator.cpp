@@ -32,6 +32,10 @@ namespace maskops {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
+// Huge pages only from this size on: measured here, fresh buffers of 41-256 MB filled 2-4x
+// faster with them, while with ~10 MB ones the time of a call varied from 1.3x faster to 3x
+// slower from run to run.
+constexpr size_t kMinHugePageBlock = size_t(32) << 20;
 constexpr int64_t kDefaultLimitMB = 256;
 constexpr long long kMaxLimitMB = 1LL << 30;  // 1 PiB: keeps MB << 20 inside int64
 
@@ -61,7 +65,8 @@ void* map_block(size_t size) {
   const size_t tail = (raw + size + kHugePage) - (aligned + size);
   if (tail > 0) munmap(aligned + size, tail);
 #if defined(MADV_HUGEPAGE)
-  if (huge_pages_wanted()) madvise(aligned, size, MADV_HUGEPAGE);  // advice: may be declined
+  if (size >= kMinHugePageBlock && huge_pages_wanted())
+    madvise(aligned, size, MADV_HUGEPAGE);  // advice: the system may decline
 #endif
   return aligned;
 #endif

@@ -4,16 +4,17 @@
 // the machines this library is tuned on, filling a new 64 MB mask image costs ~15 ms in page
 // faults against ~1 ms for memory already mapped, more than the paste itself. So buffers of
 // kMinCachedBytes and more come from a small cache: blocks freed by their tensors are kept
-// (up to a byte limit) and handed to the next request of a similar size, and new blocks are
-// mapped with transparent huge pages where the system allows them (Linux, madvise), 512x
-// fewer faults. Smaller buffers go to torch's default CPU allocator.
+// (up to a byte limit) and handed to the next request of a similar size. New blocks of
+// 32 MiB and more are mapped with transparent huge pages where the system allows them
+// (Linux, madvise): 512x fewer faults. Smaller buffers go to torch's default CPU allocator.
 //
 // Tensors made here are ordinary CPU tensors (resizable, shareable, freed by their last
 // reference); only their memory comes back to this cache instead of the system.
 // MASKOPS_CPU_CACHE_MB sets the limit on kept bytes (default 256; 0 keeps nothing), the
 // oldest kept blocks going first, and maskops.empty_cache() returns what is kept to the
-// system. MASKOPS_CPU_HUGE_PAGES=0 maps ordinary pages. A forked child starts with nothing kept. Sanitizer builds bypass the cache so
-// that AddressSanitizer sees every buffer's bounds.
+// system. MASKOPS_CPU_HUGE_PAGES=0 maps ordinary pages only. A forked child starts with
+// nothing kept. Sanitizer builds bypass the cache so that AddressSanitizer sees every
+// buffer's bounds.
 #pragma once
 
 #include <cstdint>
