@@ -62,7 +62,8 @@ def test_matches_torchvision(rng, batch, channels, shapes, output_size, sampling
 
 
 def _rois_and_args(rng, feats, boxes, output, sampling_ratio=2):
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], 1)
+                      for i, b in enumerate(boxes)])
     levels = [feats[k] for k in NAMES]
     scales = [0.25, 0.125, 0.0625, 0.03125]
     return levels, rois, (scales, output, output, sampling_ratio, False, 224.0, 4.0, 2)
@@ -170,18 +171,26 @@ def test_results_do_not_depend_on_thread_count(rng):
         assert torch.equal(a, b)
 
 
-def test_opcheck(rng):
-    feats = _pyramid(rng, 2, 3, (64, 64))
-    boxes = [_boxes(rng, 7, (64, 64)) for _ in range(2)]
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck(rng, device):
+    """Schema, fake kernel, autograd registration and aliasing: each level's gradient must be
+    a tensor of its own, as the fake kernel says (on CUDA too)."""
+    feats = OrderedDict((k, v.to(device)) for k, v in _pyramid(rng, 2, 3, (64, 64)).items())
+    boxes = [_boxes(rng, 7, (64, 64)).to(device) for _ in range(2)]
     levels, rois, args = _rois_and_args(rng, feats, boxes, 3)
     torch.library.opcheck(ops.multiscale_roi_align.default, (levels, rois, *args))
     torch.library.opcheck(ops.multiscale_roi_align.default,
                           ([f.requires_grad_() for f in levels], rois, *args))
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
-    grad = torch.randn(rois.shape[0], 3, 3, 3, generator=rng)
+    grad = torch.randn(rois.shape[0], 3, 3, 3, generator=rng).to(device)
     torch.library.opcheck(ops._multiscale_roi_align_backward.default,
                           (grad, rois, scales, ph, pw, 2, 3, [f.shape[2] for f in levels],
                            [f.shape[3] for f in levels], sr, aligned, cs, cl, kmin))
+    grads = ops._multiscale_roi_align_backward(grad, rois, scales, ph, pw, 2, 3,
+                                               [f.shape[2] for f in levels],
+                                               [f.shape[3] for f in levels], sr, aligned, cs, cl, kmin)
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
+    assert all(g.storage_offset() == 0 for g in grads)
 
 
 def test_torch_compile(rng):

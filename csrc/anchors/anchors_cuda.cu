@@ -28,7 +28,8 @@ at::Tensor generate_anchors_cuda(const at::Tensor& sizes, const at::Tensor& aspe
   c10::cuda::CUDAGuard guard(sizes.device());
   at::Tensor out = at::empty({total, 4}, sizes.options().dtype(dtype));
   if (total == 0) return out;
-  const at::Tensor dtable = table.to(sizes.device());
+  // From pinned memory without waiting (a pageable copy would block the host).
+  const at::Tensor dtable = table.pin_memory().to(sizes.device(), at::kLong, /*non_blocking=*/true);
   const at::Tensor s = sizes.to(at::kFloat).contiguous();
   const at::Tensor r = aspect_ratios.to(at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "generate_anchors_cuda", [&] {

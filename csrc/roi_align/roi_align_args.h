@@ -95,18 +95,17 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
               "], got ", grad.sizes());
 }
 
-// A backward functor (BackwardGather or BackwardScatter) over one accumulator holding every
-// level as a slice starting at offset[level]; the CPU test-only op and the CUDA kernel share it.
+// A backward functor (BackwardGather or BackwardScatter) accumulating into levels[l], one
+// [N, C, H, W] accumulator per level; the CPU test-only op and the CUDA kernel share it.
 template <template <typename, typename> class Body, typename scalar_t, typename T>
 Body<scalar_t, T> backward_functor(const Params<T>& p, const at::Tensor& grad,
-                                   const at::Tensor& rois_m, T* base,
-                                   const std::vector<int64_t>& offset) {
+                                   const at::Tensor& rois_m, const std::vector<T*>& levels) {
   Body<scalar_t, T> f{};
   f.p = p;
   f.grad = grad.data_ptr<scalar_t>();
   f.gs = GradStrides{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
   f.rois = rois_m.data_ptr<T>();
-  for (int l = 0; l < p.num_levels; ++l) f.grad_input[l] = base + offset[l];
+  for (int l = 0; l < p.num_levels; ++l) f.grad_input[l] = levels[l];
   return f;
 }
 

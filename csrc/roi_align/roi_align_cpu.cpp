@@ -614,13 +614,14 @@ std::vector<at::Tensor> backward_cuda_algo_cpu(
       const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
                                     pooled_w, rois.size(0), sampling_ratio, aligned,
                                     canonical_scale, canonical_level, k_min);
-      T* base = acc.data_ptr<T>();
+      std::vector<T*> levels(L);
+      for (int l = 0; l < L; ++l) levels[l] = acc.data_ptr<T>() + offset[l];
       if (deterministic) {
-        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, base, offset);
+        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, levels);
         for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
         cpu_for_each(total, 256, f);
       } else {
-        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, base, offset);
+        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
         // Scatter bodies add into shared addresses: on the host they run serially.
         cpu_for_each_serial(grad.numel(), f);
       }

@@ -68,38 +68,40 @@ std::vector<at::Tensor> pyramid_backward_cuda(
   const int64_t K = rois.size(0);
   c10::cuda::CUDAGuard guard(grad.device());
   const at::ScalarType mt = math_type(grad.scalar_type());
-  // One float (or double) accumulator for all levels, each level a contiguous slice.
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // A float (or double) accumulator per level, each its own tensor (outputs must not alias);
+  // the deterministic gather writes every element, the scatter adds into zeros.
   std::vector<int64_t> offset(L + 1, 0);
-  for (int l = 0; l < L; ++l)
+  std::vector<at::Tensor> acc(L);
+  for (int l = 0; l < L; ++l) {
     offset[l + 1] = offset[l] + batch_size * channels * heights[l] * widths[l];
-  at::Tensor acc = at::zeros({offset[L]}, grad.options().dtype(mt));
+    const auto opts = grad.options().dtype(mt);
+    const std::vector<int64_t> shape{batch_size, channels, heights[l], widths[l]};
+    acc[l] = deterministic && K > 0 ? at::empty(shape, opts) : at::zeros(shape, opts);
+  }
   if (offset[L] > 0 && K > 0) {
     const at::Tensor rois_m = rois.to(mt).contiguous();
-    const bool deterministic = at::globalContext().deterministicAlgorithms();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                     "roi_align_backward_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
                                     pooled_w, K, sampling_ratio, aligned, canonical_scale,
                                     canonical_level, k_min);
-      T* base = acc.data_ptr<T>();
+      std::vector<T*> levels(L);
+      for (int l = 0; l < L; ++l) levels[l] = acc[l].data_ptr<T>();
       if (deterministic) {
-        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, base, offset);
+        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, levels);
         for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
         cuda_for_each(offset[L], f);
       } else {
-        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, base, offset);
+        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
         cuda_for_each(grad.numel(), f);
       }
     });
   }
   const auto fmt = output_memory_format(grad);
   std::vector<at::Tensor> out(L);
-  for (int l = 0; l < L; ++l)
-    out[l] = acc.narrow(0, offset[l], offset[l + 1] - offset[l])
-                 .view({batch_size, channels, heights[l], widths[l]})
-                 .to(grad.scalar_type())
-                 .contiguous(fmt);
+  for (int l = 0; l < L; ++l) out[l] = acc[l].to(grad.scalar_type()).contiguous(fmt);
   return out;
 }
 

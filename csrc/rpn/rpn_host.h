@@ -164,7 +164,8 @@ Candidates<T> make_candidates(const T* logits, const at::Tensor& deltas,
 // NMS over all of them (class = image * levels + level), then the kept indices, which come in
 // decreasing score order, are grouped by image with a stable sort and cut at post_nms_top_n.
 // `launch(n, functor)` runs a functor over [0, n); `nms` is batched_nms or nms_bitmask above.
-// The only host synchronisation is reading how many boxes each image kept.
+// Host synchronisations (on CUDA): NMS reading how many boxes it kept, and reading how many
+// each image kept; both sizes depend on the data.
 template <typename Launch, typename Nms>
 Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& deltas,
                              const at::Tensor& anchors, at::IntArrayRef image_sizes,
@@ -186,7 +187,9 @@ Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& del
   int64_t* mp = meta.data_ptr<int64_t>();
   std::copy(image_sizes.begin(), image_sizes.end(), mp);
   std::copy(sel.level_of.begin(), sel.level_of.end(), mp + 2 * B);
-  meta = meta.to(deltas.device());
+  // From pinned memory without waiting (a pageable copy would block the host); the pinned
+  // block stays reserved until the copy has run.
+  if (deltas.is_cuda()) meta = meta.pin_memory().to(deltas.device(), at::kLong, /*non_blocking=*/true);
 
   at::Tensor boxes = at::empty({B * K, 4}, opts);
   at::Tensor scores = at::empty({B * K}, opts);
