@@ -171,6 +171,31 @@ def test_results_do_not_depend_on_thread_count(rng):
         assert torch.equal(a, b)
 
 
+def test_cuda_backward_algorithms_skip_rois_that_give_nothing(rng):
+    """RoIs with a batch index out of range (the CUDA kernels pool them to zero), NaN boxes or
+    boxes far outside the maps add nothing; the deterministic gather (which visits each
+    (level, image) group of RoIs only) equals the scatter and the CPU backward of the valid
+    RoIs alone."""
+    feats = _pyramid(rng, 3, 2, (96, 128), dtype=torch.float64)
+    boxes = [_boxes(rng, n, (96, 128)).double() for n in (9, 0, 14)]  # image 1 has no RoI
+    levels, rois, args = _rois_and_args(rng, feats, boxes, 3)
+    bad = rois[:5].clone()
+    bad[0, 0], bad[1, 0], bad[2, 0] = 3.0, -1.0, float("nan")  # batch index out of range
+    bad[3, 1:] = float("nan")
+    bad[4, 1:] = torch.tensor([1e4, 1e4, 2e4, 2e4], dtype=torch.float64)  # far outside
+    mixed = torch.cat([bad[:3], rois, bad[3:]])
+    scales, ph, pw, sr, aligned, cs, cl, kmin = args
+    sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
+    g = torch.randn(len(mixed), 2, ph, pw, generator=rng, dtype=torch.float64)
+    expected = ops._multiscale_roi_align_backward(g[3:3 + len(rois)], rois, scales, ph, pw, 3, 2,
+                                                  *sizes, sr, aligned, cs, cl, kmin)
+    for deterministic in (True, False):
+        got = ops._multiscale_roi_align_backward_cuda_algo(g, mixed, scales, ph, pw, 3, 2, *sizes,
+                                                           sr, aligned, cs, cl, kmin, deterministic)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck(rng, device):
     """Schema, fake kernel, autograd registration and aliasing: each level's gradient must be

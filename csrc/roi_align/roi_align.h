@@ -323,10 +323,32 @@ struct BackwardScatter {
   }
 };
 
+// CUDA backward, deterministic mode, first pass: the (level, image) group of each RoI,
+// level * batch_size + image, or num_levels * batch_size for an RoI that gives nothing (no
+// level, a batch index out of range, an empty sampling grid). Sorted stably, the groups let
+// each gradient element visit only the RoIs of its own level and image.
+template <typename T>
+struct RoiGroupKey {
+  Params<T> p;
+  const T* rois;
+  int64_t* key;
+
+  HOST_DEVICE void operator()(int64_t k) const {
+    const int64_t none = p.num_levels * p.batch_size;
+    const int l = p.level_of(rois + 5 * k);
+    if (l < 0) {
+      key[k] = none;
+      return;
+    }
+    const RoiBox<T> b = p.box(rois, k, l);
+    key[k] = (b.batch < 0 || b.grid_h <= 0 || b.grid_w <= 0) ? none : l * p.batch_size + b.batch;
+  }
+};
+
 // CUDA backward, deterministic mode: one grad_input element per iteration, over the levels'
-// [N, C, H, W] elements laid end to end, summing what every RoI gives it in a fixed order
-// (RoI, then bin): no atomics, the same bits on every run. Bins that cannot reach the element
-// are skipped by a bounds test.
+// [N, C, H, W] elements laid end to end, summing what each RoI of its (level, image) group
+// gives it in a fixed order (RoI index, then bin): no atomics, the same bits on every run.
+// Bins that cannot reach the element are skipped by a bounds test.
 template <typename scalar_t, typename T>
 struct BackwardGather {
   Params<T> p;
@@ -335,6 +357,8 @@ struct BackwardGather {
   const T* rois;
   T* grad_input[kMaxLevels];
   int64_t level_offset[kMaxLevels + 1];  // first iteration index of each level
+  const int64_t* roi_order;    // RoI indices sorted stably by RoiGroupKey
+  const int64_t* group_start;  // group g's RoIs are roi_order[group_start[g] .. group_start[g + 1])
 
   // Can a sample in [lo, hi] along an axis read index `target`? Taps of a sample at s are
   // floor(s) and floor(s) + 1, so anything more than one cell away is out of reach; samples
@@ -357,10 +381,10 @@ struct BackwardGather {
     const int64_t c = r % p.channels;
     const int64_t n = r / p.channels;
     T sum = T(0);
-    for (int64_t k = 0; k < p.num_rois; ++k) {
-      if (p.level_of(rois + 5 * k) != l) continue;
+    const int64_t g = l * p.batch_size + n;
+    for (int64_t s = group_start[g]; s < group_start[g + 1]; ++s) {
+      const int64_t k = roi_order[s];
       const RoiBox<T> b = p.box(rois, k, l);
-      if (b.batch != n || b.grid_h <= 0 || b.grid_w <= 0) continue;
       if (out_of_reach(b.start_h, b.start_h + static_cast<T>(p.pooled_h) * b.bin_h, y)) continue;
       if (out_of_reach(b.start_w, b.start_w + static_cast<T>(p.pooled_w) * b.bin_w, x)) continue;
       for (int64_t ph = 0; ph < p.pooled_h; ++ph) {

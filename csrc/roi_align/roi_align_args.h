@@ -2,9 +2,14 @@
 // (host code only).
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 
 #include "common/checks.h"
 #include "roi_align/roi_align.h"
@@ -107,6 +112,20 @@ Body<scalar_t, T> backward_functor(const Params<T>& p, const at::Tensor& grad,
   f.rois = rois_m.data_ptr<T>();
   for (int l = 0; l < p.num_levels; ++l) f.grad_input[l] = levels[l];
   return f;
+}
+
+// The deterministic backward's RoI groups on the rois' device, without a host sync: RoI
+// indices sorted stably by RoiGroupKey, and where each of the num_levels * batch_size groups
+// starts (plus the end). `launch(n, functor)` runs a functor over [0, n).
+template <typename T, typename Launch>
+std::pair<at::Tensor, at::Tensor> group_rois(const Params<T>& p, const at::Tensor& rois_m,
+                                             Launch launch) {
+  const int64_t K = rois_m.size(0), groups = p.num_levels * p.batch_size;
+  at::Tensor key = at::empty({K}, rois_m.options().dtype(at::kLong));
+  if (K > 0) launch(K, RoiGroupKey<T>{p, rois_m.data_ptr<T>(), key.data_ptr<int64_t>()});
+  const auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor starts = at::searchsorted(std::get<0>(sorted), at::arange(groups + 1, key.options()));
+  return {std::get<1>(sorted), starts};
 }
 
 }  // namespace roi_align

@@ -92,6 +92,11 @@ std::vector<at::Tensor> pyramid_backward_cuda(
       if (deterministic) {
         auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, levels);
         for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
+        const auto groups = group_rois(p, rois_m, [](int64_t n, const auto& g) {
+          cuda_for_each(n, g);
+        });
+        f.roi_order = groups.first.data_ptr<int64_t>();
+        f.group_start = groups.second.data_ptr<int64_t>();
         cuda_for_each(offset[L], f);
       } else {
         const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
