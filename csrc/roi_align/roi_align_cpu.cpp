@@ -266,6 +266,20 @@ void check_batch_indices(const T* rois, int64_t K, int64_t N) {
   }
 }
 
+// Runs f(n, p0, np) for the blocks of np <= 64 spatial positions from p0 of N images, in
+// parallel: the cache-sized tasks of the layout conversions below.
+template <typename F>
+void for_spatial_blocks(int64_t N, int64_t HW, const F& f) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (HW + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p0 = (t % blocks) * kBlock;
+      f(t / blocks, p0, std::min(kBlock, HW - p0));
+    }
+  });
+}
+
 // A level in the math type, channels-last ([N, H, W, C] memory). Float NCHW input is
 // transposed here in cache-sized blocks on every thread (several times faster than a generic
 // strided copy); anything else goes through ATen.
@@ -274,15 +288,10 @@ at::Tensor channels_last_copy(const at::Tensor& x, at::ScalarType mt) {
     return x.to(mt).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor out = cpu_empty(x.sizes(), at::kFloat, at::MemoryFormat::ChannelsLast);
-  constexpr int64_t kBlock = 64;  // spatial positions per task
-  const int64_t blocks = (HW + kBlock - 1) / kBlock;
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / blocks, p0 = (t % blocks) * kBlock, np = std::min(kBlock, HW - p0);
-      transpose(src + n * C * HW + p0, C, np, HW, dst + (n * HW + p0) * C, C);
-    }
+  for_spatial_blocks(N, HW, [&](int64_t n, int64_t p0, int64_t np) {
+    transpose(src + n * C * HW + p0, C, np, HW, dst + (n * HW + p0) * C, C);
   });
   return out;
 }
@@ -292,16 +301,11 @@ at::Tensor nhwc_to_nchw(const at::Tensor& x) {
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), HW = H * W;
   at::Tensor out = cpu_empty({N, C, H, W}, x.scalar_type());
   if (out.numel() == 0) return out;
-  constexpr int64_t kBlock = 64;  // spatial positions per task
-  const int64_t blocks = (HW + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "nhwc_to_nchw", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t / blocks, p0 = (t % blocks) * kBlock, np = std::min(kBlock, HW - p0);
-        transpose(src + (n * HW + p0) * C, np, C, C, dst + n * C * HW + p0, HW);
-      }
+    for_spatial_blocks(N, HW, [&](int64_t n, int64_t p0, int64_t np) {
+      transpose(src + (n * HW + p0) * C, np, C, C, dst + n * C * HW + p0, HW);
     });
   });
   return out;
