@@ -29,8 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-eps", type=float, default=0.0,
                    help="backbone batch-norm epsilon (0.0: what torchvision's COCO checkpoint "
                         "was trained with)")
-    p.add_argument("--min-size", type=int, default=800)
-    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--min-size", type=int, default=None,
+                   help="resize the shorter side to this (default 800, or the checkpoint's)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="cap the longer side at this (default 1333, or the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                    help="run convolutions and linear layers in half precision: weights "
@@ -55,7 +57,7 @@ def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCN
                   "meaningless (a demo of the pipeline)", file=sys.stderr)
             torch.manual_seed(a.seed)
         model = build_mask_rcnn(a.backbone, a.num_classes, bn_eps=a.bn_eps, weights=a.weights,
-                                min_size=a.min_size, max_size=a.max_size,
+                                min_size=a.min_size or 800, max_size=a.max_size or 1333,
                                 box_score_thresh=box_score_thresh)
         names = None
     model.class_names = names if names is not None else list(COCO_CATEGORIES)
@@ -71,8 +73,9 @@ def _from_checkpoint(a: argparse.Namespace, box_score_thresh: float):
     from .checkpoint import load_checkpoint
 
     state = load_checkpoint(a.checkpoint, required=("model", "config"))
-    cfg = dataclasses.replace(ModelConfig.from_dict(state["config"]["model"]),
-                              min_size=a.min_size, max_size=a.max_size,
+    cfg = ModelConfig.from_dict(state["config"]["model"])
+    cfg = dataclasses.replace(cfg, min_size=a.min_size or cfg.min_size,
+                              max_size=a.max_size or cfg.max_size,
                               box_score_thresh=box_score_thresh)
     model = build_model(cfg)
     model.load_state_dict(state["model"])

@@ -340,8 +340,9 @@ def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, caps
     path = tmp_path / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": {"model": cfg.to_dict()},
                      "class_names": names, "epoch": 3}, path)
+    # The checkpoint's own sizes (96 / 128) apply unless --min-size / --max-size are given.
     assert predict.main(["--image", image_file, "--checkpoint", str(path), "--score-thresh",
-                         "0.0", "--no-optimize", "--min-size", "96", "--max-size", "128"]) == 0
+                         "0.0", "--no-optimize"]) == 0
     out = capsys.readouterr()
     assert "random weights" not in out.err
     with torch.inference_mode():
@@ -355,6 +356,10 @@ def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, caps
     assert trace.main(["--image", image_file, "--checkpoint", str(path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert "x 32 x 7 x 7 (box)" in rows[3]["output"]  # the checkpoint's 32-channel FPN
+    assert rows[0]["output"] == "1 x 3 x 96 x 128"  # its sizes: the 96 x 128 image as it is
+    assert trace.main(["--image", image_file, "--checkpoint", str(path), "--json",
+                       "--min-size", "192", "--max-size", "256"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["output"] == "1 x 3 x 192 x 256"
     with pytest.raises(SystemExit):  # one source of weights at a time
         predict.main(["--image", image_file, "--checkpoint", str(path), "--weights", str(path)])
     bad = tmp_path / "bad.pt"
