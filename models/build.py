@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody, ResNetFPN
+from .checkpoint import load_checkpoint
 from .mask_rcnn import MaskRCNN, build_mask_rcnn, load_weights
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor
 from .rpn import RPNHead
@@ -135,6 +136,18 @@ def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def model_from_checkpoint(path, **overrides) -> Tuple[MaskRCNN, Dict[str, Any]]:
+    """The model a ``models.train`` checkpoint holds, rebuilt from the configuration saved in
+    it with the fields in ``overrides`` replaced (those given as None keep the saved value),
+    and the checkpoint itself (its config, class names, ...)."""
+    state = load_checkpoint(path, required=("model", "config"))
+    cfg = ModelConfig.from_dict(state["config"]["model"])
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model, state
 
 
 def _fpn_in_channels(fpn: FeaturePyramidNetwork):

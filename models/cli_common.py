@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 
 import torch
@@ -69,16 +68,10 @@ def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCN
 
 def _from_checkpoint(a: argparse.Namespace, box_score_thresh: float):
     """``(model, class names or None)`` rebuilt from a models.train checkpoint."""
-    from .build import ModelConfig, build_model
-    from .checkpoint import load_checkpoint
+    from .build import model_from_checkpoint
 
-    state = load_checkpoint(a.checkpoint, required=("model", "config"))
-    cfg = ModelConfig.from_dict(state["config"]["model"])
-    cfg = dataclasses.replace(cfg, min_size=a.min_size or cfg.min_size,
-                              max_size=a.max_size or cfg.max_size,
-                              box_score_thresh=box_score_thresh)
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    model, state = model_from_checkpoint(a.checkpoint, min_size=a.min_size,
+                                         max_size=a.max_size, box_score_thresh=box_score_thresh)
     return model, state.get("class_names")
 
 

@@ -13,7 +13,6 @@ prints the result.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import List, Optional
@@ -21,8 +20,8 @@ from typing import List, Optional
 import torch
 
 from . import distributed as dist_utils
-from .build import ModelConfig, build_model
-from .checkpoint import CheckpointError, load_checkpoint
+from .build import ModelConfig, build_model, model_from_checkpoint
+from .checkpoint import CheckpointError
 from .data import CocoDataset, DatasetError, collate
 from .evaluation import EvalResult, evaluate
 from .train import ShardSampler, autocast_dtype
@@ -31,15 +30,9 @@ from .train import ShardSampler, autocast_dtype
 def load_for_eval(args) -> tuple:
     """``(model, labels mode)`` from ``--checkpoint`` or ``--weights``."""
     if args.checkpoint:
-        state = load_checkpoint(args.checkpoint, required=("model", "config"))
-        cfg = state["config"]
-        mcfg = ModelConfig.from_dict(cfg["model"])
-        overrides = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size))
-                     if v is not None}
-        mcfg = dataclasses.replace(mcfg, **overrides)
-        model = build_model(mcfg)
-        model.load_state_dict(state["model"])
-        return model, cfg.get("labels", "contiguous")
+        model, state = model_from_checkpoint(args.checkpoint, min_size=args.min_size,
+                                             max_size=args.max_size)
+        return model, state["config"].get("labels", "contiguous")
     labels = args.labels or "category_id"
     ds_classes = CocoDataset(args.data, args.split, labels=labels).num_classes
     mcfg = ModelConfig(backbone=args.backbone, num_classes=args.num_classes or ds_classes,
