@@ -46,7 +46,8 @@ def has_cuda() -> bool:
 
 
 def build_info() -> dict:
-    """What this build was made with (torch, CUDA, arch list) and what it runs with now."""
+    """What this build was made with (torch, CUDA, arch list) and what it runs with now
+    (torch, its CUDA, the visible GPUs and their compute capability)."""
     try:
         from ._build_info import BUILD_INFO
     except ImportError:  # pragma: no cover
@@ -54,5 +55,10 @@ def build_info() -> dict:
     info = dict(BUILD_INFO)
     info["has_cuda_kernels"] = has_cuda()
     info["runtime_torch"] = torch.__version__
+    info["runtime_cuda"] = torch.version.cuda  # the CUDA this torch was built with
     info["cuda_available"] = torch.cuda.is_available()
+    # The visible GPUs and their compute capability ("8.6"), to hold against cuda_arch_list.
+    info["gpus"] = [{"index": i, "name": torch.cuda.get_device_name(i),
+                     "capability": "%d.%d" % torch.cuda.get_device_capability(i)}
+                    for i in range(torch.cuda.device_count())] if info["cuda_available"] else []
     return info
