@@ -14,7 +14,9 @@
 #   build       150 s  build.log      pip install -e . (offline) with all cores (MAX_JOBS=$(nproc),
 #                                     TORCH_CUDA_ARCH_LIST=9.0, MASKOPS_FORCE_CUDA=1), then
 #                                     an import; 15 compile units, ~3 min on 2 cores
-#   check        30 s  tests.log      python -m maskops.check --quick --json $OUT/check.json
+#   check        50 s  tests.log      python -m maskops.check --quick --json $OUT/check.json
+#                                     (7 s on a 2-core CPU; on a GPU it adds half types and
+#                                     the CPU-kernel comparisons)
 #                                     (skipped when this tree has no maskops/check module)
 #   cuda-tests   90 s  tests.log      pytest -m cuda tests: every CUDA test (about 60)
 #   bench        70 s  bench.log      python -m benchmarks --quick --device cuda, with its
@@ -27,7 +29,7 @@
 #                                     op, instrumenting maskops' own kernels only
 #                                     (--kernel-name kns=maskops: they all live in namespace
 #                                     maskops, so the substring is in every mangled name)
-#   op-tests     70 s  tests.log      the CPU tests of the op files, without torch.compile /
+#   op-tests     50 s  tests.log      the CPU tests of the op files, without torch.compile /
 #                                     export (CI runs all of them; last, as nothing here is
 #                                     GPU-specific)
 # That is 520 s of budgets. The sanitizer steps stop at the first failing test (-x).
@@ -90,8 +92,8 @@ LOGS=(summary.md build.log tests.log sanitizer.log bench.log check.json results 
 
 # Steps in the order they run, and their budgets (seconds). Each plan's budgets add up to 520 s.
 ORDER=(build check cuda-tests bench memcheck racecheck op-tests bench-full scaling synccheck)
-declare -A BUDGET=([build]=150 [check]=30 [cuda-tests]=90 [bench]=70 [memcheck]=70 [racecheck]=40
-                   [op-tests]=70 [bench-full]=230 [scaling]=140 [synccheck]=60)
+declare -A BUDGET=([build]=150 [check]=50 [cuda-tests]=90 [bench]=70 [memcheck]=70 [racecheck]=40
+                   [op-tests]=50 [bench-full]=230 [scaling]=140 [synccheck]=60)
 declare -A LOG=([build]=build.log [check]=tests.log [cuda-tests]=tests.log [op-tests]=tests.log
                 [bench]=bench.log [bench-full]=bench.log [scaling]=bench.log
                 [memcheck]=sanitizer.log [racecheck]=sanitizer.log [synccheck]=sanitizer.log)
