@@ -383,14 +383,59 @@ class Candidates:
         return pos
 
 
-def rpn_candidates(rec: StageRecord, i: int) -> Candidates:
-    """Every anchor of image ``i`` as a proposal candidate (key: the anchor's index)."""
-    logits = rec.objectness[i].double()
-    boxes = _clip(_decode(rec.rpn_deltas[i], rec.anchors, (1.0, 1.0, 1.0, 1.0)),
-                  rec.image_sizes[i])
-    groups = torch.repeat_interleave(torch.arange(len(rec.level_counts)),
-                                     torch.tensor(rec.level_counts))
+def rpn_candidates(objectness: Tensor, deltas: Tensor, anchors: Tensor,
+                   image_size: Tuple[int, int], level_counts: Sequence[int]) -> Candidates:
+    """Every anchor of one image as a proposal candidate (key: the anchor's index), from the
+    RPN head's ``objectness [A]`` logits and ``deltas [A, 4]``, decoded in float64."""
+    logits = objectness.detach().cpu().double()
+    boxes = _clip(_decode(deltas.detach().cpu(), anchors.detach().cpu(), (1.0, 1.0, 1.0, 1.0)),
+                  image_size)
+    groups = torch.repeat_interleave(torch.arange(len(level_counts)),
+                                     torch.tensor(list(level_counts)))
     return Candidates(torch.arange(len(logits)), boxes, logits.sigmoid(), groups, logits)
+
+
+def classify_rpn(cands: Candidates, level_counts: Sequence[int], config: Dict[str, float],
+                 box_tol: float, score_tol: float, logit_tol: float) -> Tensor:
+    """The RPN's selection with margins (see :func:`classify_selection`): per level the best
+    ``pre_nms_top_n`` logits, boxes of at least ``rpn_min_size``, scores of at least
+    ``rpn_score_thresh``, NMS per level, the best ``post_nms_top_n``."""
+    status = torch.full((len(cands.keys),), KEPT, dtype=torch.int8)
+    k, start = int(config["pre_nms_top_n"]), 0
+    for count in level_counts:
+        if count > k:
+            lv = cands.extra[start:start + count]
+            cut = float(torch.topk(lv, k).values[-1])
+            status[start:start + count] = _threshold_status(lv, cut, logit_tol, False)
+        start += count
+    sides = torch.minimum(cands.boxes[:, 2] - cands.boxes[:, 0],
+                          cands.boxes[:, 3] - cands.boxes[:, 1])
+    status = _merge(status, _threshold_status(sides, float(config["rpn_min_size"]),
+                                              2 * box_tol, False))
+    status = _merge(status, _threshold_status(cands.scores, float(config["rpn_score_thresh"]),
+                                              score_tol, False))
+    return classify_selection(cands.boxes, cands.scores, cands.groups, status,
+                              float(config["rpn_nms_thresh"]), int(config["post_nms_top_n"]),
+                              box_tol, score_tol)
+
+
+def check_rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor,
+                        image_size: Tuple[int, int], level_counts: Sequence[int],
+                        config: Dict[str, float], boxes: Tensor, scores: Tensor,
+                        box_tol: float = 1e-3, score_tol: float = 1e-6) -> StageCheck:
+    """Whether ``boxes``/``scores`` are proposals that a correct RPN (``config``: the keys of
+    :class:`StageRecord`'s) makes from these head outputs of one image when its arithmetic
+    (exp, decoding) differs from float64 by up to ``box_tol`` px and ``score_tol``: decisions
+    within those margins may go either way, all others must be as in float64."""
+    cands = rpn_candidates(objectness, deltas, anchors, image_size, level_counts)
+    keys = map_outputs(_rpn_pool(cands, level_counts, int(config["pre_nms_top_n"])),
+                       boxes.detach().cpu(), scores.detach().cpu(), None,
+                       box_tol=max(1e-2, 2 * box_tol), score_tol=max(1e-5, 2 * score_tol))
+    report = Report()
+    _check_decision(report, "rpn: proposals", cands, keys, torch.zeros(0, dtype=torch.int64),
+                    classify_rpn(cands, level_counts, config, box_tol, score_tol, score_tol),
+                    box_tol, score_tol)
+    return report.checks[0]
 
 
 def detection_candidates(rec: StageRecord, i: int, proposal_keys: Tensor) -> Candidates:
@@ -433,12 +478,13 @@ def map_outputs(cands: Candidates, boxes: Tensor, scores: Tensor, groups: Option
     return keys
 
 
-def _rpn_pool(rec: StageRecord, cands: Candidates) -> Candidates:
-    """The candidates a model's RPN can have picked: its own best ``pre_nms_top_n`` of each
-    level (a few more, for ties at the cut)."""
-    k = int(rec.config["pre_nms_top_n"]) + 16
+def _rpn_pool(cands: Candidates, level_counts: Sequence[int], pre_nms_top_n: int
+              ) -> Candidates:
+    """The candidates an RPN can have picked: its own best ``pre_nms_top_n`` of each level
+    (a few more, for ties at the cut)."""
+    k = pre_nms_top_n + 16
     keep, start = [], 0
-    for count in rec.level_counts:
+    for count in level_counts:
         lv = cands.extra[start:start + count]
         keep.append(start + torch.topk(lv, min(k, count)).indices)
         start += count
@@ -524,9 +570,11 @@ class _Side:
     def build(self) -> None:
         rec = self.rec
         for i in range(len(rec.image_sizes)):
-            rc = rpn_candidates(rec, i)
+            rc = rpn_candidates(rec.objectness[i], rec.rpn_deltas[i], rec.anchors,
+                                rec.image_sizes[i], rec.level_counts)
             self.rpn.append(rc)
-            pk = map_outputs(_rpn_pool(rec, rc), rec.proposals[i], rec.proposal_scores[i], None)
+            pool = _rpn_pool(rc, rec.level_counts, int(rec.config["pre_nms_top_n"]))
+            pk = map_outputs(pool, rec.proposals[i], rec.proposal_scores[i], None)
             self.proposal_keys.append(pk)
             dc = detection_candidates(rec, i, pk.clamp(min=0))
             self.det.append(dc)
@@ -534,17 +582,22 @@ class _Side:
             self.detection_keys.append(map_outputs(dc, d["boxes"], d["scores"], d["labels"]))
 
 
-def _check_decision(report: Report, stage: str, truth: Candidates, tested: Candidates,
-                    status_of: callable, tested_keys: Tensor, extra_fragile: Tensor) -> None:
-    """Classifies the truth's candidates with the tested model's measured deviation and
-    checks the tested model's selection against it."""
-    unmapped = int((tested_keys < 0).sum())
+def _deviation(truth: Candidates, tested: Candidates) -> Tuple[float, float, float]:
+    """Largest differences of boxes, scores and ranking values over the candidates both have."""
     it, ie = _common(truth.keys, tested.keys)
-    box_dev = _max_err(truth.boxes[it], tested.boxes[ie])
-    score_dev = _max_err(truth.scores[it], tested.scores[ie])
-    extra_dev = _max_err(truth.extra[it], tested.extra[ie])
-    status = status_of(box_dev, score_dev, extra_dev)
-    if len(extra_fragile):  # candidates that exist in one model only: fragile by an earlier step
+    return (_max_err(truth.boxes[it], tested.boxes[ie]),
+            _max_err(truth.scores[it], tested.scores[ie]),
+            _max_err(truth.extra[it], tested.extra[ie]))
+
+
+def _check_decision(report: Report, stage: str, truth: Candidates, tested_keys: Tensor,
+                    extra_fragile: Tensor, status: Tensor, box_tol: float, score_tol: float
+                    ) -> None:
+    """Checks a tested model's selection (the keys of its outputs, -1 for an output made from
+    no candidate) against the truth's candidates' ``status``; ``extra_fragile``: keys of
+    candidates that only the tested model has, fragile by an earlier step."""
+    unmapped = int((tested_keys < 0).sum())
+    if len(extra_fragile):
         pos = truth.lookup(extra_fragile)
         pos = pos[pos >= 0]
         status[pos[status[pos] == KEPT]] = FRAGILE
@@ -562,7 +615,7 @@ def _check_decision(report: Report, stage: str, truth: Candidates, tested: Candi
     ok = not (unmapped or wrongly_kept or lost or duplicates or strangers)
     report.add(stage, ok,
                f"{len(got)} kept, {len(kept)} robustly kept in the truth, {fragile} fragile "
-               f"(deviation: boxes {box_dev:.2g} px, scores {score_dev:.2g}); "
+               f"(margins: boxes {box_tol:.2g} px, scores {score_tol:.2g}); "
                f"not from a candidate: {unmapped}, robustly dropped but kept: {wrongly_kept}, "
                f"robustly kept but lost: {len(lost)}, duplicates: {duplicates}, "
                f"unknown candidates: {len(strangers)}")
@@ -621,33 +674,13 @@ def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
         tag = "" if name == "tested" else " (float32 reference)"
         for i in range(n):
             rc = t.rpn[i]
-
-            def rpn_status(box_dev, score_dev, logit_dev, rc=rc):
-                box_tol, score_tol = box_dev + box_floor, score_dev + score_floor
-                logit_tol = logit_dev + score_floor
-                status = torch.full((len(rc.keys),), KEPT, dtype=torch.int8)
-                start = 0
-                for count in truth.level_counts:  # per level: the best pre_nms_top_n
-                    k = int(cfg["pre_nms_top_n"])
-                    if count > k:
-                        lv = rc.extra[start:start + count]
-                        cut = float(torch.topk(lv, k).values[-1])
-                        status[start:start + count] = _threshold_status(lv, cut, logit_tol,
-                                                                        False)
-                    start += count
-                sides_ = torch.minimum(rc.boxes[:, 2] - rc.boxes[:, 0],
-                                       rc.boxes[:, 3] - rc.boxes[:, 1])
-                status = _merge(status, _threshold_status(sides_, float(cfg["rpn_min_size"]),
-                                                          2 * box_tol, False))
-                status = _merge(status, _threshold_status(rc.scores,
-                                                          float(cfg["rpn_score_thresh"]),
-                                                          score_tol, False))
-                return classify_selection(rc.boxes, rc.scores, rc.groups, status,
-                                          float(cfg["rpn_nms_thresh"]),
-                                          int(cfg["post_nms_top_n"]), box_tol, score_tol)
-
-            _check_decision(report, f"rpn: proposals{tag}, image {i}", rc, side.rpn[i],
-                            rpn_status, side.proposal_keys[i], torch.zeros(0, dtype=torch.int64))
+            box_dev, score_dev, logit_dev = _deviation(rc, side.rpn[i])
+            box_tol, score_tol = box_dev + box_floor, score_dev + score_floor
+            status = classify_rpn(rc, truth.level_counts, cfg, box_tol, score_tol,
+                                  logit_dev + score_floor)
+            _check_decision(report, f"rpn: proposals{tag}, image {i}", rc,
+                            side.proposal_keys[i], torch.zeros(0, dtype=torch.int64), status,
+                            box_tol, score_tol)
 
             # Detection candidates of proposals one model has are fragile by the RPN check.
             only = torch.cat([_only(t.proposal_keys[i], side.proposal_keys[i]),
@@ -656,19 +689,18 @@ def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
             only_keys = (only[:, None] * c + torch.arange(1, c)).reshape(-1)
             dc = _union(t.det[i], side.det[i], only_keys)
 
-            def det_status(box_dev, score_dev, _, dc=dc):
-                box_tol, score_tol = box_dev + box_floor, score_dev + score_floor
-                sides_ = torch.minimum(dc.boxes[:, 2] - dc.boxes[:, 0],
-                                       dc.boxes[:, 3] - dc.boxes[:, 1])
-                status = _merge(_threshold_status(dc.scores, float(cfg["box_score_thresh"]),
-                                                  score_tol, True),
-                                _threshold_status(sides_, 1e-2, 2 * box_tol, False))
-                return classify_selection(dc.boxes, dc.scores, dc.groups, status,
-                                          float(cfg["box_nms_thresh"]),
-                                          int(cfg["detections_per_img"]), box_tol, score_tol)
-
-            _check_decision(report, f"box head: detections{tag}, image {i}", dc, side.det[i],
-                            det_status, side.detection_keys[i], only_keys)
+            box_dev, score_dev, _ = _deviation(dc, side.det[i])
+            box_tol, score_tol = box_dev + box_floor, score_dev + score_floor
+            sides_ = torch.minimum(dc.boxes[:, 2] - dc.boxes[:, 0],
+                                   dc.boxes[:, 3] - dc.boxes[:, 1])
+            status = _merge(_threshold_status(dc.scores, float(cfg["box_score_thresh"]),
+                                              score_tol, True),
+                            _threshold_status(sides_, 1e-2, 2 * box_tol, False))
+            status = classify_selection(dc.boxes, dc.scores, dc.groups, status,
+                                        float(cfg["box_nms_thresh"]),
+                                        int(cfg["detections_per_img"]), box_tol, score_tol)
+            _check_decision(report, f"box head: detections{tag}, image {i}", dc,
+                            side.detection_keys[i], only_keys, status, box_tol, score_tol)
 
         if name == "tested":
             for i in range(n):
