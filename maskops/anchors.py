@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as V
+from ._fx import leaf
 
 # (feature sizes, strides, sizes, ratios, dtype, device, inference mode) -> anchors.
 _CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
@@ -86,6 +87,7 @@ def _pairs(values, name: str, levels: Optional[int], allow_int: bool, positive: 
     return tuple(out)
 
 
+@leaf
 def generate_anchors(
     feature_sizes: Sequence[Tuple[int, int]],
     strides: Sequence,
@@ -173,7 +175,9 @@ class AnchorGenerator(nn.Module):
     def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)):
         super().__init__()
         if not isinstance(sizes, (list, tuple)) or not sizes:
-            raise ValueError(f"sizes must be a non-empty sequence, got {sizes!r}")
+            # torchvision indexes sizes[0]: IndexError.
+            raise V.error(ValueError, f"sizes must be a non-empty sequence, got {sizes!r}",
+                          IndexError)
         if not isinstance(sizes[0], (list, tuple)):
             sizes = tuple((s,) for s in sizes)
         if not isinstance(aspect_ratios, (list, tuple)) or not aspect_ratios:
@@ -222,21 +226,25 @@ class AnchorGenerator(nn.Module):
             the same (cached) tensor: do not modify it in place.
         """
         if not isinstance(feature_maps, (list, tuple)) or not feature_maps:
-            raise ValueError("feature_maps must be a non-empty list of Tensor[N, C, H, W]")
+            raise V.error(ValueError, "feature_maps must be a non-empty list of Tensor[N, C, H, W]",
+                          AssertionError)
         if len(feature_maps) != len(self.sizes):
-            raise ValueError(f"feature_maps must have one map per anchor level ({len(self.sizes)} "
-                             f"sizes / aspect ratios), got {len(feature_maps)}")
+            # torchvision: AssertionError (its check of grid sizes against cell anchors).
+            raise V.error(ValueError, f"feature_maps must have one map per anchor level "
+                          f"({len(self.sizes)} sizes / aspect ratios), got {len(feature_maps)}",
+                          AssertionError)
         for i, f in enumerate(feature_maps):
             V.tensor(f, f"feature_maps[{i}]")
             if f.dim() < 2:
-                raise ValueError(f"feature_maps[{i}] must be a [N, C, H, W] tensor, got shape "
-                                 f"{tuple(f.shape)}")
+                raise V.error(ValueError, f"feature_maps[{i}] must be a [N, C, H, W] tensor, got "
+                              f"shape {tuple(f.shape)}", IndexError)
         image_size = image_list.tensors.shape[-2:]
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
         for i, (h, w) in enumerate(grid_sizes):
             if h == 0 or w == 0:
-                raise ValueError(f"feature_maps[{i}] has an empty grid {(h, w)}: its stride "
-                                 "(image size // feature size) is undefined")
+                raise V.error(ValueError, f"feature_maps[{i}] has an empty grid {(h, w)}: its "
+                              "stride (image size // feature size) is undefined",
+                              ZeroDivisionError)
         strides = [(image_size[0] // h, image_size[1] // w) for h, w in grid_sizes]
         V.floating(feature_maps[0], "feature_maps[0]")  # its dtype is the anchors' dtype
         dtype = feature_maps[0].dtype

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._fx import leaf
 
 DEFAULT_CLAMP = math.log(1000.0 / 16)
 
@@ -22,11 +23,13 @@ DEFAULT_CLAMP = math.log(1000.0 / 16)
 def _codes(rel_codes) -> Tensor:
     V.floating(rel_codes, "rel_codes")
     if rel_codes.dim() != 2 or rel_codes.size(1) % 4 != 0:
-        raise ValueError(f"rel_codes must have shape [N, 4 * K] (K codes (dx, dy, dw, dh) per box), "
-                         f"got {tuple(rel_codes.shape)}")
+        # torchvision: RuntimeError (torch.stack of unequal code columns).
+        raise V.error(ValueError, f"rel_codes must have shape [N, 4 * K] (K codes (dx, dy, dw, "
+                      f"dh) per box), got {tuple(rel_codes.shape)}", RuntimeError)
     return rel_codes
 
 
+@leaf
 def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
                  clamp: float = DEFAULT_CLAMP) -> Tensor:
     """Applies box deltas to reference boxes (torchvision's ``BoxCoder.decode_single``).
@@ -39,7 +42,8 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
     Args:
         rel_codes: ``Tensor[N, 4 * K]`` codes, ``K`` per box (e.g. one per class).
         boxes: ``Tensor[N, 4]`` reference boxes ``(x1, y1, x2, y2)``, any floating dtype (read
-            in the codes' math type: float32, or float64 for float64 codes).
+            in the codes' math type: float32, or float64 for float64 codes); integer boxes are
+            converted to the codes' dtype first, as torchvision does.
         weights: ``(wx, wy, ww, wh)``, positive (torchvision's RPN: ``(1, 1, 1, 1)``, box head:
             ``(10, 10, 5, 5)``); a sequence or a tensor.
         clamp: upper bound of ``dw`` and ``dh`` (default ``log(1000 / 16)``).
@@ -54,16 +58,19 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
     not powers of two.
     """
     _codes(rel_codes)
-    V.boxes_n4(boxes, "boxes")
+    V.boxes_n4(boxes, "boxes", integers=True)
     if boxes.size(0) != rel_codes.size(0):
-        raise ValueError(f"rel_codes must have one row per box ({boxes.size(0)}), "
-                         f"got {rel_codes.size(0)}")
+        raise V.error(ValueError, f"rel_codes must have one row per box ({boxes.size(0)}), "
+                      f"got {rel_codes.size(0)}", RuntimeError)
     V.same_device(boxes, rel_codes, "boxes", "rel_codes")
+    if V.is_integer(boxes):
+        boxes = boxes.to(rel_codes.dtype)
     weights = V.box_weights(weights)
     clamp = V.number(clamp, "clamp")
     return torch.ops.maskops.decode_boxes(rel_codes, boxes, list(weights), clamp)
 
 
+@leaf
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[float]) -> Tensor:
     """The codes of ``reference_boxes`` relative to ``proposals`` (torchvision's ``encode_boxes``).
 
@@ -81,8 +88,8 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
     V.boxes_n4(reference_boxes, "reference_boxes")
     V.boxes_n4(proposals, "proposals")
     if reference_boxes.size(0) != proposals.size(0):
-        raise ValueError(f"proposals must have one row per reference box ({reference_boxes.size(0)}), "
-                         f"got {proposals.size(0)}")
+        raise V.error(ValueError, f"proposals must have one row per reference box "
+                      f"({reference_boxes.size(0)}), got {proposals.size(0)}", RuntimeError)
     V.same_device(proposals, reference_boxes, "proposals", "reference_boxes")
     weights = V.box_weights(weights)
     dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
@@ -90,38 +97,57 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
                                           list(weights))
 
 
+@leaf
 def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
     """Clips boxes to an image (torchvision's ``clip_boxes_to_image``).
 
     Args:
-        boxes: ``Tensor[..., 4]`` boxes ``(x1, y1, x2, y2)``.
+        boxes: ``Tensor[..., 4]`` boxes ``(x1, y1, x2, y2)``, floating or integer.
         image_size: ``(height, width)``.
 
     Returns:
-        ``Tensor[..., 4]``, x clamped to ``[0, width]`` and y to ``[0, height]`` (NaN stays
-        NaN). Differentiable (the gradient passes where a coordinate was inside the bounds).
+        ``Tensor[..., 4]`` in the boxes' dtype, x clamped to ``[0, width]`` and y to
+        ``[0, height]`` (NaN stays NaN). Differentiable (the gradient passes where a coordinate
+        was inside the bounds). A leaf of ``torch.fx`` tracing.
     """
-    V.floating(boxes, "boxes")
+    V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
-        raise ValueError(f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        # torchvision: IndexError without a last dimension, RuntimeError (torch.stack) otherwise.
+        raise V.error(ValueError, f"boxes must have shape [..., 4] (x1, y1, x2, y2), got "
+                      f"{tuple(boxes.shape)}", IndexError if boxes.dim() == 0 else RuntimeError)
     h, w = V.image_size(image_size, "image_size")
+    if V.is_integer(boxes):
+        # A bound past the dtype's range (an int8 box in a 300-pixel image) clips nothing;
+        # torch.clamp would refuse it (torchvision raises RuntimeError there).
+        top = torch.iinfo(boxes.dtype).max
+        out = torch.empty_like(boxes)
+        out[..., 0::2] = boxes[..., 0::2].clamp(min=0, max=min(w, top))
+        out[..., 1::2] = boxes[..., 1::2].clamp(min=0, max=min(h, top))
+        return out
     return torch.ops.maskops.clip_boxes(boxes, h, w)
 
 
+@leaf
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes whose width and height are both ``>= min_size``.
 
     Args:
-        boxes: ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``.
+        boxes: ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``, floating or integer.
         min_size: non-negative; compared with sides computed and rounded in the boxes' dtype,
-            as torchvision does (so the result is torchvision's for every dtype).
+            as torchvision does (so the result is torchvision's for every dtype). Sides of
+            integer boxes narrower than int32 are computed in int32 (torchvision's can wrap
+            around in the boxes' dtype).
 
     Returns:
         ``Tensor[K]`` int64 indices, increasing. On CUDA the call waits for the GPU once (the
-        output size depends on the data).
+        output size depends on the data). A leaf of ``torch.fx`` tracing.
     """
-    V.boxes_n4(boxes, "boxes")
-    min_size = V.non_negative_number(min_size, "min_size")
+    V.boxes_n4(boxes, "boxes", integers=True)
+    min_size = V.non_negative_number(min_size, "min_size", tv=TypeError)
+    if V.is_integer(boxes):
+        b = boxes if boxes.dtype in (torch.int32, torch.int64) else boxes.to(torch.int32)
+        keep = ((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)
+        return keep.nonzero().squeeze(1)
     return torch.ops.maskops.remove_small_boxes(boxes, min_size)
 
 
@@ -153,7 +179,9 @@ class BoxCoder:
         """Decodes ``rel_codes`` (``N * 4 * K`` values for the ``N`` boxes of all images) into
         ``Tensor[N, K, 4]``, like torchvision (which returns ``rel_codes``' layout when N = 0)."""
         if not isinstance(boxes, (list, tuple)):
-            raise TypeError(f"boxes must be a list or tuple of Tensor[N_i, 4], got {V._describe(boxes)}")
+            # torchvision: AssertionError (torch._assert).
+            raise V.error(TypeError, f"boxes must be a list or tuple of Tensor[N_i, 4], got "
+                          f"{V._describe(boxes)}", AssertionError)
         V.tensor(rel_codes, "rel_codes")
         box_sum = sum(b.size(0) for b in boxes)
         if box_sum > 0:

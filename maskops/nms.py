@@ -12,8 +12,27 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._fx import leaf
 
 
+def _no_boxes(boxes, shapes, **per_box) -> bool:
+    """Whether ``boxes`` is empty with a shape in ``shapes``, whatever the dtypes: there is
+    nothing to suppress, and torchvision returns no indices (``batched_nms`` on every device,
+    ``nms`` on CUDA; its CPU ``nms`` refuses integer dtypes first). ``per_box``: name ->
+    (tensor, torchvision's class for a non-tensor), each must then have shape [0]."""
+    V.tensor(boxes, "boxes")
+    # Not while compiling: testing the number of boxes would guard on it.
+    if V.is_traced(boxes) or boxes.numel() != 0 or tuple(boxes.shape) not in shapes:
+        return False
+    for name, (x, tensor_tv) in per_box.items():
+        V.tensor(x, name, tensor_tv)
+        if x.shape != (0,):
+            raise V.error(ValueError, f"{name} must have shape [0] (one per box), got "
+                          f"{tuple(x.shape)}", (IndexError, RuntimeError))
+    return True
+
+
+@leaf
 def nms(
     boxes: Tensor,
     scores: Tensor,
@@ -50,16 +69,22 @@ def nms(
         ``Tensor[K]`` int64 indices into ``boxes`` of the kept boxes, by decreasing score.
 
     On CUDA the call waits once for the GPU, to read how many boxes were kept (the output
-    size depends on the data); everything else stays on the device.
+    size depends on the data); everything else stays on the device. A leaf of ``torch.fx``
+    tracing. Errors are also instances of torchvision's class for the same mistake
+    (``RuntimeError`` for a wrong shape, dtype or device, as its C++ checks raise). No boxes
+    (``Tensor[0, 4]``) give no indices whatever the dtypes, as torchvision's CUDA ``nms``.
     """
-    V.boxes_n4(boxes, "boxes")
-    V.per_box(scores, boxes, "scores", "scores")
     iou_threshold = V.number(iou_threshold, "iou_threshold")
     score_threshold = V.optional_number(score_threshold, "score_threshold")
     max_output = V.optional_non_negative_int(max_output, "max_output")
+    if _no_boxes(boxes, [(0, 4)], scores=(scores, RuntimeError)):
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    V.boxes_n4(boxes, "boxes", tv=RuntimeError)
+    V.per_box(scores, boxes, "scores", "scores")
     return torch.ops.maskops.nms(boxes, scores, iou_threshold, score_threshold, max_output)
 
 
+@leaf
 def batched_nms(
     boxes: Tensor,
     scores: Tensor,
@@ -94,41 +119,96 @@ def batched_nms(
     sort, so equal scores in different classes come in an unspecified order. maskops is
     exact in the first case and orders ties by index in the second; otherwise the outputs
     are identical.
+
+    Like torchvision, empty boxes (``Tensor[0, 4]`` or ``Tensor[0]``) give an empty result
+    whatever the dtypes of ``boxes``, ``scores`` and ``idxs``. A leaf of ``torch.fx`` tracing.
     """
-    V.boxes_n4(boxes, "boxes")
-    V.per_box(scores, boxes, "scores", "scores")
-    V.per_box(idxs, boxes, "idxs", "class indices", integer_ids=True)
     iou_threshold = V.number(iou_threshold, "iou_threshold")
     score_threshold = V.optional_number(score_threshold, "score_threshold")
     max_output = V.optional_non_negative_int(max_output, "max_output")
+    if _no_boxes(boxes, [(0,), (0, 4)], scores=(scores, RuntimeError), idxs=(idxs, AttributeError)):
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    # torchvision's checks of a wrong size or device differ with its input size (it takes
+    # another path above 1,000 boxes on the CPU); these classes cover both paths.
+    V.boxes_n4(boxes, "boxes", tv=RuntimeError)
+    V.per_box(scores, boxes, "scores", "scores", tv=(IndexError, RuntimeError))
+    V.per_box(idxs, boxes, "idxs", "class indices", integer_ids=True, tv=(IndexError, RuntimeError),
+              tensor_tv=AttributeError, device_tv=NotImplementedError)
     return torch.ops.maskops.batched_nms(boxes, scores, idxs, iou_threshold, score_threshold,
                                          max_output)
 
 
-def box_area(boxes: Tensor) -> Tensor:
-    """Areas ``(x2 - x1) * (y2 - y1)`` of ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``.
+def _fmt(fmt) -> None:
+    if fmt != "xyxy":
+        raise ValueError(f"fmt must be 'xyxy' (x1, y1, x2, y2): maskops' box ops take no other "
+                         f"box format (convert with torchvision.ops.box_convert), got {fmt!r}")
 
-    Returns ``Tensor[N]`` in the boxes' dtype (half types compute in float32 and round once).
-    Differentiable with respect to ``boxes``.
+
+def _widened(boxes: Tensor) -> Tensor:
+    """Integer boxes in the type torchvision computes their areas in: int32 and int64 stay,
+    narrower integers become int32 (a product of two int8 sides overflows int8)."""
+    return boxes if boxes.dtype in (torch.int32, torch.int64) else boxes.to(torch.int32)
+
+
+def _int_area(b: Tensor) -> Tensor:
+    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+
+@leaf
+def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Areas ``(x2 - x1) * (y2 - y1)`` of boxes ``(x1, y1, x2, y2)``.
+
+    Args:
+        boxes: ``Tensor[..., 4]`` (usually ``[N, 4]``), floating or integer.
+        fmt: ``"xyxy"``, the only format taken (torchvision's signature has it).
+
+    Returns:
+        ``Tensor[...]``: floating boxes give their dtype (half types compute in float32 and
+        round once); integer boxes give int64 for int64 and int32 otherwise, as torchvision
+        (narrow integers are widened before the subtraction). Differentiable with respect to
+        floating ``boxes``. A leaf of ``torch.fx`` tracing.
     """
-    V.boxes_n4(boxes, "boxes")
-    return torch.ops.maskops.box_area(boxes)
+    V.real(boxes, "boxes")
+    if boxes.dim() < 1 or boxes.size(-1) != 4:
+        raise V.error(ValueError, f"boxes must have shape [..., 4] (x1, y1, x2, y2), got "
+                      f"{tuple(boxes.shape)}", IndexError)
+    _fmt(fmt)
+    if V.is_integer(boxes):
+        return _int_area(_widened(boxes))
+    if boxes.dim() == 2:
+        return torch.ops.maskops.box_area(boxes)
+    return torch.ops.maskops.box_area(boxes.reshape(-1, 4)).reshape(boxes.shape[:-1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+@leaf
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """Pairwise IoU of ``Tensor[N, 4]`` and ``Tensor[M, 4]`` boxes ``(x1, y1, x2, y2)``.
 
     Returns ``Tensor[N, M]`` in the promoted dtype of the inputs (half types compute in
-    float32). Where the union of two boxes is 0 (e.g. two zero-area boxes) the IoU is 0,
+    float32); integer boxes (both) give torch's default floating dtype (float32), as
+    torchvision. Where the union of two boxes is 0 (e.g. two zero-area boxes) the IoU is 0,
     never NaN; torchvision's ``box_iou`` returns NaN there (0 / 0), and the gradient there
-    is 0. A NaN coordinate gives NaN. Differentiable with respect to both inputs, with
-    torch's conventions at kinks (a tie in min/max splits the gradient in half).
+    is 0. A NaN coordinate gives NaN. Differentiable with respect to both (floating) inputs,
+    with torch's conventions at kinks (a tie in min/max splits the gradient in half).
+    ``fmt``: ``"xyxy"`` only. A leaf of ``torch.fx`` tracing.
     """
-    V.boxes_n4(boxes1, "boxes1")
-    V.boxes_n4(boxes2, "boxes2")
+    V.boxes_n4(boxes1, "boxes1", integers=True)
+    V.boxes_n4(boxes2, "boxes2", integers=True)
     V.same_device(boxes2, boxes1, "boxes2", "boxes1")
+    _fmt(fmt)
     dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
-    return torch.ops.maskops.box_iou(boxes1.to(dtype), boxes2.to(dtype))
+    if dtype.is_floating_point:
+        return torch.ops.maskops.box_iou(boxes1.to(dtype), boxes2.to(dtype))
+    # Integer boxes: exact integer areas and intersections (in int32 or int64, widened before
+    # any subtraction), one division in the default floating dtype.
+    a, b = _widened(boxes1.to(dtype)), _widened(boxes2.to(dtype))
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = _int_area(a)[:, None] + _int_area(b)[None, :] - inter
+    iou = inter / union
+    return torch.where(union == 0, torch.zeros_like(iou), iou)
 
 
 # ---- fake kernels (shapes and dtypes for torch.compile / export) ----

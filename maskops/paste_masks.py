@@ -13,34 +13,29 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._fx import leaf
 
 
-def _image_size(image_size) -> Tuple[int, int]:
-    if not isinstance(image_size, (list, tuple, torch.Size)) or len(image_size) != 2:
-        raise ValueError(f"image_size must be a pair (height, width), got {image_size!r}")
-    h, w = (V.integer(v, f"image_size[{i}]") for i, v in enumerate(image_size))
-    if h < 0 or w < 0:
-        raise ValueError(f"image_size must be non-negative, got {(h, w)}")
-    return h, w
-
-
-def _check(masks: Tensor, boxes: Tensor, padding: int) -> None:
+def _check(masks: Tensor, boxes: Tensor, padding: int) -> Tensor:
+    """Checks the arguments; returns the boxes in a floating dtype."""
     V.floating(masks, "masks")
     V.ndim(masks, 4, "masks", "[N, C, M, M]")
     if masks.shape[-1] != masks.shape[-2]:
         raise ValueError(f"masks must be square ([N, C, M, M]), got shape {tuple(masks.shape)}")
     if masks.shape[-1] == 0 and masks.shape[0] * masks.shape[1] > 0:
         raise ValueError("masks must have a positive size M")
-    V.floating(boxes, "boxes")
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    V.boxes_n4(boxes, "boxes", integers=True)
     if boxes.shape[0] != masks.shape[0]:
         raise ValueError(f"boxes must have one row per mask ({masks.shape[0]}), got {boxes.shape[0]}")
     V.same_device(boxes, masks, "boxes", "masks")
     if V.integer(padding, "padding") < 0:
         raise ValueError(f"padding must be non-negative, got {padding}")
+    if V.is_integer(boxes):  # torchvision computes with integer boxes in float32 too
+        boxes = boxes.to(torch.float64 if masks.dtype == torch.float64 else torch.float32)
+    return boxes
 
 
+@leaf
 def paste_masks(
     masks: Tensor,
     boxes: Tensor,
@@ -59,7 +54,7 @@ def paste_masks(
     Args:
         masks: ``Tensor[N, C, M, M]`` mask probabilities (Mask R-CNN: ``C = 1``, ``M = 28``),
             any floating dtype (half types compute in float32).
-        boxes: ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` in image pixels.
+        boxes: ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` in image pixels, floating or integer.
         image_size: ``(height, width)`` of the output.
         threshold: with a number, the output is the binary mask ``value >= threshold`` as
             ``bool`` (``uint8`` with ``as_uint8``), written directly; ``None`` gives the
@@ -68,10 +63,10 @@ def paste_masks(
 
     Returns:
         ``Tensor[N, C, height, width]``. Not differentiable (an inference op). Boxes with
-        NaN coordinates paste nothing.
+        NaN coordinates paste nothing. A leaf of ``torch.fx`` tracing.
     """
-    _check(masks, boxes, padding)
-    h, w = _image_size(image_size)
+    boxes = _check(masks, boxes, padding)
+    h, w = V.image_size(image_size, "image_size")
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise TypeError(f"threshold must be a number or None, got {V._describe(threshold)}")
@@ -80,6 +75,7 @@ def paste_masks(
     return torch.ops.maskops.paste_masks(masks, boxes, h, w, int(padding), threshold, as_uint8)
 
 
+@leaf
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: Tuple[int, int],
                          padding: int = 1) -> Tensor:
     """torchvision's ``paste_masks_in_image`` signature: float ``Tensor[N, C, H, W]``."""

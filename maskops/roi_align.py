@@ -13,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as V
+from ._fx import leaf
 
 BoxesType = Union[Tensor, List[Tensor], Tuple[Tensor, ...]]
 
 
+@leaf
 def roi_align(
     input: Tensor,
     boxes: BoxesType,
@@ -35,8 +37,8 @@ def roi_align(
             floating dtype (read in float32, or float64 for float64 input).
         output_size: ``int`` or ``(height, width)`` of the pooled output.
         spatial_scale: feature size / image size (e.g. 1/16 for stride-16 features).
-        sampling_ratio: sample points per bin along each axis; ``<= 0`` picks
-            ``ceil(box size / output size)`` per box (adaptive; capped at 1024).
+        sampling_ratio: sample points per bin along each axis, at most 1024; ``<= 0``
+            picks ``ceil(box size / output size)`` per box (adaptive; capped at 1024).
         aligned: shift boxes by -0.5 feature cells so that sampling is pixel-centred
             (the Detectron2 convention). ``False`` reproduces the original Mask R-CNN.
 
@@ -46,14 +48,18 @@ def roi_align(
     Boxes with a NaN coordinate pool to zeros. On CPU a batch index outside ``[0, N)``
     raises ``ValueError``; on CUDA such a box pools to zeros (checking would wait for the GPU).
     Differentiable with respect to ``input`` (the backward is deterministic on CPU, and on
-    CUDA under ``torch.use_deterministic_algorithms(True)``).
+    CUDA under ``torch.use_deterministic_algorithms(True)``). A leaf of ``torch.fx`` tracing.
+
+    Bad arguments raise ``TypeError`` / ``ValueError`` that are also instances of the class
+    torchvision raises for the same mistake (e.g. ``AssertionError`` for ``Tensor[K, 4]``
+    boxes, ``RuntimeError`` for an integer input).
     """
     V.floating(input, "input")
     V.ndim(input, 4, "input", "[N, C, H, W]")
     rois = V.boxes_to_rois(boxes, input)
     pooled_h, pooled_w = V.pair(output_size, "output_size")
     spatial_scale = V.positive_float(spatial_scale, "spatial_scale")
-    sampling_ratio = V.integer(sampling_ratio, "sampling_ratio")
+    sampling_ratio = V.sampling_ratio(sampling_ratio)
     aligned = V.boolean(aligned, "aligned")
     V.batch_indices(rois, input.size(0))
     return torch.ops.maskops.roi_align(input, rois, spatial_scale, pooled_h, pooled_w,
@@ -61,14 +67,17 @@ def roi_align(
 
 
 class RoIAlign(nn.Module):
-    """Module form of :func:`roi_align` (same constructor as ``torchvision.ops.RoIAlign``)."""
+    """Module form of :func:`roi_align` (same constructor as ``torchvision.ops.RoIAlign``).
+
+    The arguments are checked here, at construction (torchvision checks them at the first
+    call); ``torch.fx.symbolic_trace`` records the pooling as one :func:`roi_align` call."""
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
                  aligned: bool = False) -> None:
         super().__init__()
         self.output_size = V.pair(output_size, "output_size")
         self.spatial_scale = V.positive_float(spatial_scale, "spatial_scale")
-        self.sampling_ratio = V.integer(sampling_ratio, "sampling_ratio")
+        self.sampling_ratio = V.sampling_ratio(sampling_ratio)
         self.aligned = V.boolean(aligned, "aligned")
 
     def forward(self, input: Tensor, rois: BoxesType) -> Tensor:
@@ -146,6 +155,7 @@ def _pyramid_levels(spatial_scales, n_levels: int) -> int:
     return int(round(ks[0]))
 
 
+@leaf
 def multiscale_roi_align(
     features: List[Tensor],
     boxes: BoxesType,
@@ -175,7 +185,8 @@ def multiscale_roi_align(
 
     Returns:
         ``Tensor[K, C, output_height, output_width]`` in the features' dtype, in the layout of
-        ``features[0]``. Differentiable with respect to every level.
+        ``features[0]``. Differentiable with respect to every level. A leaf of ``torch.fx``
+        tracing.
     """
     if not isinstance(features, (list, tuple)) or not features:
         raise TypeError(f"features must be a non-empty list of Tensor[N, C, H, W], got {V._describe(features)}")
@@ -185,15 +196,16 @@ def multiscale_roi_align(
     for i, f in enumerate(features[1:], 1):
         V.ndim(V.floating(f, f"features[{i}]"), 4, f"features[{i}]", "[N, C, H, W]")
         if f.dtype != ref.dtype or f.shape[:2] != ref.shape[:2]:
-            raise ValueError(f"features[{i}] must have the dtype, batch size and channels of "
-                             f"features[0] ({ref.dtype}, {tuple(ref.shape[:2])}), got {f.dtype}, "
-                             f"{tuple(f.shape[:2])}")
+            # torchvision: RuntimeError from its kernel on a dtype mismatch.
+            raise V.error(ValueError, f"features[{i}] must have the dtype, batch size and "
+                          f"channels of features[0] ({ref.dtype}, {tuple(ref.shape[:2])}), got "
+                          f"{f.dtype}, {tuple(f.shape[:2])}", RuntimeError)
         V.same_device(f, ref, f"features[{i}]", "features[0]")
-    rois = V.boxes_to_rois(boxes, ref)
+    rois = V.boxes_to_rois(boxes, ref, multiscale=True)
     pooled_h, pooled_w = V.pair(output_size, "output_size")
     k_min = _pyramid_levels(spatial_scales, len(features))
-    sampling_ratio = V.integer(sampling_ratio, "sampling_ratio")
-    canonical_scale = V.positive_float(canonical_scale, "canonical_scale")
+    sampling_ratio = V.sampling_ratio(sampling_ratio)
+    canonical_scale = V.positive_float(canonical_scale, "canonical_scale", tv=None)
     if isinstance(canonical_level, bool) or not isinstance(canonical_level, numbers.Real):
         raise TypeError(f"canonical_level must be a number, got {V._describe(canonical_level)}")
     aligned = V.boolean(aligned, "aligned")
@@ -201,6 +213,30 @@ def multiscale_roi_align(
     return torch.ops.maskops.multiscale_roi_align(
         list(features), rois, [float(s) for s in spatial_scales], pooled_h, pooled_w,
         sampling_ratio, aligned, canonical_scale, float(canonical_level), k_min)
+
+
+@leaf
+def _select_features(x: Dict[str, Tensor], featmap_names: List[str]) -> List[Tensor]:
+    """The maps of ``x`` named in ``featmap_names``, in ``x``'s order (a leaf of fx tracing)."""
+    if not isinstance(x, dict):
+        # torchvision calls x.items(): AttributeError.
+        raise V.error(TypeError, f"x must be a dict of feature maps, got {V._describe(x)}",
+                      AttributeError)
+    features = [v for k, v in x.items() if k in featmap_names]
+    if not features:
+        # torchvision indexes the empty list: IndexError.
+        raise V.error(ValueError, f"x has none of the feature maps {featmap_names}; "
+                      f"keys: {list(x.keys())}", IndexError)
+    return features
+
+
+@leaf
+def _infer_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]]) -> List[float]:
+    """Per level, the scale feature size / image size (a leaf of fx tracing: it reads sizes)."""
+    if not image_shapes:
+        raise ValueError("image_shapes must list the (height, width) of every image")
+    original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+    return [_infer_scale(f, original) for f in features]
 
 
 def _infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
@@ -221,6 +257,10 @@ class MultiScaleRoIAlign(nn.Module):
         sampling_ratio: as in :func:`roi_align`.
         canonical_scale, canonical_level: see :func:`multiscale_roi_align`.
         aligned: maskops extra; ``False`` (torchvision's behaviour) by default.
+
+    Under ``torch.fx.symbolic_trace`` the forward is three leaves, as in torchvision: the
+    choice of feature maps, the scale inference (from the feature and image sizes) and the
+    pooling; the traced graph infers the scales on every call, as the module does.
     """
 
     def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
@@ -231,7 +271,7 @@ class MultiScaleRoIAlign(nn.Module):
             featmap_names = [featmap_names]
         self.featmap_names = list(featmap_names)
         self.output_size = V.pair(output_size, "output_size")
-        self.sampling_ratio = V.integer(sampling_ratio, "sampling_ratio")
+        self.sampling_ratio = V.sampling_ratio(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
         self.aligned = V.boolean(aligned, "aligned")
@@ -241,17 +281,11 @@ class MultiScaleRoIAlign(nn.Module):
                 image_shapes: List[Tuple[int, int]]) -> Tensor:
         """Pools ``boxes`` (per image ``Tensor[L_i, 4]``) from ``x``; ``image_shapes`` are the
         (height, width) of the images the boxes refer to (before batching/padding)."""
-        if not isinstance(x, dict):
-            raise TypeError(f"x must be a dict of feature maps, got {V._describe(x)}")
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(f"x has none of the feature maps {self.featmap_names}; "
-                             f"keys: {list(x.keys())}")
-        if not image_shapes:
-            raise ValueError("image_shapes must list the (height, width) of every image")
-        original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        self.scales = [_infer_scale(f, original) for f in features]
-        return multiscale_roi_align(features, boxes, self.output_size, self.scales,
+        features = _select_features(x, self.featmap_names)
+        scales = _infer_scales(features, image_shapes)
+        if not isinstance(scales, torch.fx.Proxy):  # (while fx traces, a Proxy: not kept)
+            self.scales = scales
+        return multiscale_roi_align(features, boxes, self.output_size, scales,
                                     self.sampling_ratio, self.canonical_scale,
                                     self.canonical_level, self.aligned)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._fx import leaf
 
 
 def _anchors(anchors, batch: int, num_anchors: int, ref: Tensor) -> Tensor:
@@ -34,6 +35,7 @@ def _anchors(anchors, batch: int, num_anchors: int, ref: Tensor) -> Tensor:
     return anchors
 
 
+@leaf
 def rpn_proposals(
     objectness: Tensor,
     deltas: Tensor,

@@ -79,8 +79,8 @@ CASES = [
     ("batched_nms idxs float", lambda t: maskops.batched_nms(t["boxes"], t["scores"], t["idxs"].float(), 0.5), TypeError, "idxs"),
     ("batched_nms idxs length", lambda t: maskops.batched_nms(t["boxes"], t["scores"], t["idxs"][:2], 0.5), ValueError, "idxs"),
     ("box_iou boxes2 shape", lambda t: maskops.box_iou(t["boxes"], t["boxes"][:, :2]), ValueError, "boxes2"),
-    ("box_iou boxes1 int", lambda t: maskops.box_iou(t["boxes"].long(), t["boxes"]), TypeError, "boxes1"),
-    ("box_area 3d", lambda t: maskops.box_area(t["boxes"][None]), ValueError, "boxes"),
+    ("box_iou boxes1 bool", lambda t: maskops.box_iou(t["boxes"] > 1, t["boxes"]), TypeError, "boxes1"),
+    ("box_area 3 cols", lambda t: maskops.box_area(t["boxes"][:, :3]), ValueError, "boxes"),
     # paste_masks / RLE
     ("paste masks 3d", lambda t: maskops.paste_masks(t["masks"][:, 0], t["boxes"], (50, 50)), ValueError, "masks must be a 4-d tensor"),
     ("paste masks not square", lambda t: maskops.paste_masks(t["masks"][..., :20], t["boxes"], (50, 50)), ValueError, "masks must be square"),

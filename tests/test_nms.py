@@ -466,7 +466,7 @@ BAD = [
     (lambda: maskops.batched_nms(B, S, I.to("meta"), 0.5), ValueError, "idxs"),
     (lambda: maskops.batched_nms(B, S, I, [0.5]), TypeError, "iou_threshold"),
     (lambda: maskops.box_iou(B, B[:, :2]), ValueError, "boxes2"),
-    (lambda: maskops.box_iou(B.int(), B), TypeError, "boxes1"),
+    (lambda: maskops.box_iou(B.bool(), B), TypeError, "boxes1"),
     (lambda: maskops.box_iou(B, B.to("meta")), ValueError, "boxes2"),
     (lambda: maskops.box_area(B[:, 0]), ValueError, "boxes"),
     (lambda: maskops.box_area(None), TypeError, "boxes"),

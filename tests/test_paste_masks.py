@@ -156,7 +156,7 @@ BAD_CALLS = [
     (lambda: maskops.paste_masks(M1 > 0.5, B1, (50, 50)), TypeError, "masks must have a floating dtype"),
     (lambda: maskops.paste_masks(M1, B1[:1], (50, 50)), ValueError, r"one row per mask \(2\), got 1"),
     (lambda: maskops.paste_masks(M1, B1[:, :3], (50, 50)), ValueError, r"boxes must have shape \[N, 4\]"),
-    (lambda: maskops.paste_masks(M1, B1.long(), (50, 50)), TypeError, "boxes must have a floating dtype"),
+    (lambda: maskops.paste_masks(M1, B1.bool(), (50, 50)), TypeError, "boxes must have a floating or integer dtype"),
     (lambda: maskops.paste_masks(M1, B1, 50), ValueError, "image_size must be a pair"),
     (lambda: maskops.paste_masks(M1, B1, (50, -1)), ValueError, "image_size must be non-negative"),
     (lambda: maskops.paste_masks(M1, B1, (50, 50.5)), TypeError, r"image_size\[1\] must be an int"),

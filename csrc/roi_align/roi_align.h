@@ -25,6 +25,11 @@ namespace roi_align {
 // The adaptive sampling grid is capped: a bin more than this many feature cells tall is a
 // degenerate box (or a NaN/inf one) and would otherwise cost unbounded time.
 constexpr int kMaxAdaptiveGrid = 1024;
+// The largest sampling_ratio a caller may give: the same cap. Beyond it the CPU taps tables
+// (2 * sampling_ratio entries per output row / column) and the CUDA per-element sample loops
+// (sampling_ratio**2) grow without changing the result, and grid_h * grid_w stays an int.
+// maskops/_validate.py (MAX_SAMPLING_RATIO) checks the same limit for Python callers.
+constexpr int kMaxSamplingRatio = kMaxAdaptiveGrid;
 
 // One RoI in feature-map coordinates.
 template <typename T>

@@ -55,6 +55,10 @@ Params<T> make_params(int64_t N, int64_t C, at::IntArrayRef heights, at::IntArra
                       at::ArrayRef<double> scales, int64_t PH, int64_t PW, int64_t K,
                       int64_t sampling_ratio, bool aligned, double canonical_scale,
                       double canonical_level, int64_t k_min) {
+  // Every kernel (forward, backward, CPU, CUDA, test-only) builds its parameters here.
+  TORCH_CHECK(sampling_ratio <= kMaxSamplingRatio, "sampling_ratio must be at most ",
+              kMaxSamplingRatio, " (sample points per bin along each axis; <= 0 picks them per "
+              "box), got ", sampling_ratio);
   Params<T> p{};
   p.num_levels = static_cast<int>(scales.size());
   for (int l = 0; l < p.num_levels; ++l) {
