@@ -7,7 +7,8 @@ STAMP   := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.maskops-built
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
-           hypothesis pycocotools setuptools wheel build matplotlib tqdm
+           hypothesis pycocotools setuptools wheel build matplotlib tqdm \
+           onnxruntime==1.32.0 onnxscript==0.7.2
 
 .PHONY: test demo demo-ops bench build wheel clean venv sanitize
 
