@@ -38,18 +38,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "converted by optimize_for_inference(dtype=...), or autocast with "
                         "--no-optimize; boxes and scores stay float32")
     p.add_argument("--no-optimize", action="store_true",
-                   help="skip optimize_for_inference() (batch-norm folding, fusion, channels-last)")
+                   help="run the modules as built: no optimize_for_inference() and no fast "
+                        "inference (batch-norm folding, fusion, channels-last)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCNN:
     """The model the options describe, in eval mode on ``a.device``. Its ``class_names``
-    attribute names the labels (COCO's, or those saved in a ``--checkpoint``)."""
+    attribute names the labels (COCO's, or those saved in a ``--checkpoint``);
+    ``label_to_category_id`` maps labels to dataset category ids (a ``--checkpoint``'s
+    mapping, or None: the labels are COCO category ids already)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     if getattr(a, "checkpoint", None):
-        model, names = _from_checkpoint(a, box_score_thresh)
+        model, names, mapping = _from_checkpoint(a, box_score_thresh)
     else:
         if a.weights is None:
             print("warning: no --weights given: random weights, so the detections are "
@@ -58,21 +61,25 @@ def load_model(a: argparse.Namespace, box_score_thresh: float = 0.05) -> MaskRCN
         model = build_mask_rcnn(a.backbone, a.num_classes, bn_eps=a.bn_eps, weights=a.weights,
                                 min_size=a.min_size or 800, max_size=a.max_size or 1333,
                                 box_score_thresh=box_score_thresh)
-        names = None
+        names = mapping = None
     model.class_names = names if names is not None else list(COCO_CATEGORIES)
+    model.label_to_category_id = list(mapping) if mapping is not None else None
     model.eval().to(a.device)
-    if not a.no_optimize:
+    if a.no_optimize:
+        model.fast_inference = False
+    else:
         model.optimize_for_inference(dtype=_half(a))
     return model
 
 
 def _from_checkpoint(a: argparse.Namespace, box_score_thresh: float):
-    """``(model, class names or None)`` rebuilt from a models.train checkpoint."""
+    """``(model, class names or None, label -> category id list or None)`` rebuilt from a
+    models.train checkpoint."""
     from .build import model_from_checkpoint
 
     model, state = model_from_checkpoint(a.checkpoint, min_size=a.min_size,
                                          max_size=a.max_size, box_score_thresh=box_score_thresh)
-    return model, state.get("class_names")
+    return model, state.get("class_names"), state.get("label_to_category_id")
 
 
 def _half(a: argparse.Namespace):
