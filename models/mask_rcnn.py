@@ -11,6 +11,7 @@ The pipeline, each stage a module::
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,6 +39,12 @@ class MaskRCNN(nn.Module):
         rpn: :class:`RegionProposalNetwork`; roi_heads: :class:`RoIHeads`.
         mask_threshold: inference: masks are returned as ``bool`` (``probability >=
             mask_threshold``); ``None`` returns probabilities (torchvision's output).
+        fast_inference: inference without gradients (``eval()`` under ``torch.no_grad()``
+            or ``torch.inference_mode()``) runs a rewritten copy of the backbone and heads
+            (see :meth:`optimize_for_inference`), made on first use and again whenever a
+            weight or the device changes; the model itself, its state_dict and training are
+            untouched. ``False`` (or ``model.fast_inference = False``) runs the modules as
+            they are.
 
     Inference (``eval()``): ``model(images)`` with ``images`` a list of ``Tensor[3, H_i,
     W_i]`` in ``[0, 1]`` (sizes may differ) returns per image::
@@ -56,18 +63,24 @@ class MaskRCNN(nn.Module):
 
     def __init__(self, transform: ImageTransform, backbone: ResNetFPN,
                  rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 mask_threshold: Optional[float] = 0.5) -> None:
+                 mask_threshold: Optional[float] = 0.5, fast_inference: bool = True) -> None:
         super().__init__()
         self.transform = transform
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.mask_threshold = mask_threshold
+        self.fast_inference = fast_inference
         self.inference_optimized = False
         self.recorder: Optional[StageRecorder] = None
+        # (key, rewritten parts) for fast inference; a plain attribute, not a submodule, so
+        # that it is in no state_dict.
+        self.__dict__["_fast_parts"] = None
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        if self._use_fast_path():
+            return self._fast_view()(images)
         rec = self.recorder
         if self.training:
             _check_targets(targets, len(images))
@@ -131,30 +144,63 @@ class MaskRCNN(nn.Module):
         In float32, detections are unchanged up to float rounding. Load weights first:
         afterwards the state_dict no longer has torchvision's layout.
         """
-        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
+        _check_dtype(dtype)
         if self.inference_optimized:
             return self
         self.eval()
-        fold_batchnorms(self.backbone.body)
-        if fuse and onednn_available():
-            fuse_conv_relu(self.backbone.body)
-            if fpn_fusable(self.backbone.fpn):
-                self.backbone.fpn = FusedFPN(self.backbone.fpn)
-            fuse_heads(self.rpn.head.conv)
-            fuse_heads(self.roi_heads.mask_head)
+        self.__dict__["_fast_parts"] = None
+        _rewrite_for_inference(self.backbone, self.rpn.head, self.roi_heads.box_head,
+                               self.roi_heads.mask_head, self.roi_heads.box_roi_pool.output_size,
+                               channels_last, fuse, dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self.transform.channels_last = True
-            c = self.backbone.out_channels
-            h, w = self.roi_heads.box_roi_pool.output_size
-            self.roi_heads.box_head.use_nhwc_order(c, h, w)
         if dtype is not None and dtype != torch.float32:
             for part in (self.backbone, self.rpn, self.roi_heads):
                 part.to(dtype)
             self.transform.dtype = dtype
         self.inference_optimized = True
         return self
+
+    # ---- fast inference by default ----
+
+    def _use_fast_path(self) -> bool:
+        if (self.training or not self.fast_inference or self.inference_optimized
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return False
+        p = next(self.parameters(), None)
+        return p is not None and p.dtype == torch.float32
+
+    def _weights_key(self) -> Tuple:
+        """Changes whenever a parameter or buffer is replaced, moved or written in place."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return tuple((id(t), t.device, t._version) for t in tensors)
+
+    def _fast_view(self) -> "MaskRCNN":
+        """This model with its backbone and heads swapped for rewritten copies (cached). The
+        view is made per call: every setting (thresholds, sizes, mask_threshold, recorder) is
+        the model's own at the time of the call."""
+        key = self._weights_key()
+        cached = self.__dict__["_fast_parts"]
+        if cached is None or cached[0] != key:
+            parts = copy.deepcopy(nn.ModuleDict(dict(
+                backbone=self.backbone, rpn_head=self.rpn.head,
+                box_head=self.roi_heads.box_head, mask_head=self.roi_heads.mask_head)))
+            _rewrite_for_inference(parts["backbone"], parts["rpn_head"], parts["box_head"],
+                                   parts["mask_head"], self.roi_heads.box_roi_pool.output_size,
+                                   True, True, None)
+            parts.to(memory_format=torch.channels_last)
+            cached = (key, parts)
+            self.__dict__["_fast_parts"] = cached
+        parts = cached[1]
+        view = _shallow(self, backbone=parts["backbone"],
+                        rpn=_shallow(self.rpn, head=parts["rpn_head"]),
+                        roi_heads=_shallow(self.roi_heads, box_head=parts["box_head"],
+                                           mask_head=parts["mask_head"]),
+                        transform=_shallow(self.transform))
+        view.transform.channels_last = True
+        view.fast_inference = False
+        return view
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.inference_optimized:
@@ -163,8 +209,38 @@ class MaskRCNN(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return (f"mask_threshold={self.mask_threshold}, "
+        return (f"mask_threshold={self.mask_threshold}, fast_inference={self.fast_inference}, "
                 f"inference_optimized={self.inference_optimized}")
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
+
+
+@torch.no_grad()
+def _rewrite_for_inference(backbone: ResNetFPN, rpn_head: nn.Module, box_head: BoxHead,
+                           mask_head: nn.Module, box_pool_size, channels_last: bool, fuse: bool,
+                           dtype) -> None:
+    """The module rewrites of :meth:`MaskRCNN.optimize_for_inference`, in place."""
+    fold_batchnorms(backbone.body)
+    if fuse and onednn_available():
+        fuse_conv_relu(backbone.body)
+        if fpn_fusable(backbone.fpn):
+            backbone.fpn = FusedFPN(backbone.fpn)
+        fuse_heads(rpn_head.conv)
+        fuse_heads(mask_head)
+    if channels_last:
+        h, w = box_pool_size
+        box_head.use_nhwc_order(backbone.out_channels, h, w)
+
+
+def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (settings shared as they are now) with some children
+    replaced, leaving ``module`` itself untouched."""
+    out = copy.copy(module)
+    out._modules = dict(module._modules, **children)
+    return out
 
 
 def _check_targets(targets, num_images: int) -> None:
@@ -215,6 +291,7 @@ def build_mask_rcnn(
     box_positive_fraction: float = 0.25,
     bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
     mask_threshold: Optional[float] = 0.5,
+    fast_inference: bool = True,
 ) -> MaskRCNN:
     """Builds a Mask R-CNN with a ResNet-FPN backbone.
 
@@ -234,7 +311,7 @@ def build_mask_rcnn(
             with 0.0 (torchvision sets it when loading those weights).
         weights: path of a state_dict (``torch.save(model.state_dict())`` of this model or of
             torchvision's) to load, strictly.
-        mask_threshold: see :class:`MaskRCNN`.
+        mask_threshold, fast_inference: see :class:`MaskRCNN`.
     """
     if backbone not in RESNETS:
         raise ValueError(f"backbone must be one of {RESNETS}, got {backbone!r}")
@@ -257,7 +334,7 @@ def build_mask_rcnn(
         box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
         bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
     transform = ImageTransform(min_size, max_size, image_mean, image_std)
-    model = MaskRCNN(transform, body, rpn, roi_heads, mask_threshold)
+    model = MaskRCNN(transform, body, rpn, roi_heads, mask_threshold, fast_inference)
     if weights is not None:
         load_weights(model, weights)
     return model

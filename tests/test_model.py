@@ -194,6 +194,41 @@ def test_optimize_for_inference_keeps_detections_and_goes_channels_last(rng):
         fast.load_state_dict(tiny_model().state_dict())
 
 
+def test_fast_inference_by_default_leaves_the_model_as_it_is(rng):
+    model = tiny_model(box_score_thresh=0.0).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.rand(3, 120, 160, generator=rng), torch.rand(3, 100, 90, generator=rng)]
+    plain = copy.deepcopy(model)
+    plain.fast_inference = False
+    # Without gradients, eval-mode inference runs rewritten copies: fused, channels-last.
+    with torch.inference_mode(), model.record_stages(keep_outputs=True) as rec:
+        model(images)
+    assert all(f.is_contiguous(memory_format=torch.channels_last)
+               for f in rec.outputs["features"].values())
+    report, _ = stage_report(plain, model, images)
+    assert report.ok, report.summary()
+    # ... and the model itself is untouched: same modules, same state_dict.
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    # New weights are picked up; plain mode and gradients use the modules as they are.
+    other = tiny_model(seed=5, box_score_thresh=0.0).eval()
+    model.load_state_dict(other.state_dict())
+    other.fast_inference = False
+    with torch.inference_mode():
+        a, b = model(images[:1])[0], other(images[:1])[0]
+    assert len(a["boxes"]) == len(b["boxes"]) > 0
+    torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0.05)
+    with torch.enable_grad():
+        assert model(images[:1])[0]["scores"].requires_grad  # eval with autograd: plain path
+    # Training after inference trains the real modules.
+    model.train()
+    targets = tiny_targets(rng, [(120, 160)])
+    loss = sum(model(images[:1], targets).values())
+    loss.backward()
+    assert model.backbone.fpn.inner_blocks[0][0].weight.grad is not None
+
+
 # ---- modes and options ----
 
 def test_training_returns_torchvision_loss_names_and_trains(rng):
