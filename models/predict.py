@@ -45,7 +45,7 @@ from . import distributed as dist_utils
 from .cli_common import add_model_args, autocast, load_model
 from .visualize import draw_detections, save_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io decodes
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 
