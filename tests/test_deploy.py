@@ -209,3 +209,98 @@ def test_import_maskops_does_not_import_onnxscript():
     import sys
     code = "import sys, maskops; assert 'onnxscript' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the model (models/export.py) ----
+
+def _tiny_model(**kw):
+    from models import build_mask_rcnn
+    torch.manual_seed(0)
+    opts = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=200,
+                rpn_post_nms_top_n_test=60, box_detections_per_img=15, box_score_thresh=0.0)
+    opts.update(kw)
+    return build_mask_rcnn("resnet18", **opts).eval().optimize_for_inference()
+
+
+def _same_detections(expected, got):
+    from models.compare import compare_detections
+    from models.export import MASK_AGREEMENT
+    d = compare_detections(expected, got)  # boxes within 1e-2 px, scores within 1e-4
+    assert d.identical() and (not d.pairs or d.mask_agreement >= MASK_AGREEMENT), d.summary()
+    assert got["masks"].dtype == torch.bool and got["labels"].dtype == torch.int64
+
+
+def _cli(tmp_path, *extra):
+    """`python -m models.export` arguments for a tiny ResNet-18 model and a fresh image."""
+    import torchvision
+    image = str(tmp_path / "img.png")
+    g = torch.Generator().manual_seed(8)
+    torchvision.io.write_png((torch.rand(3, 60, 80, generator=g) * 255).to(torch.uint8), image)
+    return ["--image", image, "--backbone", "resnet18", "--min-size", "64", "--max-size", "96",
+            *extra]
+
+
+def test_model_onnx(tmp_path, capsys):
+    """`--format onnx --check` (exit 0), the file on another image of the size, and the check
+    failing on a detection moved by 0.1 px. Two classes: random weights then give scores
+    ~0.5, above the default threshold 0.05, so there are detections to compare."""
+    from models import export
+    args = _cli(tmp_path, "--num-classes", "2", "--format", "onnx")
+    path = str(tmp_path / "m.onnx")
+    assert export.main(args + ["--out", path, "--check"]) == 0
+    assert " 0 matched" not in capsys.readouterr().out
+    model = export.load_model(_parse(args))
+    run = export.onnx_runner(path)
+    image = torch.rand(3, 60, 80, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        expected = model([image])[0]
+    assert len(expected["boxes"]) > 3
+    _same_detections(expected, run(image))
+
+    def moved(images):
+        out = model(images)
+        out[0]["boxes"][3, 0] += 0.1
+        return out
+    assert not export.check("onnx", moved, image, path, reps=1)
+
+
+def _parse(args):
+    import argparse
+
+    from models.cli_common import add_model_args
+    p = argparse.ArgumentParser()
+    p.add_argument("--image")
+    p.add_argument("--format")
+    add_model_args(p)
+    return p.parse_args(args)
+
+
+@pytest.mark.slow
+def test_model_onnx_no_detections(tmp_path, request):
+    """91 classes and random weights: probabilities ~0.01, under the default threshold 0.05:
+    no detections, empty outputs of the right shapes (a second model export: `-m slow`)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("another model export (~30 s): run with -m slow")
+    from models import export
+    out = str(tmp_path / "m.onnx")
+    args = _cli(tmp_path, "--format", "onnx")
+    assert export.main(args + ["--out", out, "--check"]) == 0
+    got = export.onnx_runner(out)(export.read_image(args[1]))
+    assert got["boxes"].shape == (0, 4) and got["masks"].shape == (0, 1, 60, 80)
+
+
+@pytest.mark.slow
+def test_model_aoti(tmp_path, request):
+    """AOTInductor package of the tiny model: compiling takes minutes on 2 cores (C++ of the
+    whole network); run with `pytest -m slow`."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("compiles the model with AOTInductor (minutes): run with -m slow")
+    from models.export import aoti_runner, export_aoti
+    g = torch.Generator().manual_seed(9)
+    model = _tiny_model()
+    images = [torch.rand(3, 90, 120, generator=g) for _ in range(2)]
+    path = export_aoti(model, images[0], str(tmp_path / "m.pt2"))
+    run = aoti_runner(path)
+    with torch.inference_mode():
+        for image in images:
+            _same_detections(model([image])[0], run(image))
