@@ -291,10 +291,11 @@ def test_model_onnx_no_detections(tmp_path, request):
 
 @pytest.mark.slow
 def test_model_aoti(tmp_path, request):
-    """AOTInductor package of the tiny model: compiling takes minutes on 2 cores (C++ of the
-    whole network); run with `pytest -m slow`."""
+    """AOTInductor package of the tiny model, loaded after `import maskops`. ~35 s on the
+    2-core machine when quiet (most of it compiling the generated C++), ~100 s under load:
+    with it this file would take ~80 s, so it runs with `pytest -m slow`."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("compiles the model with AOTInductor (minutes): run with -m slow")
+        pytest.skip("compiles the model with AOTInductor (~35-100 s): run with -m slow")
     from models.export import aoti_runner, export_aoti
     g = torch.Generator().manual_seed(9)
     model = _tiny_model()
