@@ -20,13 +20,15 @@ that size, including one with no detections.
 
 ``--check`` runs the written file on the example image and compares its detections with the
 eager model's (``models.compare.compare_detections``): every detection matched with the same
-label, boxes within ``--box-tol`` px (default 1e-2) and scores within ``--score-tol``
+label, boxes within ``--box-tol`` px (default 0.25) and scores within ``--score-tol``
 (default 1e-4), and matched masks agreeing on at least 99.9 % of pixels; the exit status is 1
-otherwise. The same model in another runtime differs only by float rounding (onnxruntime's
-and Inductor's kernels sum in other orders; measured ~3e-4 px and ~2e-7 in score on the tiny
-ResNet-18 model), so these bounds leave ~30x room and still catch a real difference (a box
-moved by a pixel, a changed class, a missing detection). A mask pixel can flip where its
-probability sits at the 0.5 threshold, hence the agreement bound rather than equality.
+otherwise. The same model in another runtime differs only by float rounding (other kernels
+summing in other orders, amplified by the network), measured: the tiny ResNet-18 test model
+at 96-128 px, 3e-4 px and 2e-7 in score (ONNX), 7e-5 px (AOTI); ResNet-50 FPN at 800 x 1066
+(two classes, random weights, 100 detections), 4.8e-2 px and 1.3e-6 in score (ONNX),
+1.25e-2 px and 5e-7 (AOTI). The bounds leave 5x room there and still catch a real
+difference (a box moved by a pixel, a changed class, a missing detection). A mask pixel can flip where its probability sits at
+the 0.5 threshold, hence the agreement bound rather than equality.
 """
 from __future__ import annotations
 
@@ -186,7 +188,7 @@ def write(fmt: str, model: MaskRCNN, image: Tensor, path: str) -> None:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
-def check(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 1e-2,
+def check(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 0.25,
           score_tol: float = 1e-4, reps: int = 3) -> bool:
     """Runs the file at ``path`` on ``image`` and compares with the eager model; prints the
     comparison and both runtimes' median times over ``reps`` runs (after one warm-up)."""
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
                    help="pt2: torch.export program (default); onnx; aoti: AOTInductor package")
     p.add_argument("--check", action="store_true",
                    help="run the written file and compare with the eager model")
-    p.add_argument("--box-tol", type=float, default=1e-2, help="--check: px (default 1e-2)")
+    p.add_argument("--box-tol", type=float, default=0.25, help="--check: px (default 0.25)")
     p.add_argument("--score-tol", type=float, default=1e-4, help="--check: (default 1e-4)")
     add_model_args(p)
     a = p.parse_args(argv)
