@@ -31,6 +31,8 @@ import torchvision
 
 from benchmarks.common import machine
 from benchmarks.efficiency import conv_peak_gflops, forward_gflops, share
+from benchmarks.onnxruntime_peer import load_peer
+from models.compare import compare_detections
 from models import build_mask_rcnn
 from models.equivalence import compare_stages, record_stages
 
@@ -86,10 +88,12 @@ class TorchvisionStages:
 
 
 BF16 = "maskops model, bfloat16 weights"
+ORT = "onnxruntime, torchvision's ONNX export"
 
 
 def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0,
-              device: str = "cpu", bf16: bool = True, quick_peak: bool = False) -> dict:
+              device: str = "cpu", bf16: bool = True, onnxruntime: bool = True,
+              quick_peak: bool = False) -> dict:
     torch.manual_seed(seed)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     tv.eval()
@@ -110,6 +114,11 @@ def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int 
     models["torchvision"] = tv
     models = {n: m.to(device) for n, m in models.items()}
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    peer_note = ""
+    if onnxruntime and device == "cpu":
+        peer, peer_note = load_peer(tv, image, seed, torch.get_num_threads())
+        if peer is not None:
+            models[ORT] = peer
 
     def call(name, model):
         out = model([image])[0]
@@ -130,9 +139,19 @@ def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int 
             if name == "torchvision":
                 continue
             if name == BF16:
-                # bfloat16 rounds far beyond float32's spread by design: its accuracy is judged
-                # by COCO AP against float32 on a trained model (tests/test_bf16_accuracy.py).
-                checks[name] = "not compared stage by stage (bfloat16); AP-checked in the tests"
+                # bfloat16 rounds far beyond float32's spread by design: nothing to compare
+                # stage by stage against float32 rounding.
+                checks[name] = "not compared (bfloat16 weights round beyond float32's spread)"
+                continue
+            if name == ORT:
+                # No stages to record: its detections against torchvision eager's, refusing a
+                # speed for a broken export (fewer than 90 % matched).
+                d = compare_detections(outputs["torchvision"], outputs[name], box_tol=0.1,
+                                       score_tol=1e-3)
+                if len(d.pairs) < 0.9 * len(outputs["torchvision"]["boxes"]):
+                    raise AssertionError(f"{name}: detections differ from torchvision eager's "
+                                         f"({d.summary()}); refusing to report its speed")
+                checks[name] = d.summary()
                 continue
             report = compare_stages(truth, spread, record_stages(m, [image], forced_by=truth))
             if not report.ok:
@@ -155,7 +174,7 @@ def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int 
                 else:
                     call(name, m)
                 totals[name].append(time.perf_counter() - start)
-                st = (recorder.times if recorder is not None else
+                st = (recorder.times if recorder is not None else {} if name == ORT else
                       (tvcl_stages if "channels_last" in name else tv_stages).take())
                 for k, v in st.items():
                     stages[name][k].append(v)
@@ -180,6 +199,7 @@ def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int 
                       for n, s in stages.items()},
         "samples_ms": {n: [round(x * 1e3, 1) for x in v] for n, v in totals.items()},
         "gflop": gflop, "peaks": peaks, "efficiency": efficiency,
+        "onnxruntime": peer_note or "measured",
     }
 
 
@@ -202,12 +222,20 @@ def run(device: str = "cpu", quick: bool = False):
                 f"(torchvision {100 * eff['torchvision']['share']:.0f} % of float32's)")
 
     case = f"{r['image']}, same weights, {r['gflop']['total']:.0f} GFLOP"
-    return [Row("Mask R-CNN R50-FPN inference", device, case + ", float32",
+    rows = [Row("Mask R-CNN R50-FPN inference", device, case + ", float32",
                 timing["maskops model"], timing["torchvision"],
                 note="checked stage by stage; " + note("maskops model"), flops=flops),
             Row("Mask R-CNN R50-FPN inference", device, case + ", bfloat16 weights vs "
                 "torchvision float32", timing[BF16], timing["torchvision"], note=note(BF16),
                 flops=flops)]
+    if ORT in timing:  # the peer column holds onnxruntime here
+        rows.append(Row("Mask R-CNN R50-FPN inference", device, case + ", float32, vs "
+                        "onnxruntime on torchvision's ONNX export (same threads)",
+                        timing["maskops model"], timing[ORT],
+                        note=f"onnxruntime {100 * eff[ORT]['share']:.0f} % of the float32 peak"))
+    else:
+        rows[0].note += f"; no onnxruntime row: {r['onnxruntime']}"
+    return rows
 
 
 def efficiency_table(r: dict) -> str:
@@ -245,7 +273,7 @@ def report(r: dict) -> str:
               "|---|" + "---|" * len(names)]
     for k, label in STAGE_NAMES.items():
         lines.append(f"| {label} | " + " | ".join(
-            f"{r['stages_ms'][n].get(k, 0.0):.0f}" for n in names) + " |")
+            f"{r['stages_ms'].get(n, {}).get(k, 0.0):.0f}" for n in names) + " |")
     return "\n".join(lines)
 
 
