@@ -161,14 +161,6 @@ struct BoxIoU {
 
 // ---- the GPU NMS algorithm ----
 
-HOST_DEVICE inline int lowest_bit(uint64_t x) {
-#if defined(__CUDA_ARCH__)
-  return __ffsll(static_cast<long long>(x)) - 1;
-#else
-  return __builtin_ctzll(x);
-#endif
-}
-
 // One 64-bit word of the suppression mask. Sorted boxes [n, 4] in the math type T, optional
 // class ids in the same order; mask is [n, col_blocks] row-major. Words left of the diagonal
 // (column block < row block) are never read and are not computed.
