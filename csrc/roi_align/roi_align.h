@@ -354,12 +354,15 @@ struct RoiGroupKey {
 //   1. RoiGeometry, per RoI: its level and box, and, along each axis, the span of feature
 //      indices each bin's samples read (its taps) and their union, the RoI's reach;
 //   2. RoiGroupKey and a stable sort: the RoIs of each (level, image) group, in index order;
-//   3. TileRoiMask, per kTile x kTile tile of each (level, image): a bit per RoI of the group
+//   3. TileRoiMask, per tile x tile cells of each (level, image): a bit per RoI of the group
 //      whose reach touches the tile.
 // A position then visits only the RoIs of its tile's bits, and of those only the bins whose
 // spans hold it; the weights of one position are found once for all its channels.
 
-constexpr int kTile = 16;  // side of a tile, in feature cells
+// Side of a tile, in feature cells; larger when the tiles' masks would take more than
+// kMaxTileWords words (a mask has a word per 64 RoIs of the whole batch: a bound on any group).
+constexpr int64_t kTile = 16;
+constexpr int64_t kMaxTileWords = int64_t(1) << 22;
 
 // Sentinel spans: lo > hi means "reads nothing".
 constexpr int32_t kNoSpanLo = 0x7fffffff;
@@ -437,6 +440,7 @@ struct RoiGeometry {
 struct TileLayout {
   int num_levels;
   int64_t batch_size;
+  int64_t side;  // of a tile, in feature cells
   int64_t tiles_h[kMaxLevels], tiles_w[kMaxLevels];
   int64_t tile_offset[kMaxLevels + 1];      // first tile of each level
   int64_t position_offset[kMaxLevels + 1];  // first spatial position of each level
@@ -454,7 +458,7 @@ struct TileLayout {
     return l;
   }
   HOST_DEVICE int64_t tile(int l, int64_t n, int64_t y, int64_t x) const {
-    return tile_offset[l] + (n * tiles_h[l] + y / kTile) * tiles_w[l] + x / kTile;
+    return tile_offset[l] + (n * tiles_h[l] + y / side) * tiles_w[l] + x / side;
   }
 };
 
@@ -478,7 +482,7 @@ struct TileRoiMask {
     const int64_t g = l * t.batch_size + n;
     const int64_t first = group_start[g] + 64 * w, end = group_start[g + 1];
     if (first >= end) return;
-    const int64_t y0 = ty * kTile, y1 = y0 + kTile - 1, x0 = tx * kTile, x1 = x0 + kTile - 1;
+    const int64_t y0 = ty * t.side, y1 = y0 + t.side - 1, x0 = tx * t.side, x1 = x0 + t.side - 1;
     uint64_t bits = 0;
     for (int b = 0; b < 64 && first + b < end; ++b) {
       const RoiGeom<T>& gk = geom[roi_order[first + b]];

@@ -2,6 +2,7 @@
 // (host code only).
 #pragma once
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -147,11 +148,16 @@ void backward_gather(const Params<T>& p, const at::Tensor& grad, const at::Tenso
   t.num_levels = p.num_levels;
   t.batch_size = N;
   t.words_per_tile = (K + 63) / 64;
-  for (int64_t l = 0; l < L; ++l) {
-    t.tiles_h[l] = (p.height[l] + kTile - 1) / kTile;
-    t.tiles_w[l] = (p.width[l] + kTile - 1) / kTile;
-    t.tile_offset[l + 1] = t.tile_offset[l] + N * t.tiles_h[l] * t.tiles_w[l];
-    t.position_offset[l + 1] = t.position_offset[l] + N * p.height[l] * p.width[l];
+  int64_t longest = 1;
+  for (int64_t l = 0; l < L; ++l) longest = std::max({longest, p.height[l], p.width[l]});
+  for (t.side = kTile;; t.side *= 2) {
+    for (int64_t l = 0; l < L; ++l) {
+      t.tiles_h[l] = (p.height[l] + t.side - 1) / t.side;
+      t.tiles_w[l] = (p.width[l] + t.side - 1) / t.side;
+      t.tile_offset[l + 1] = t.tile_offset[l] + N * t.tiles_h[l] * t.tiles_w[l];
+      t.position_offset[l + 1] = t.position_offset[l] + N * p.height[l] * p.width[l];
+    }
+    if (t.tile_offset[L] * t.words_per_tile <= kMaxTileWords || t.side >= longest) break;
   }
   const int64_t words = t.tile_offset[L] * t.words_per_tile;
   at::Tensor mask = at::empty({words}, rois_m.options().dtype(at::kLong));
