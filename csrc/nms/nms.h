@@ -192,14 +192,37 @@ struct MaskBlock {
     return bits;
   }
 
-  // Word i of the mask (CPU test path; the GPU kernel stages columns in shared memory).
-  HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t row = i / col_blocks, cb = i % col_blocks;
-    if (cb < row / kBlock) return;
-    mask[i] = word(row, cb, boxes + 4 * cb * kBlock,
-                   classes != nullptr ? classes + cb * kBlock : nullptr);
-  }
 };
+
+// A barrier for a loop run by a single thread.
+struct NoSync {
+  HOST_DEVICE void operator()() const {}
+};
+
+// One tile of the mask: the words of row block rb against column block cb (only tiles on or
+// right of the diagonal, within the first f.n boxes), computed by `threads` cooperating threads
+// (this one is tid) after staging the column block's boxes and class ids in cols[4 * kBlock]
+// and col_classes[kBlock]. On the GPU a block of 64 threads runs each tile with shared-memory
+// staging and __syncthreads() as sync(); on the CPU one thread does, with local arrays.
+template <typename T, typename Sync>
+HOST_DEVICE inline void mask_tile(const MaskBlock<T>& f, int64_t rb, int64_t cb, int tid,
+                                  int threads, T* cols, int64_t* col_classes, const Sync& sync) {
+  if (cb < rb) return;  // left of the diagonal: the gather never reads these words
+  if (rb * kBlock >= f.n || cb * kBlock >= f.n) return;  // past the boxes that take part
+  for (int t = tid; t < kBlock; t += threads) {
+    const int64_t c = cb * kBlock + t;
+    if (c >= f.n) continue;
+    for (int k = 0; k < 4; ++k) cols[4 * t + k] = f.boxes[4 * c + k];
+    if (f.classes != nullptr) col_classes[t] = f.classes[c];
+  }
+  sync();
+  for (int t = tid; t < kBlock; t += threads) {
+    const int64_t row = rb * kBlock + t;
+    if (row >= f.n) continue;
+    f.mask[row * f.col_blocks + cb] =
+        f.word(row, cb, cols, f.classes != nullptr ? col_classes : nullptr);
+  }
+}
 
 // The walk that turns the mask into kept indices.
 //
@@ -279,11 +302,6 @@ struct WalkShared {
   bool done;
 };
 
-// A barrier for a walk run by a single thread.
-struct NoSync {
-  HOST_DEVICE void operator()() const {}
-};
-
 // The walk of GatherKept over the mask, run by `threads` cooperating threads (this one is
 // `tid`); sync() is a barrier among them. removed holds ceil(n / 64) words. Per block of 64
 // sorted boxes: the block's diagonal mask words are fetched, thread 0 settles the block
@@ -323,7 +341,7 @@ HOST_DEVICE inline int64_t walk(const GatherKept& g, uint64_t* removed, WalkShar
 // (s + 1) * seg_len)), each sorted by decreasing score; only the first valid[s] boxes of a
 // segment take part (the rest, e.g. rejected RPN candidates, are left out). The mask is
 // [S, seg_len, col_blocks] with col_blocks = ceil(seg_len / 64); words of rows or column blocks
-// past a segment's valid boxes are neither computed nor read.
+// past a segment's valid boxes are neither computed nor read (mask_tile skips them).
 
 template <typename T>
 struct SegmentedMask {
@@ -341,15 +359,6 @@ struct SegmentedMask {
                         col_blocks,
                         threshold,
                         mask + s * seg_len * col_blocks};
-  }
-
-  // Word i of the mask (CPU test path; the GPU kernel stages columns in shared memory).
-  HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t words = seg_len * col_blocks;
-    const MaskBlock<T> f = segment(i / words);
-    const int64_t w = i % words, row = w / col_blocks, cb = w % col_blocks;
-    if (row >= f.n || cb * kBlock >= f.n) return;  // past the valid boxes
-    f(w);
   }
 };
 

@@ -382,7 +382,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   return nms_impl(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
 }
 
-// ---- Test-only: the CUDA algorithm (nms.h's MaskBlock and GatherKept) on the CPU ----
+// ---- Test-only: the CUDA algorithm (nms.h's mask_tile() and walk()) on the CPU ----
 
 at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                            const c10::optional<at::Tensor>& idxs, double iou_threshold,
@@ -409,7 +409,11 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                           col_blocks,
                           threshold_in<scalar_t>(iou_threshold),
                           mp};
-    cpu_for_each(n * col_blocks, 256, f);
+    cpu_for_each(col_blocks * col_blocks, 4, [&](int64_t i) {
+      scalar_t cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      mask_tile(f, i / col_blocks, i % col_blocks, 0, 1, cols, col_classes, NoSync{});
+    });
   });
   at::Tensor out = at::empty({n}, boxes.options().dtype(at::kLong));
   GatherKept g{mp,
@@ -468,7 +472,8 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 
 }  // namespace
 
-// Segmented NMS with the GPU algorithm's functors (SegmentedMask, then walk() per segment).
+// Segmented NMS with the GPU algorithm's loops (mask_tile() per segment's tile, then walk() per
+// segment).
 SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
                                 const at::Tensor& order, const at::Tensor& valid,
                                 int64_t seg_len, double iou_threshold, int64_t max_output) {
@@ -478,8 +483,15 @@ SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& class
   at::Tensor mask = at::empty({plan.words}, boxes.options().dtype(at::kLong));
   uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask_cpu", [&] {
-    cpu_for_each(plan.words, 1024,
-                 segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp));
+    const auto f = segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp);
+    const int64_t tiles = plan.col_blocks * plan.col_blocks;
+    cpu_for_each(plan.segments * tiles, 4, [&](int64_t i) {
+      scalar_t cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      const int64_t t = i % tiles;
+      mask_tile(f.segment(i / tiles), t / plan.col_blocks, t % plan.col_blocks, 0, 1, cols,
+                col_classes, NoSync{});
+    });
   });
   const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
   cpu_for_each(plan.segments, 1, [&](int64_t s) {

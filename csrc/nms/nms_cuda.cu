@@ -7,8 +7,8 @@
 //   1. a stable descending sort of the scores; boxes (and class ids) gathered in score order;
 //   2. the mask kernel: one 64-thread block per (row block, column block) pair on or right of
 //      the diagonal, the block's 64 column boxes staged in shared memory, one thread per row
-//      box writing one 64-bit word (MaskBlock::word). With class ids the test is class-aware,
-//      so batched NMS is this same single launch;
+//      box writing one 64-bit word (nms.h's mask_tile(), which the CPU test op runs too).
+//      With class ids the test is class-aware, so batched NMS is this same single launch;
 //   3. the gather kernel: one block walks the mask 64 boxes at a time (nms.h's walk(), which
 //      the CPU test op runs too), keeping the removed bits in shared memory, and writes the
 //      kept indices and their count to device memory. The mask is never copied to the host.
@@ -38,42 +38,26 @@ constexpr int kGatherThreads = 256;
 // gridDim.y limit of the mask kernel.
 constexpr int64_t kMaxBlocks = 65535;
 
-// One 64-thread block's part of the mask: the words of row block rb against column block cb,
-// the column block's boxes (and class ids) staged in shared memory.
-template <typename T>
-__device__ __forceinline__ void mask_tile(const MaskBlock<T>& f, int64_t rb, int64_t cb) {
-  if (cb < rb) return;  // left of the diagonal: the gather never reads these words
-  if (rb * kBlock >= f.n || cb * kBlock >= f.n) return;  // past the boxes that take part
-  __shared__ T cols[4 * kBlock];
-  __shared__ int64_t col_classes[kBlock];
-  const int t = threadIdx.x;
-  const int64_t c = cb * kBlock + t;
-  if (c < f.n) {
-    for (int k = 0; k < 4; ++k) cols[4 * t + k] = f.boxes[4 * c + k];
-    if (f.classes != nullptr) col_classes[t] = f.classes[c];
-  }
-  __syncthreads();
-  const int64_t row = rb * kBlock + t;
-  if (row < f.n) {
-    f.mask[row * f.col_blocks + cb] =
-        f.word(row, cb, cols, f.classes != nullptr ? col_classes : nullptr);
-  }
-}
+struct BlockSync {
+  __device__ void operator()() const { __syncthreads(); }
+};
 
+// One 64-thread block per tile of the mask (nms.h's mask_tile()), staging in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) nms_mask_kernel(MaskBlock<T> f) {
-  mask_tile(f, blockIdx.y, blockIdx.x);
+  __shared__ T cols[4 * kBlock];
+  __shared__ int64_t col_classes[kBlock];
+  mask_tile(f, blockIdx.y, blockIdx.x, threadIdx.x, blockDim.x, cols, col_classes, BlockSync{});
 }
 
 // Segment blockIdx.z's tiles only.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) segmented_mask_kernel(SegmentedMask<T> f) {
-  mask_tile(f.segment(blockIdx.z), blockIdx.y, blockIdx.x);
+  __shared__ T cols[4 * kBlock];
+  __shared__ int64_t col_classes[kBlock];
+  mask_tile(f.segment(blockIdx.z), blockIdx.y, blockIdx.x, threadIdx.x, blockDim.x, cols,
+            col_classes, BlockSync{});
 }
-
-struct BlockSync {
-  __device__ void operator()() const { __syncthreads(); }
-};
 
 // One block walks the mask (nms.h's walk()), the removed bits in shared memory, or at
 // removed_global when there are too many for it.
