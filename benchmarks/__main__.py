@@ -27,6 +27,7 @@ SUITE = [
     ("nms", "benchmarks.bench_nms"),
     ("anchors", "benchmarks.bench_anchors"),
     ("paste_masks", "benchmarks.bench_paste_masks"),
+    ("gpu_algorithms", "benchmarks.bench_gpu_algorithms"),
     ("model", "benchmarks.bench_model"),
 ]
 

@@ -93,8 +93,9 @@ def rpn_proposals(
     the half type after every operation).
 
     On CUDA the top-k is ``torch.topk`` on the GPU, the candidates of the whole batch are
-    decoded in one launch and go through one class-aware NMS (class = image and level); the
-    call waits for the GPU once, to read how many boxes each image kept. exp and the sigmoid
+    decoded in one launch and go through one segmented NMS: a segment per image, over only its
+    candidates that were not rejected, class-aware by level, so the work grows linearly with
+    the batch; the call waits for the GPU once, to read how many boxes each image kept. exp and the sigmoid
     there are the device functions torch's CUDA kernels use.
     """
     V.floating(objectness, "objectness")

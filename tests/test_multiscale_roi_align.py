@@ -196,6 +196,35 @@ def test_cuda_backward_algorithms_skip_rois_that_give_nothing(rng):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("aligned,sampling_ratio", [(False, 2), (True, -1), (True, 3)])
+def test_cuda_deterministic_gather_tiles_and_term_batches(rng, aligned, sampling_ratio):
+    """The deterministic gather's culling (tiles of 16 x 16 cells, bin spans) and its batches
+    of 32 terms: 70 copies of one box (every position under it takes more than 32 terms),
+    boxes straddling tile edges, inverted boxes (samples moving backwards) and boxes partly
+    off the map, on maps of sizes that are not multiples of 16, and an RoI count past one
+    64-bit mask word. Equal to the scatter, and to itself bit for bit."""
+    feats = _pyramid(rng, 2, 3, (150, 170), dtype=torch.float64)
+    boxes = [_boxes(rng, 90, (150, 170)).double(), _boxes(rng, 20, (150, 170)).double()]
+    boxes[0][:70] = torch.tensor([60.0, 50.0, 170.0, 148.0], dtype=torch.float64)
+    boxes[1][:6] = torch.tensor([[63.0, 63.0, 65.0, 129.0], [127.5, 0.0, 128.5, 64.5],
+                                 [90.0, 80.0, 30.0, 20.0], [140.0, 100.0, 120.0, 40.0],
+                                 [-40.0, -30.0, 50.0, 40.0], [150.0, 120.0, 260.0, 230.0]],
+                                dtype=torch.float64)
+    levels, rois, args = _rois_and_args(rng, feats, boxes, 5, sampling_ratio)
+    scales, ph, pw, sr, _, cs, cl, kmin = args
+    sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
+    g = torch.randn(len(rois), 3, ph, pw, generator=rng, dtype=torch.float64)
+    call = lambda det: ops._multiscale_roi_align_backward_cuda_algo(  # noqa: E731
+        g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned, cs, cl, kmin, det)
+    scatter, gather, again = call(False), call(True), call(True)
+    expected = ops._multiscale_roi_align_backward(g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned,
+                                                  cs, cl, kmin)
+    for a, b, c, e in zip(gather, again, scatter, expected):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_opcheck(rng, device):
     """Schema, fake kernel, autograd registration and aliasing: each level's gradient must be

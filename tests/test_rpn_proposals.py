@@ -289,6 +289,26 @@ def test_elementwise_op_settings():
             torch.testing.assert_close(gb, rb, rtol=0, atol=1e-4)
 
 
+def test_elementwise_op_per_image_segments():
+    """The GPU algorithm's NMS runs one segment per image over its candidates that were not
+    rejected: images whose candidates are all, some or none rejected (a tiny image clips every
+    box below min_size), post_nms_top_n of 0 and of fewer than the image keeps."""
+    case = make_case((300, 200), 3, seed=10, logit_range=4.0)
+    images, anchors, per_level, objectness, deltas = case
+    images.image_sizes[1] = (2, 2)
+    for pre, post, score_thresh, min_size in [(100, 100, 0.0, 3.0), (100, 0, 0.0, 1e-3),
+                                              (200, 7, 0.3, 1e-3), (50, 1000, 0.6, 1e-3)]:
+        rpn = make_rpn(pre, post, 0.6, score_thresh)
+        ref = maskops_proposals(rpn, *case, min_size=min_size)
+        got = maskops_proposals(rpn, *case, min_size=min_size,
+                                op=torch.ops.maskops._rpn_proposals_elementwise)
+        assert len(got[0]) == 3
+        for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
+            assert gb.shape == rb.shape
+            torch.testing.assert_close(gs, rs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(gb, rb, rtol=0, atol=1e-4)
+
+
 # ---- registration, bad input ----
 
 def _opcheck_args(anchor_batch=False):

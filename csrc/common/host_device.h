@@ -28,6 +28,15 @@ HOST_DEVICE inline void accumulate(T* p, T v) {
 #endif
 }
 
+// Index of the lowest set bit of x (x != 0).
+HOST_DEVICE inline int lowest_bit(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(x)) - 1;
+#else
+  return __builtin_ctzll(x);
+#endif
+}
+
 }  // namespace maskops
 
 #if !defined(__CUDACC__)

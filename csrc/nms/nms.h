@@ -23,7 +23,12 @@
 //   2. GatherKept: a walk over the sorted boxes, 64 at a time, keeping a bit array of removed
 //      boxes. resolve() settles one block of 64 sequentially (it needs only the block's
 //      diagonal mask words); suppressed_by() then ORs the kept rows' words into every later
-//      block, which the GPU does in parallel, one thread per block word.
+//      block, which the GPU does in parallel, one thread per block word. The walk's loop,
+//      walk(), is written once for any number of cooperating threads: the GPU's gather kernel
+//      runs it with a block of threads, the CPU test ops with one.
+// Segmented NMS (SegmentedMask, SegmentedGather) runs many independent problems of the same
+// size at once, each over only its own valid boxes: one mask tile set and one walk per
+// segment, so the work is the sum of the segments' (for the RPN, linear in the batch).
 #pragma once
 
 #include <cmath>
@@ -161,14 +166,6 @@ struct BoxIoU {
 
 // ---- the GPU NMS algorithm ----
 
-HOST_DEVICE inline int lowest_bit(uint64_t x) {
-#if defined(__CUDA_ARCH__)
-  return __ffsll(static_cast<long long>(x)) - 1;
-#else
-  return __builtin_ctzll(x);
-#endif
-}
-
 // One 64-bit word of the suppression mask. Sorted boxes [n, 4] in the math type T, optional
 // class ids in the same order; mask is [n, col_blocks] row-major. Words left of the diagonal
 // (column block < row block) are never read and are not computed.
@@ -195,14 +192,37 @@ struct MaskBlock {
     return bits;
   }
 
-  // Word i of the mask (CPU test path; the GPU kernel stages columns in shared memory).
-  HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t row = i / col_blocks, cb = i % col_blocks;
-    if (cb < row / kBlock) return;
-    mask[i] = word(row, cb, boxes + 4 * cb * kBlock,
-                   classes != nullptr ? classes + cb * kBlock : nullptr);
-  }
 };
+
+// A barrier for a loop run by a single thread.
+struct NoSync {
+  HOST_DEVICE void operator()() const {}
+};
+
+// One tile of the mask: the words of row block rb against column block cb (only tiles on or
+// right of the diagonal, within the first f.n boxes), computed by `threads` cooperating threads
+// (this one is tid) after staging the column block's boxes and class ids in cols[4 * kBlock]
+// and col_classes[kBlock]. On the GPU a block of 64 threads runs each tile with shared-memory
+// staging and __syncthreads() as sync(); on the CPU one thread does, with local arrays.
+template <typename T, typename Sync>
+HOST_DEVICE inline void mask_tile(const MaskBlock<T>& f, int64_t rb, int64_t cb, int tid,
+                                  int threads, T* cols, int64_t* col_classes, const Sync& sync) {
+  if (cb < rb) return;  // left of the diagonal: the gather never reads these words
+  if (rb * kBlock >= f.n || cb * kBlock >= f.n) return;  // past the boxes that take part
+  for (int t = tid; t < kBlock; t += threads) {
+    const int64_t c = cb * kBlock + t;
+    if (c >= f.n) continue;
+    for (int k = 0; k < 4; ++k) cols[4 * t + k] = f.boxes[4 * c + k];
+    if (f.classes != nullptr) col_classes[t] = f.classes[c];
+  }
+  sync();
+  for (int t = tid; t < kBlock; t += threads) {
+    const int64_t row = rb * kBlock + t;
+    if (row >= f.n) continue;
+    f.mask[row * f.col_blocks + cb] =
+        f.word(row, cb, cols, f.classes != nullptr ? col_classes : nullptr);
+  }
+}
 
 // The walk that turns the mask into kept indices.
 //
@@ -264,6 +284,96 @@ struct GatherKept {
       kept &= kept - 1;
     }
     return acc;
+  }
+};
+
+// The walk's removed bits live in shared memory up to 44 KiB (360,448 boxes); beyond, in
+// global memory (the GPU gather kernels choose with removed_in_shared()).
+constexpr int64_t kSharedRemovedWords = 44 * 1024 / 8;
+HOST_DEVICE constexpr bool removed_in_shared(int64_t col_blocks) {
+  return col_blocks <= kSharedRemovedWords;
+}
+
+// What the threads of one walk share (shared memory on the GPU).
+struct WalkShared {
+  uint64_t diag[kBlock];
+  uint64_t kept;
+  int64_t count;
+  bool done;
+};
+
+// The walk of GatherKept over the mask, run by `threads` cooperating threads (this one is
+// `tid`); sync() is a barrier among them. removed holds ceil(n / 64) words. Per block of 64
+// sorted boxes: the block's diagonal mask words are fetched, thread 0 settles the block
+// (resolve), then the threads OR the kept rows' words into the removed bits of every later
+// block. Returns the number of indices written to g.out.
+template <typename Sync>
+HOST_DEVICE inline int64_t walk(const GatherKept& g, uint64_t* removed, WalkShared& sh, int tid,
+                                int threads, const Sync& sync) {
+  const int64_t blocks = (g.n + kBlock - 1) / kBlock;
+  for (int64_t j = tid; j < blocks; j += threads) removed[j] = 0;
+  if (tid == 0) {
+    sh.count = 0;
+    sh.done = false;
+  }
+  sync();
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    for (int b = tid; b < kBlock; b += threads) {
+      const int64_t row = nb * kBlock + b;
+      sh.diag[b] = row < g.n ? g.mask[row * g.col_blocks + nb] : 0;
+    }
+    sync();
+    if (tid == 0) sh.kept = g.resolve(nb, removed[nb], sh.diag, 1, sh.count, sh.done);
+    sync();
+    if (sh.done) break;
+    if (sh.kept != 0) {
+      for (int64_t j = nb + 1 + tid; j < blocks; j += threads)
+        removed[j] |= g.suppressed_by(nb, sh.kept, j);
+    }
+    sync();
+  }
+  return sh.count;
+}
+
+// ---- segmented NMS ----
+//
+// S segments of seg_len boxes laid end to end (segment s at sorted rows [s * seg_len,
+// (s + 1) * seg_len)), each sorted by decreasing score; only the first valid[s] boxes of a
+// segment take part (the rest, e.g. rejected RPN candidates, are left out). The mask is
+// [S, seg_len, col_blocks] with col_blocks = ceil(seg_len / 64); words of rows or column blocks
+// past a segment's valid boxes are neither computed nor read (mask_tile skips them).
+
+template <typename T>
+struct SegmentedMask {
+  const T* boxes;          // [S * seg_len, 4]
+  const int64_t* classes;  // [S * seg_len] or nullptr
+  const int64_t* valid;    // [S]
+  int64_t seg_len, col_blocks;
+  T threshold;
+  uint64_t* mask;
+
+  HOST_DEVICE MaskBlock<T> segment(int64_t s) const {
+    return MaskBlock<T>{boxes + 4 * s * seg_len,
+                        classes != nullptr ? classes + s * seg_len : nullptr,
+                        valid[s],
+                        col_blocks,
+                        threshold,
+                        mask + s * seg_len * col_blocks};
+  }
+};
+
+struct SegmentedGather {
+  const uint64_t* mask;  // SegmentedMask's
+  const int64_t* valid;  // [S]
+  int64_t seg_len, col_blocks;
+  const int64_t* order;  // [S * seg_len]: sorted row -> the index to output
+  int64_t max_output;    // per segment; < 0: no limit
+  int64_t* out;          // [S * seg_len]: segment s's kept indices from out + s * seg_len
+  int64_t* count;        // [S]
+
+  HOST_DEVICE GatherKept segment(int64_t s) const {
+    return GatherKept{mask + s * seg_len * col_blocks, valid[s], col_blocks, order + s * seg_len,
+                      nullptr, 0.0, max_output, out + s * seg_len};
   }
 };
 

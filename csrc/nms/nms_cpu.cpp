@@ -40,6 +40,7 @@
 #endif
 
 #include "nms/nms.h"
+#include "nms/segmented_nms.h"
 
 namespace maskops {
 namespace nms {
@@ -381,7 +382,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   return nms_impl(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
 }
 
-// ---- Test-only: the CUDA algorithm (nms.h's MaskBlock and GatherKept) on the CPU ----
+// ---- Test-only: the CUDA algorithm (nms.h's mask_tile() and walk()) on the CPU ----
 
 at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                            const c10::optional<at::Tensor>& idxs, double iou_threshold,
@@ -408,7 +409,11 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                           col_blocks,
                           threshold_in<scalar_t>(iou_threshold),
                           mp};
-    cpu_for_each(n * col_blocks, 256, f);
+    cpu_for_each(col_blocks * col_blocks, 4, [&](int64_t i) {
+      scalar_t cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      mask_tile(f, i / col_blocks, i % col_blocks, 0, 1, cols, col_classes, NoSync{});
+    });
   });
   at::Tensor out = at::empty({n}, boxes.options().dtype(at::kLong));
   GatherKept g{mp,
@@ -419,16 +424,10 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                score_threshold.value_or(0.0),
                max_output.value_or(-1),
                out.data_ptr<int64_t>()};
-  // The GPU kernel's loop, run serially: settle a block, then update later blocks.
-  std::vector<uint64_t> removed(col_blocks, 0);
-  int64_t count = 0;
-  bool done = false;
-  for (int64_t nb = 0; nb < col_blocks && !done; ++nb) {
-    const uint64_t kept = g.resolve(nb, removed[nb], mp + nb * kBlock * col_blocks + nb,
-                                    col_blocks, count, done);
-    if (done) break;
-    for (int64_t j = nb + 1; j < col_blocks; ++j) removed[j] |= g.suppressed_by(nb, kept, j);
-  }
+  // The GPU kernel's walk, run by one thread.
+  std::vector<uint64_t> removed(col_blocks);
+  WalkShared sh;
+  const int64_t count = walk(g, removed.data(), sh, 0, 1, NoSync{});
   return out.narrow(0, 0, count).clone();
 }
 
@@ -472,6 +471,36 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 }
 
 }  // namespace
+
+// Segmented NMS with the GPU algorithm's loops (mask_tile() per segment's tile, then walk() per
+// segment).
+SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
+                                const at::Tensor& order, const at::Tensor& valid,
+                                int64_t seg_len, double iou_threshold, int64_t max_output) {
+  const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
+  SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
+  if (plan.words == 0 || max_output == 0) return kept;
+  at::Tensor mask = at::empty({plan.words}, boxes.options().dtype(at::kLong));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask_cpu", [&] {
+    const auto f = segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp);
+    const int64_t tiles = plan.col_blocks * plan.col_blocks;
+    cpu_for_each(plan.segments * tiles, 4, [&](int64_t i) {
+      scalar_t cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      const int64_t t = i % tiles;
+      mask_tile(f.segment(i / tiles), t / plan.col_blocks, t % plan.col_blocks, 0, 1, cols,
+                col_classes, NoSync{});
+    });
+  });
+  const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
+  cpu_for_each(plan.segments, 1, [&](int64_t s) {
+    std::vector<uint64_t> removed(plan.col_blocks);
+    WalkShared sh;
+    g.count[s] = walk(g.segment(s), removed.data(), sh, 0, 1, NoSync{});
+  });
+  return kept;
+}
 
 TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("nms", &nms_cpu);

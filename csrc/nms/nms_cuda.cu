@@ -7,11 +7,13 @@
 //   1. a stable descending sort of the scores; boxes (and class ids) gathered in score order;
 //   2. the mask kernel: one 64-thread block per (row block, column block) pair on or right of
 //      the diagonal, the block's 64 column boxes staged in shared memory, one thread per row
-//      box writing one 64-bit word (MaskBlock::word). With class ids the test is class-aware,
-//      so batched NMS is this same single launch;
-//   3. the gather kernel: one block walks the mask 64 boxes at a time (GatherKept), keeping
-//      the removed bits in shared memory, and writes the kept indices and their count to
-//      device memory. The mask is never copied to the host.
+//      box writing one 64-bit word (nms.h's mask_tile(), which the CPU test op runs too).
+//      With class ids the test is class-aware, so batched NMS is this same single launch;
+//   3. the gather kernel: one block walks the mask 64 boxes at a time (nms.h's walk(), which
+//      the CPU test op runs too), keeping the removed bits in shared memory, and writes the
+//      kept indices and their count to device memory. The mask is never copied to the host.
+// segmented_nms_cuda (for the RPN) runs the same two kernels over many segments at once: a
+// third grid dimension for the mask, one gather block per segment.
 // The only host synchronisation is reading that count at the end: the output's size is the
 // number of boxes kept.
 #include <ATen/Dispatch.h>
@@ -26,70 +28,59 @@
 #include "common/launch_cuda.cuh"
 #include "nms/nms.h"
 #include "nms/nms_args.h"
+#include "nms/segmented_nms.h"
 
 namespace maskops {
 namespace nms {
 namespace {
 
 constexpr int kGatherThreads = 256;
-// Removed bits kept in shared memory up to 44 KiB (360,448 boxes); beyond, in global memory.
-constexpr int64_t kSharedRemovedWords = 44 * 1024 / 8;
 // gridDim.y limit of the mask kernel.
 constexpr int64_t kMaxBlocks = 65535;
 
+struct BlockSync {
+  __device__ void operator()() const { __syncthreads(); }
+};
+
+// One 64-thread block per tile of the mask (nms.h's mask_tile()), staging in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) nms_mask_kernel(MaskBlock<T> f) {
-  const int64_t rb = blockIdx.y, cb = blockIdx.x;
-  if (cb < rb) return;  // left of the diagonal: the gather never reads these words
   __shared__ T cols[4 * kBlock];
   __shared__ int64_t col_classes[kBlock];
-  const int t = threadIdx.x;
-  const int64_t c = cb * kBlock + t;
-  if (c < f.n) {
-    for (int k = 0; k < 4; ++k) cols[4 * t + k] = f.boxes[4 * c + k];
-    if (f.classes != nullptr) col_classes[t] = f.classes[c];
-  }
-  __syncthreads();
-  const int64_t row = rb * kBlock + t;
-  if (row < f.n) {
-    f.mask[row * f.col_blocks + cb] =
-        f.word(row, cb, cols, f.classes != nullptr ? col_classes : nullptr);
-  }
+  mask_tile(f, blockIdx.y, blockIdx.x, threadIdx.x, blockDim.x, cols, col_classes, BlockSync{});
 }
 
-// One block. Per block of 64 sorted boxes: threads fetch the block's diagonal mask words,
-// thread 0 settles the block (GatherKept::resolve), then all threads OR the kept rows'
-// words into the removed bits of every later block.
+// Segment blockIdx.z's tiles only.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) segmented_mask_kernel(SegmentedMask<T> f) {
+  __shared__ T cols[4 * kBlock];
+  __shared__ int64_t col_classes[kBlock];
+  mask_tile(f.segment(blockIdx.z), blockIdx.y, blockIdx.x, threadIdx.x, blockDim.x, cols,
+            col_classes, BlockSync{});
+}
+
+// One block walks the mask (nms.h's walk()), the removed bits in shared memory, or at
+// removed_global when there are too many for it.
+__device__ __forceinline__ int64_t gather_block(const GatherKept& g, uint64_t* removed_global) {
+  extern __shared__ uint64_t removed_shared[];
+  __shared__ WalkShared sh;
+  uint64_t* removed = removed_global != nullptr ? removed_global : removed_shared;
+  return walk(g, removed, sh, threadIdx.x, blockDim.x, BlockSync{});
+}
+
 __global__ void __launch_bounds__(kGatherThreads)
     nms_gather_kernel(GatherKept g, uint64_t* removed_global, int64_t* count_out) {
-  extern __shared__ uint64_t removed_shared[];
-  __shared__ uint64_t diag[kBlock];
-  __shared__ uint64_t kept;
-  __shared__ int64_t count;
-  __shared__ bool done;
-  uint64_t* removed = removed_global != nullptr ? removed_global : removed_shared;
-  for (int64_t j = threadIdx.x; j < g.col_blocks; j += blockDim.x) removed[j] = 0;
-  if (threadIdx.x == 0) {
-    count = 0;
-    done = false;
-  }
-  __syncthreads();
-  for (int64_t nb = 0; nb < g.col_blocks; ++nb) {
-    if (threadIdx.x < kBlock) {
-      const int64_t row = nb * kBlock + threadIdx.x;
-      diag[threadIdx.x] = row < g.n ? g.mask[row * g.col_blocks + nb] : 0;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) kept = g.resolve(nb, removed[nb], diag, 1, count, done);
-    __syncthreads();
-    if (done) break;
-    if (kept != 0) {
-      for (int64_t j = nb + 1 + threadIdx.x; j < g.col_blocks; j += blockDim.x)
-        removed[j] |= g.suppressed_by(nb, kept, j);
-    }
-    __syncthreads();
-  }
+  const int64_t count = gather_block(g, removed_global);
   if (threadIdx.x == 0) *count_out = count;
+}
+
+// One block per segment (blockIdx.x); removed_global, if any, holds col_blocks words each.
+__global__ void __launch_bounds__(kGatherThreads)
+    segmented_gather_kernel(SegmentedGather f, uint64_t* removed_global) {
+  const int64_t s = blockIdx.x;
+  const int64_t count = gather_block(
+      f.segment(s), removed_global != nullptr ? removed_global + s * f.col_blocks : nullptr);
+  if (threadIdx.x == 0) f.count[s] = count;
 }
 
 at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
@@ -140,7 +131,7 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
                      out.data_ptr<int64_t>()};
   at::Tensor removed_global;
   size_t shared_bytes = 0;
-  if (col_blocks <= kSharedRemovedWords) {
+  if (removed_in_shared(col_blocks)) {
     shared_bytes = static_cast<size_t>(col_blocks) * sizeof(uint64_t);
   } else {
     removed_global = at::empty({col_blocks}, long_opts);
@@ -155,6 +146,47 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
   const int64_t count = out.select(0, n).item<int64_t>();
   return out.narrow(0, 0, count);
 }
+
+}  // namespace
+
+SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
+                                 const at::Tensor& order, const at::Tensor& valid,
+                                 int64_t seg_len, double iou_threshold, int64_t max_output) {
+  const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
+  SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
+  if (plan.words == 0 || max_output == 0) return kept;
+  TORCH_CHECK(plan.col_blocks <= kMaxBlocks && plan.segments <= kMaxBlocks,
+              "segmented nms on CUDA takes at most ", kMaxBlocks, " segments of at most ",
+              kMaxBlocks * kBlock, " boxes");
+  c10::cuda::CUDAGuard guard(boxes.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor mask = at::empty({plan.words}, boxes.options().dtype(at::kLong));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask_cuda", [&] {
+    const auto f = segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp);
+    const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.col_blocks),
+                    static_cast<unsigned>(plan.segments));
+    segmented_mask_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
+  at::Tensor removed_global;
+  size_t shared_bytes = 0;
+  if (removed_in_shared(plan.col_blocks)) {
+    shared_bytes = static_cast<size_t>(plan.col_blocks) * sizeof(uint64_t);
+  } else {
+    removed_global = at::empty({plan.segments * plan.col_blocks}, boxes.options().dtype(at::kLong));
+  }
+  segmented_gather_kernel<<<static_cast<unsigned>(plan.segments), kGatherThreads, shared_bytes,
+                            stream>>>(
+      g, removed_global.defined()
+             ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
+             : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return kept;
+}
+
+namespace {
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
                     c10::optional<double> score_threshold, c10::optional<int64_t> max_output) {

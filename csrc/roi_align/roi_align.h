@@ -350,61 +350,228 @@ struct RoiGroupKey {
   }
 };
 
-// CUDA backward, deterministic mode: one grad_input element per iteration, over the levels'
-// [N, C, H, W] elements laid end to end, summing what each RoI of its (level, image) group
-// gives it in a fixed order (RoI index, then bin): no atomics, the same bits on every run.
-// Bins that cannot reach the element are skipped by a bounds test.
+// ---- deterministic backward: a gather, one writer per gradient element ----
+//
+// Each spatial position (level, image, y, x) of the pyramid is one iteration that computes
+// the gradient of all its channels, adding what each RoI gives it in a fixed order (RoI index,
+// then bin row, then bin column): no atomics, the same bits on every run. The geometry is
+// worked out once, before the gather:
+//   1. RoiGeometry, per RoI: its level and box, and, along each axis, the span of feature
+//      indices each bin's samples read (its taps) and their union, the RoI's reach;
+//   2. RoiGroupKey and a stable sort: the RoIs of each (level, image) group, in index order;
+//   3. TileRoiMask, per tile x tile cells of each (level, image): a bit per RoI of the group
+//      whose reach touches the tile.
+// A position then visits only the RoIs of its tile's bits, and of those only the bins whose
+// spans hold it; the weights of one position are found once for all its channels.
+
+// Side of a tile, in feature cells; larger when the tiles' masks would take more than
+// kMaxTileWords words (a mask has a word per 64 RoIs of the whole batch: a bound on any group).
+constexpr int64_t kTile = 16;
+constexpr int64_t kMaxTileWords = int64_t(1) << 22;
+
+// Sentinel spans: lo > hi means "reads nothing".
+constexpr int32_t kNoSpanLo = 0x7fffffff;
+constexpr int32_t kNoSpanHi = -1;
+
+// What the gather needs of one RoI, computed once.
+template <typename T>
+struct RoiGeom {
+  RoiBox<T> b;
+  int32_t level;                 // -1: gives nothing
+  int32_t y_lo, y_hi, x_lo, x_hi;  // the reach: feature rows and columns any of its taps read
+};
+
+// The span [lo, hi] of feature indices the taps of one bin read along one axis (lo > hi when
+// none of its samples lies within the map).
+template <typename T>
+HOST_DEVICE inline void bin_span(T bin_start, T bin_size, int grid, int64_t size, int32_t& lo,
+                                 int32_t& hi) {
+  lo = kNoSpanLo;
+  hi = kNoSpanHi;
+  for (int i = 0; i < grid; ++i) {
+    AxisTap<T> t;
+    if (!axis_tap(sample_pos(bin_start, bin_size, i, grid), size, t)) continue;
+    if (t.lo < lo) lo = static_cast<int32_t>(t.lo);
+    if (t.hi > hi) hi = static_cast<int32_t>(t.hi);
+  }
+}
+
+// Deterministic backward, pass 1 (one RoI per iteration): geom[k], and spans[k] = the spans
+// of its PH bin rows then PW bin columns, (lo, hi) pairs.
+template <typename T>
+struct RoiGeometry {
+  Params<T> p;
+  const T* rois;
+  RoiGeom<T>* geom;
+  int32_t* spans;  // [K, PH + PW, 2]
+
+  HOST_DEVICE void operator()(int64_t k) const {
+    RoiGeom<T> g{};
+    g.y_lo = g.x_lo = kNoSpanLo;
+    g.y_hi = g.x_hi = kNoSpanHi;
+    int32_t* sp = spans + 2 * k * (p.pooled_h + p.pooled_w);
+    for (int64_t s = 0; s < p.pooled_h + p.pooled_w; ++s) {
+      sp[2 * s] = kNoSpanLo;
+      sp[2 * s + 1] = kNoSpanHi;
+    }
+    g.level = p.level_of(rois + 5 * k);
+    if (g.level >= 0) g.b = p.box(rois, k, g.level);
+    if (g.level < 0 || g.b.batch < 0 || g.b.grid_h <= 0 || g.b.grid_w <= 0) {
+      g.level = -1;
+      geom[k] = g;
+      return;
+    }
+    const RoiBox<T>& b = g.b;
+    for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
+      int32_t* s = sp + 2 * ph;
+      bin_span(b.start_h + static_cast<T>(ph) * b.bin_h, b.bin_h, b.grid_h, p.height[g.level],
+               s[0], s[1]);
+      if (s[0] < g.y_lo) g.y_lo = s[0];
+      if (s[1] > g.y_hi) g.y_hi = s[1];
+    }
+    for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
+      int32_t* s = sp + 2 * (p.pooled_h + pw);
+      bin_span(b.start_w + static_cast<T>(pw) * b.bin_w, b.bin_w, b.grid_w, p.width[g.level],
+               s[0], s[1]);
+      if (s[0] < g.x_lo) g.x_lo = s[0];
+      if (s[1] > g.x_hi) g.x_hi = s[1];
+    }
+    geom[k] = g;
+  }
+};
+
+// Where the gather's tiles and positions are: per level, the tiles of one image along each
+// axis, and the first tile and first position of the level (all images), plus the ends.
+struct TileLayout {
+  int num_levels;
+  int64_t batch_size;
+  int64_t side;  // of a tile, in feature cells
+  int64_t tiles_h[kMaxLevels], tiles_w[kMaxLevels];
+  int64_t tile_offset[kMaxLevels + 1];      // first tile of each level
+  int64_t position_offset[kMaxLevels + 1];  // first spatial position of each level
+  int64_t words_per_tile;                   // mask words of a tile: ceil(num_rois / 64)
+
+  // The level of a spatial position (positions of all levels laid end to end).
+  HOST_DEVICE int level_of_position(int64_t i) const {
+    int l = 0;
+    while (l + 1 < num_levels && i >= position_offset[l + 1]) ++l;
+    return l;
+  }
+  HOST_DEVICE int level_of_tile(int64_t t) const {
+    int l = 0;
+    while (l + 1 < num_levels && t >= tile_offset[l + 1]) ++l;
+    return l;
+  }
+  HOST_DEVICE int64_t tile(int l, int64_t n, int64_t y, int64_t x) const {
+    return tile_offset[l] + (n * tiles_h[l] + y / side) * tiles_w[l] + x / side;
+  }
+};
+
+// Deterministic backward, pass 3 (one mask word per iteration): bit b of word w of tile t is
+// set when RoI roi_order[group_start[g] + 64 w + b] of the tile's (level, image) group g
+// reaches the tile. Words past the group's end are never read and not written.
+template <typename T>
+struct TileRoiMask {
+  TileLayout t;
+  const RoiGeom<T>* geom;
+  const int64_t* roi_order;
+  const int64_t* group_start;
+  uint64_t* mask;  // [tiles, words_per_tile]
+
+  HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t tile = i / t.words_per_tile, w = i % t.words_per_tile;
+    const int l = t.level_of_tile(tile);
+    const int64_t r = tile - t.tile_offset[l];
+    const int64_t tx = r % t.tiles_w[l], ty = (r / t.tiles_w[l]) % t.tiles_h[l];
+    const int64_t n = r / (t.tiles_w[l] * t.tiles_h[l]);
+    const int64_t g = l * t.batch_size + n;
+    const int64_t first = group_start[g] + 64 * w, end = group_start[g + 1];
+    if (first >= end) return;
+    const int64_t y0 = ty * t.side, y1 = y0 + t.side - 1, x0 = tx * t.side, x1 = x0 + t.side - 1;
+    uint64_t bits = 0;
+    for (int b = 0; b < 64 && first + b < end; ++b) {
+      const RoiGeom<T>& gk = geom[roi_order[first + b]];
+      if (gk.y_lo <= y1 && gk.y_hi >= y0 && gk.x_lo <= x1 && gk.x_hi >= x0)
+        bits |= uint64_t(1) << b;
+    }
+    mask[i] = bits;
+  }
+};
+
+// Deterministic backward, the gather (one spatial position per iteration, all channels).
+// The (grad offset, weight) terms of a position are collected kTerms at a time; each batch of
+// terms is then applied to every channel, continuing the channel's sum from memory after the
+// first batch, so every element's sum runs over the terms in the same order as one pass would.
 template <typename scalar_t, typename T>
 struct BackwardGather {
+  static constexpr int kTerms = 32;
   Params<T> p;
   const scalar_t* grad;
   GradStrides gs;
-  const T* rois;
-  T* grad_input[kMaxLevels];
-  int64_t level_offset[kMaxLevels + 1];  // first iteration index of each level
+  T* grad_input[kMaxLevels];  // [N, C, H, W] contiguous per level
+  TileLayout t;
+  const RoiGeom<T>* geom;
+  const int32_t* spans;
   const int64_t* roi_order;    // RoI indices sorted stably by RoiGroupKey
   const int64_t* group_start;  // group g's RoIs are roi_order[group_start[g] .. group_start[g + 1])
+  const uint64_t* tile_mask;   // TileRoiMask
 
-  // Can a sample in [lo, hi] along an axis read index `target`? Taps of a sample at s are
-  // floor(s) and floor(s) + 1, so anything more than one cell away is out of reach; samples
-  // below 0 read row 0, so target 0 is never rejected. NaN bounds never reject.
-  HOST_DEVICE static bool out_of_reach(T a, T b, int64_t target) {
-    const T lo = a < b ? a : b, hi = a < b ? b : a;
-    const T t = static_cast<T>(target);
-    return target > 0 && (hi < t - T(1) || lo > t + T(1));
+  // out[c * plane] (= out + c * plane, one per channel) op= the terms' weighted grads.
+  HOST_DEVICE void apply(T* out, int64_t plane, const int64_t* off, const T* w, int nt,
+                         bool first) const {
+    for (int64_t c = 0; c < p.channels; ++c) {
+      T acc = first ? T(0) : out[c * plane];
+      for (int e = 0; e < nt; ++e) acc += w[e] * static_cast<T>(grad[off[e] + c * gs.c]);
+      out[c * plane] = acc;
+    }
   }
 
   HOST_DEVICE void operator()(int64_t i) const {
-    int l = 0;
-    while (l + 1 < p.num_levels && i >= level_offset[l + 1]) ++l;
+    const int l = t.level_of_position(i);
     const int64_t H = p.height[l], W = p.width[l];
-    const int64_t j = i - level_offset[l];
+    const int64_t j = i - t.position_offset[l];
     const int64_t x = j % W;
-    int64_t r = j / W;
-    const int64_t y = r % H;
-    r /= H;
-    const int64_t c = r % p.channels;
-    const int64_t n = r / p.channels;
-    T sum = T(0);
+    const int64_t y = (j / W) % H;
+    const int64_t n = j / (W * H);
+    T* out = grad_input[l] + (n * p.channels * H + y) * W + x;
+    int64_t off[kTerms];
+    T w[kTerms];
+    int nt = 0;
+    bool first = true;
     const int64_t g = l * p.batch_size + n;
-    for (int64_t s = group_start[g]; s < group_start[g + 1]; ++s) {
-      const int64_t k = roi_order[s];
-      const RoiBox<T> b = p.box(rois, k, l);
-      if (out_of_reach(b.start_h, b.start_h + static_cast<T>(p.pooled_h) * b.bin_h, y)) continue;
-      if (out_of_reach(b.start_w, b.start_w + static_cast<T>(p.pooled_w) * b.bin_w, x)) continue;
-      for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
-        const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
-        const T wy = bin_weight_at(y0, b.bin_h, b.grid_h, H, y);
-        if (wy == T(0)) continue;
-        for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
-          const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
-          const T wx = bin_weight_at(x0, b.bin_w, b.grid_w, W, x);
-          if (wx == T(0)) continue;
-          sum += wy * wx * static_cast<T>(grad[gs.at(k, c, ph, pw)]);
+    const int64_t begin = group_start[g], end = group_start[g + 1];
+    const uint64_t* words = tile_mask + t.tile(l, n, y, x) * t.words_per_tile;
+    const int64_t yy = y, xx = x;
+    for (int64_t wi = 0; begin + 64 * wi < end; ++wi) {
+      for (uint64_t bits = words[wi]; bits != 0; bits &= bits - 1) {
+        const int64_t k = roi_order[begin + 64 * wi + lowest_bit(bits)];
+        const RoiGeom<T>& gk = geom[k];
+        if (yy < gk.y_lo || yy > gk.y_hi || xx < gk.x_lo || xx > gk.x_hi) continue;
+        const RoiBox<T>& b = gk.b;
+        const int32_t* sp = spans + 2 * k * (p.pooled_h + p.pooled_w);
+        for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
+          if (yy < sp[2 * ph] || yy > sp[2 * ph + 1]) continue;
+          const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
+          const T wy = bin_weight_at(y0, b.bin_h, b.grid_h, H, y);
+          if (wy == T(0)) continue;
+          for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
+            const int32_t* sx = sp + 2 * (p.pooled_h + pw);
+            if (xx < sx[0] || xx > sx[1]) continue;
+            const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
+            const T wx = bin_weight_at(x0, b.bin_w, b.grid_w, W, x);
+            if (wx == T(0)) continue;
+            off[nt] = gs.at(k, 0, ph, pw);
+            w[nt] = wy * wx;
+            if (++nt == kTerms) {
+              apply(out, H * W, off, w, nt, first);
+              first = false;
+              nt = 0;
+            }
+          }
         }
       }
     }
-    grad_input[l][j] = sum;
+    if (nt > 0 || first) apply(out, H * W, off, w, nt, first);
   }
 };
 

@@ -2,6 +2,7 @@
 // (host code only).
 #pragma once
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -104,7 +105,7 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
               "], got ", grad.sizes());
 }
 
-// A backward functor (BackwardGather or BackwardScatter) accumulating into levels[l], one
+// The scatter backward functor accumulating into levels[l], one
 // [N, C, H, W] accumulator per level; the CPU test-only op and the CUDA kernel share it.
 template <template <typename, typename> class Body, typename scalar_t, typename T>
 Body<scalar_t, T> backward_functor(const Params<T>& p, const at::Tensor& grad,
@@ -130,6 +131,57 @@ std::pair<at::Tensor, at::Tensor> group_rois(const Params<T>& p, const at::Tenso
   const auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   at::Tensor starts = at::searchsorted(std::get<0>(sorted), at::arange(groups + 1, key.options()));
   return {std::get<1>(sorted), starts};
+}
+
+// The deterministic backward, all of it: the passes before the gather (RoiGeometry, the groups,
+// TileRoiMask) and the gather itself, writing every element of the levels' [N, C, H, W]
+// accumulators levels[l]. The CPU test-only op and the CUDA kernel both run this, each with its
+// own launcher; no host sync (the workspaces' sizes follow from the arguments' shapes).
+template <typename scalar_t, typename T, typename Launch>
+void backward_gather(const Params<T>& p, const at::Tensor& grad, const at::Tensor& rois_m,
+                     const std::vector<T*>& levels, Launch launch) {
+  const int64_t K = rois_m.size(0), L = p.num_levels, N = p.batch_size;
+  const auto bytes = rois_m.options().dtype(at::kByte);
+  at::Tensor geom = at::empty({K * static_cast<int64_t>(sizeof(RoiGeom<T>))}, bytes);
+  at::Tensor spans = at::empty({K, p.pooled_h + p.pooled_w, 2}, rois_m.options().dtype(at::kInt));
+  RoiGeom<T>* gp = reinterpret_cast<RoiGeom<T>*>(geom.data_ptr<uint8_t>());
+  if (K > 0) launch(K, RoiGeometry<T>{p, rois_m.data_ptr<T>(), gp, spans.data_ptr<int32_t>()});
+  const std::pair<at::Tensor, at::Tensor> groups = group_rois(p, rois_m, launch);
+
+  TileLayout t{};
+  t.num_levels = p.num_levels;
+  t.batch_size = N;
+  t.words_per_tile = (K + 63) / 64;
+  int64_t longest = 1;
+  for (int64_t l = 0; l < L; ++l) longest = std::max({longest, p.height[l], p.width[l]});
+  for (t.side = kTile;; t.side *= 2) {
+    for (int64_t l = 0; l < L; ++l) {
+      t.tiles_h[l] = (p.height[l] + t.side - 1) / t.side;
+      t.tiles_w[l] = (p.width[l] + t.side - 1) / t.side;
+      t.tile_offset[l + 1] = t.tile_offset[l] + N * t.tiles_h[l] * t.tiles_w[l];
+      t.position_offset[l + 1] = t.position_offset[l] + N * p.height[l] * p.width[l];
+    }
+    if (t.tile_offset[L] * t.words_per_tile <= kMaxTileWords || t.side >= longest) break;
+  }
+  const int64_t words = t.tile_offset[L] * t.words_per_tile;
+  at::Tensor mask = at::empty({words}, rois_m.options().dtype(at::kLong));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  const int64_t* order = groups.first.data_ptr<int64_t>();
+  const int64_t* starts = groups.second.data_ptr<int64_t>();
+  launch(words, TileRoiMask<T>{t, gp, order, starts, mp});
+
+  BackwardGather<scalar_t, T> f{};
+  f.p = p;
+  f.grad = grad.data_ptr<scalar_t>();
+  f.gs = GradStrides{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+  for (int l = 0; l < p.num_levels; ++l) f.grad_input[l] = levels[l];
+  f.t = t;
+  f.geom = gp;
+  f.spans = spans.data_ptr<int32_t>();
+  f.roi_order = order;
+  f.group_start = starts;
+  f.tile_mask = mp;
+  launch(t.position_offset[L], f);
 }
 
 }  // namespace roi_align

@@ -621,14 +621,9 @@ std::vector<at::Tensor> backward_cuda_algo_cpu(
       std::vector<T*> levels(L);
       for (int l = 0; l < L; ++l) levels[l] = acc.data_ptr<T>() + offset[l];
       if (deterministic) {
-        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, levels);
-        for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
-        const auto groups = group_rois(p, rois_m, [](int64_t n, const auto& g) {
-          cpu_for_each(n, 256, g);
+        backward_gather<scalar_t>(p, grad, rois_m, levels, [](int64_t n, const auto& g) {
+          cpu_for_each(n, 64, g);
         });
-        f.roi_order = groups.first.data_ptr<int64_t>();
-        f.group_start = groups.second.data_ptr<int64_t>();
-        cpu_for_each(total, 256, f);
       } else {
         const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
         // Scatter bodies add into shared addresses: on the host they run serially.

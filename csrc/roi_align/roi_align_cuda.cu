@@ -5,7 +5,8 @@
 // Forward: one thread per output element, in the output's memory order (consecutive threads
 // write consecutive addresses; with channels-last inputs they also read consecutive channels),
 // all pyramid levels in one launch. Backward: atomics into float accumulators by default; with
-// torch.use_deterministic_algorithms(True), a gather in fixed order (same bits every run).
+// torch.use_deterministic_algorithms(True), a gather in fixed order (same bits every run): one
+// thread per spatial position of the pyramid, all channels (backward_gather, roi_align_args.h).
 #include <vector>
 
 #include <ATen/Context.h>
@@ -90,14 +91,9 @@ std::vector<at::Tensor> pyramid_backward_cuda(
       std::vector<T*> levels(L);
       for (int l = 0; l < L; ++l) levels[l] = acc[l].data_ptr<T>();
       if (deterministic) {
-        auto f = backward_functor<BackwardGather, scalar_t>(p, grad, rois_m, levels);
-        for (int l = 0; l <= L; ++l) f.level_offset[l] = offset[l];
-        const auto groups = group_rois(p, rois_m, [](int64_t n, const auto& g) {
+        backward_gather<scalar_t>(p, grad, rois_m, levels, [](int64_t n, const auto& g) {
           cuda_for_each(n, g);
         });
-        f.roi_order = groups.first.data_ptr<int64_t>();
-        f.group_start = groups.second.data_ptr<int64_t>();
-        cuda_for_each(offset[L], f);
       } else {
         const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
         cuda_for_each(grad.numel(), f);

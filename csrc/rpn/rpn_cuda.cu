@@ -1,6 +1,6 @@
 // The RPN proposal step on CUDA: the GPU algorithm of rpn_host.h (per-level torch.topk, one
-// Candidate pass over every candidate of the batch, one class-aware maskops::batched_nms over
-// all images and levels, a stable sort by image), launched here. The CPU test-only op
+// Candidate pass over every candidate of the batch, a per-image sort by score, one segmented
+// NMS with a segment per image, nms_cuda.cu), launched here. The CPU test-only op
 // _rpn_proposals_elementwise runs the same algorithm and functor.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,7 +31,7 @@ Proposals rpn_proposals_cuda(const at::Tensor& objectness, const at::Tensor& del
   c10::cuda::CUDAGuard guard(objectness.device());
   return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n,
                             post_nms_top_n, nms_thresh, score_thresh, min_size,
-                            num_anchors_per_level, CudaLaunch{}, batched_nms);
+                            num_anchors_per_level, CudaLaunch{}, nms::segmented_nms_cuda);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/checks.h"
+#include "nms/segmented_nms.h"
 #include "rpn/rpn.h"
 
 namespace maskops {
@@ -79,8 +80,7 @@ inline void check_args(const at::Tensor& objectness, const at::Tensor& deltas,
               ", got ", num_anchors_per_level, " (sum ", total, ")");
 }
 
-// maskops::batched_nms and the test-only maskops::_nms_bitmask (the CUDA NMS algorithm run on
-// the CPU), called through the dispatcher so each device gets its own kernel.
+// maskops::batched_nms, called through the dispatcher (the CPU algorithm's per-image NMS).
 inline at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
                               const at::Tensor& classes, double iou_threshold,
                               std::optional<double> score_threshold,
@@ -90,18 +90,6 @@ inline at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
           .findSchemaOrThrow("maskops::batched_nms", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                             std::optional<double>, std::optional<int64_t>)>();
-  return op.call(boxes, scores, classes, iou_threshold, score_threshold, max_output);
-}
-
-inline at::Tensor nms_bitmask(const at::Tensor& boxes, const at::Tensor& scores,
-                              const at::Tensor& classes, double iou_threshold,
-                              std::optional<double> score_threshold,
-                              std::optional<int64_t> max_output) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("maskops::_nms_bitmask", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            double, std::optional<double>, std::optional<int64_t>)>();
   return op.call(boxes, scores, classes, iou_threshold, score_threshold, max_output);
 }
 
@@ -160,12 +148,15 @@ Candidates<T> make_candidates(const T* logits, const at::Tensor& deltas,
   return c;
 }
 
-// The GPU algorithm: one Candidate pass over every candidate of every image, one class-aware
-// NMS over all of them (class = image * levels + level), then the kept indices, which come in
-// decreasing score order, are grouped by image with a stable sort and cut at post_nms_top_n.
-// `launch(n, functor)` runs a functor over [0, n); `nms` is batched_nms or nms_bitmask above.
-// Host synchronisations (on CUDA): NMS reading how many boxes it kept, and reading how many
-// each image kept; both sizes depend on the data.
+// The GPU algorithm: one Candidate pass over every candidate of every image; per image, its
+// candidates sorted by NMS score (a stable sort of each row of [B, K], so rejected candidates,
+// at -inf, come last and ties go by index, as in torchvision); then one segmented NMS
+// (nms/segmented_nms.h) with a segment per image, over only its candidates that were not
+// rejected, class-aware by level, stopping at post_nms_top_n kept. Its work grows linearly
+// with the batch. `launch(n, functor)` runs a functor over [0, n); `nms` is
+// nms::segmented_nms_cuda or its CPU twin nms::segmented_nms_cpu.
+// Host synchronisation (on CUDA): one, reading how many proposals each image kept (the
+// outputs' sizes depend on the data).
 template <typename Launch, typename Nms>
 Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& deltas,
                              const at::Tensor& anchors, at::IntArrayRef image_sizes,
@@ -207,20 +198,24 @@ Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& del
                          classes.data_ptr<int64_t>()};
     launch(B * K, f);
   });
-  const at::Tensor keep = nms(boxes, nms_scores, classes, nms_thresh,
-                              -std::numeric_limits<double>::infinity(), std::nullopt);
-  const at::Tensor image = keep.div(K > 0 ? K : 1, "floor");
-  const auto by_image = at::sort(image, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor order = keep.index_select(0, std::get<1>(by_image));
-  const at::Tensor bounds =
-      at::searchsorted(std::get<0>(by_image), at::arange(B + 1, image.options())).cpu();
-  const int64_t* bp = bounds.data_ptr<int64_t>();
+  // Per image: candidates by decreasing NMS score; row r of image b is candidate b * K + local.
+  const auto by_score = at::sort(nms_scores.view({B, K}), /*stable=*/true, /*dim=*/1,
+                                 /*descending=*/true);
+  const at::Tensor order =
+      std::get<1>(by_score).add(at::arange(B, classes.options()).mul(K).unsqueeze(1)).reshape({B * K});
+  const at::Tensor valid = std::get<0>(by_score)
+                               .gt(-std::numeric_limits<double>::infinity())
+                               .sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kLong);
+  const nms::SegmentedKept kept =
+      nms(boxes.index_select(0, order).contiguous(), classes.index_select(0, order).contiguous(),
+          order, valid, K, nms_thresh, post_nms_top_n);
+  const at::Tensor counts = kept.count.cpu();  // the one host synchronisation
+  const int64_t* cp = counts.data_ptr<int64_t>();
   std::vector<at::Tensor> out_boxes, out_scores;
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor kept =
-        order.narrow(0, bp[b], std::min(bp[b + 1] - bp[b], post_nms_top_n));
-    out_boxes.push_back(boxes.index_select(0, kept).to(deltas.scalar_type()));
-    out_scores.push_back(scores.index_select(0, kept).to(objectness.scalar_type()));
+    const at::Tensor idx = kept.index.narrow(0, b * K, cp[b]);
+    out_boxes.push_back(boxes.index_select(0, idx).to(deltas.scalar_type()));
+    out_scores.push_back(scores.index_select(0, idx).to(objectness.scalar_type()));
   }
   return {out_boxes, out_scores};
 }

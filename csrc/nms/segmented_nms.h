@@ -1,0 +1,89 @@
+// Segmented NMS, host side (nms.h has the functors): many independent NMS problems of one
+// size, e.g. the RPN's per-image proposals, in one pass whose work is the sum of the
+// problems' (not the square of their total, as one class-aware NMS over all would be).
+//
+// Input: S segments of seg_len boxes laid end to end, each segment sorted by decreasing score
+// (equal scores in the order the caller wants ties resolved); valid[s] = how many of segment
+// s's boxes take part (the first ones); optional class ids (boxes of different classes never
+// suppress each other); order[row] = the index to output for sorted row `row`.
+// Output: for each segment, its kept indices (order values) in score order at
+// index[s * seg_len ...], count[s] of them, at most max_output (< 0: no limit). Both on the
+// boxes' device; nothing waits for the device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "nms/nms.h"
+
+namespace maskops {
+namespace nms {
+
+struct SegmentedKept {
+  at::Tensor index;  // int64 [S * seg_len]
+  at::Tensor count;  // int64 [S]
+};
+
+// The CPU test path (the functors on the CPU; nms_cpu.cpp) and the CUDA kernels (nms_cuda.cu).
+SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
+                                const at::Tensor& order, const at::Tensor& valid,
+                                int64_t seg_len, double iou_threshold, int64_t max_output);
+SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
+                                 const at::Tensor& order, const at::Tensor& valid,
+                                 int64_t seg_len, double iou_threshold, int64_t max_output);
+
+// ---- pieces shared by the two ----
+
+struct SegmentedPlan {
+  int64_t segments, seg_len, col_blocks, words;
+};
+
+inline SegmentedPlan plan_segmented(const at::Tensor& boxes, const at::Tensor& valid,
+                                    int64_t seg_len) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && valid.dim() == 1 &&
+                  boxes.size(0) == valid.size(0) * seg_len && boxes.is_contiguous(),
+              "segmented nms: boxes must be contiguous [S * seg_len, 4] with S = valid.size(0)");
+  SegmentedPlan p;
+  p.segments = valid.size(0);
+  p.seg_len = seg_len;
+  p.col_blocks = (seg_len + kBlock - 1) / kBlock;
+  p.words = p.segments * seg_len * p.col_blocks;
+  return p;
+}
+
+// Outputs with every count 0 (what an empty problem, or max_output 0, returns).
+inline SegmentedKept segmented_outputs(const at::Tensor& boxes, const at::Tensor& valid,
+                                       int64_t seg_len) {
+  const auto opts = boxes.options().dtype(at::kLong);
+  return {at::empty({valid.size(0) * seg_len}, opts), at::zeros({valid.size(0)}, opts)};
+}
+
+template <typename T>
+SegmentedMask<T> segmented_mask(const at::Tensor& boxes, const at::Tensor& classes,
+                                const at::Tensor& valid, const SegmentedPlan& p,
+                                double iou_threshold, uint64_t* mask) {
+  return SegmentedMask<T>{boxes.data_ptr<T>(),
+                          classes.defined() ? classes.data_ptr<int64_t>() : nullptr,
+                          valid.data_ptr<int64_t>(),
+                          p.seg_len,
+                          p.col_blocks,
+                          threshold_in<T>(iou_threshold),
+                          mask};
+}
+
+inline SegmentedGather segmented_gather(const uint64_t* mask, const at::Tensor& valid,
+                                        const at::Tensor& order, const SegmentedPlan& p,
+                                        int64_t max_output, SegmentedKept& kept) {
+  return SegmentedGather{mask,
+                         valid.data_ptr<int64_t>(),
+                         p.seg_len,
+                         p.col_blocks,
+                         order.data_ptr<int64_t>(),
+                         max_output,
+                         kept.index.data_ptr<int64_t>(),
+                         kept.count.data_ptr<int64_t>()};
+}
+
+}  // namespace nms
+}  // namespace maskops
