@@ -289,13 +289,9 @@ def test_model_onnx_no_detections(tmp_path, request):
     assert got["boxes"].shape == (0, 4) and got["masks"].shape == (0, 1, 60, 80)
 
 
-@pytest.mark.slow
-def test_model_aoti(tmp_path, request):
+def test_model_aoti(tmp_path):
     """AOTInductor package of the tiny model, loaded after `import maskops`. ~35 s on the
-    2-core machine when quiet (most of it compiling the generated C++), ~100 s under load:
-    with it this file would take ~80 s, so it runs with `pytest -m slow`."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("compiles the model with AOTInductor (~35-100 s): run with -m slow")
+    2-core machine when quiet (most of it compiling the generated C++)."""
     from models.export import aoti_runner, export_aoti
     g = torch.Generator().manual_seed(9)
     model = _tiny_model()
