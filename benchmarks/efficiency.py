@@ -63,7 +63,7 @@ def forward_gflops(model, images: List[torch.Tensor]) -> Dict[str, float]:
     counter = FlopCounterMode(display=False)
     with counter:
         model(images)
-    per_op = {str(op).split(".")[-2] if "." in str(op) else str(op): n / 1e9
+    per_op = {str(op).split(".")[-1]: n / 1e9
               for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return {"total": counter.get_total_flops() / 1e9, **per_op}
 
