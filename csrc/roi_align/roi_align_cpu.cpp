@@ -26,6 +26,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_allocator.h"
+#include "common/cpu_chunks.h"
 #include "common/cpu_transpose.h"
 #include "roi_align/roi_align.h"
 #include "roi_align/roi_align_args.h"
@@ -272,7 +273,7 @@ template <typename F>
 void for_spatial_blocks(int64_t N, int64_t HW, const F& f) {
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (HW + kBlock - 1) / kBlock;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for_dynamic(N * blocks, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = (t % blocks) * kBlock;
       f(t / blocks, p0, std::min(kBlock, HW - p0));
@@ -379,7 +380,9 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
     const int64_t o_c = out_cl ? 1 : bins, o_bin = out_cl ? C : 1;
     int64_t max_w = 1;
     for (int l = 0; l < L; ++l) max_w = std::max(max_w, widths[l]);
-    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    // RoIs in small chunks taken by whichever thread is free (common/cpu_chunks.h): a core
+    // shared with another process does not hold up the others.
+    parallel_for_dynamic(K, 8, [&](int64_t k0, int64_t k1) {
       AxisTaps<T> ty, tx;
       std::vector<T> tile(bins * std::min(C, kChannelBlock));
       std::vector<T> rowbuf(max_w);
@@ -479,7 +482,7 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
       const int64_t nblocks = (C + block - 1) / block;
       int64_t max_w = 1;
       for (int l = 0; l < L; ++l) max_w = std::max<int64_t>(max_w, widths[l]);
-      at::parallel_for(0, L * N * nblocks, 1, [&](int64_t t0, int64_t t1) {
+      parallel_for_dynamic(L * N * nblocks, 1, [&](int64_t t0, int64_t t1) {
         AxisTaps<T> ty, tx;
         std::vector<T> tile(bins * std::min(C, block));
         std::vector<T> rowbuf(max_w);
