@@ -17,7 +17,7 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"or `make build`. Original error: {e}") from e
 
 from .anchors import AnchorGenerator, clear_anchor_cache, generate_anchors
-from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limit
+from .memory import cpu_cache_for_torch, cpu_cache_info, empty_cache, set_cpu_cache_limit
 from .boxes import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
 from .nms import batched_nms, box_area, box_iou, nms
 from .patch import is_patched, patch_torchvision, torchvision_patched, unpatch_torchvision
@@ -35,7 +35,7 @@ __all__ = [
     "generate_anchors", "AnchorGenerator", "clear_anchor_cache",
     "encode_boxes", "decode_boxes", "BoxCoder", "clip_boxes", "remove_small_boxes",
     "rpn_proposals",
-    "empty_cache", "cpu_cache_info", "set_cpu_cache_limit",
+    "empty_cache", "cpu_cache_info", "set_cpu_cache_limit", "cpu_cache_for_torch",
     "has_cuda", "build_info", "__version__",
 ]
 

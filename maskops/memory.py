@@ -8,7 +8,7 @@ transparent huge pages where the system allows it. The tensors are ordinary CPU 
 only their memory returns here when they are freed.
 
 The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read when the cache is first used, by
-an op or by a function here; default 256, ``0`` keeps nothing; an unusable value warns and
+an op or by a function here; default 1024, ``0`` keeps nothing; an unusable value warns and
 keeps the default) or ``set_cpu_cache_limit()``; the oldest kept blocks are dropped first.
 ``empty_cache()`` gives kept memory back to the system. A forked process (a DataLoader
 worker) starts with an empty cache. Memory handed out by the cache shows in
@@ -18,12 +18,20 @@ Where transparent huge pages are set to ``madvise`` with ``defrag=madvise``, the
 compact memory to find a huge page for a new block (a one-off stall when memory is
 fragmented). Keep the cache warm, set the system's ``defrag`` to ``defer+madvise``, or set
 ``MASKOPS_CPU_HUGE_PAGES=0`` (ordinary pages) if that matters more than the faults saved.
+
+Inside ``with maskops.cpu_cache_for_torch():`` torch's own CPU allocations of 1 MiB and more
+(convolution and matmul outputs, oneDNN's buffers) come from the cache as well: a network's
+activations then reuse the previous call's memory instead of faulting in fresh pages on
+every call. The Mask R-CNN of ``models/`` runs its eval-mode inference inside it.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
-__all__ = ["empty_cache", "cpu_cache_info", "set_cpu_cache_limit"]
+__all__ = ["empty_cache", "cpu_cache_info", "set_cpu_cache_limit", "cpu_cache_for_torch"]
 
 
 def empty_cache() -> int:
@@ -52,3 +60,24 @@ def set_cpu_cache_limit(limit_bytes: int) -> int:
     if limit_bytes < 0:
         raise ValueError(f"limit_bytes must be non-negative, got {limit_bytes}")
     return int(torch.ops.maskops._cpu_cache_set_limit(limit_bytes))
+
+
+@contextlib.contextmanager
+def cpu_cache_for_torch() -> Iterator[bool]:
+    """Within the block, every CPU tensor of 1 MiB and more that torch allocates (any op, any
+    thread) takes its memory from maskops' buffer cache, and gives it back there when freed.
+
+    For repeated inference on the CPU: the activations of one call are mapped once and reused
+    by the next, instead of being faulted in page by page each time (for a ResNet-50 Mask
+    R-CNN at 800x800, ~120,000 page faults and ~15 % of a call's time). Tensors made inside
+    stay ordinary CPU tensors and may outlive the block. Blocks nest and may be entered from
+    several threads; torch's previous allocator is back when the last one exits. Yields
+    whether the cache is in use (False in sanitizer builds, or where another allocator was
+    registered with a higher priority). Memory kept between calls is bounded by the limit
+    (:func:`set_cpu_cache_limit`); :func:`empty_cache` returns it.
+    """
+    routed = bool(torch.ops.maskops._cpu_cache_route_torch(True))
+    try:
+        yield routed
+    finally:
+        torch.ops.maskops._cpu_cache_route_torch(False)

@@ -78,6 +78,8 @@ UNSUPPORTED = {
     "_cpu_cache_release": "a memory-management call",
     "_cpu_cache_stats": "a memory-management call",
     "_cpu_cache_set_limit": "a memory-management call",
+    "_cpu_cache_route_torch": "a memory-management call",
+    "_segmented_nms": "a test-only op",
 }
 
 _INT64 = 7  # onnx.TensorProto.INT64

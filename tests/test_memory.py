@@ -150,7 +150,7 @@ def test_bad_limit_warns_and_keeps_the_default(value):
     assert r.returncode == 0, r.stderr
     assert "MASKOPS_CPU_CACHE_MB" in r.stderr and "non-negative integer" in r.stderr
     info = eval(r.stdout.strip().splitlines()[-1])
-    assert info["limit_bytes"] == 256 << 20 and info["hits"] == 1
+    assert info["limit_bytes"] == 1024 << 20 and info["hits"] == 1
 
 
 FORKED = """
@@ -259,3 +259,122 @@ def test_huge_pages_and_turning_them_off():
     if kb_on == 0:
         pytest.skip("the system had no huge page to give (memory fragmented)")
     assert kb_on >= 2048
+
+
+# ---- cpu_cache_for_torch: torch's own CPU allocations through the cache ----
+
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _probe_routed() -> bool:
+    """Whether a fresh 4 MiB torch.empty is served by the cache right now."""
+    before = maskops.cpu_cache_info()
+    t = torch.empty(1 << 20)  # 4 MiB
+    after = maskops.cpu_cache_info()
+    del t
+    return after["hits"] + after["misses"] > before["hits"] + before["misses"]
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_torch_allocations_routed_only_inside_the_block():
+    assert not _probe_routed()
+    with maskops.cpu_cache_for_torch() as routed:
+        assert routed
+        assert _probe_routed()
+        small = torch.empty(1000)  # under 1 MiB: torch's default allocator, as before
+        assert small.numel() == 1000
+    assert not _probe_routed()
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_routing_nests_and_survives_exceptions():
+    with maskops.cpu_cache_for_torch():
+        with maskops.cpu_cache_for_torch():
+            assert _probe_routed()
+        assert _probe_routed()  # the outer block still routes
+        with pytest.raises(KeyError):
+            with maskops.cpu_cache_for_torch():
+                raise KeyError("inside")
+        assert _probe_routed()
+    assert not _probe_routed()
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_routing_from_threads_ends_with_the_last_block():
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def worker(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.rand(64, 128, 128, generator=g)
+            with maskops.cpu_cache_for_torch():
+                barrier.wait()
+                for _ in range(5):
+                    y = (x * 2).sum(0)  # 4 MiB temporaries from the cache
+                    torch.testing.assert_close(y, x.sum(0) * 2)
+                barrier.wait()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not _probe_routed()
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_tensors_made_inside_outlive_the_block(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    src = torch.rand(512, 1024, generator=g)
+    with maskops.cpu_cache_for_torch():
+        t = src * 3  # 2 MiB, from the cache
+    torch.testing.assert_close(t, src * 3)
+    t.resize_(1024, 1024)  # its storage grows through the cache allocator, after the block
+    t[512:] = 1.0
+    assert t[:512].equal(src * 3) and bool((t[512:] == 1).all())
+    assert t.numpy().shape == (1024, 1024)
+    torch.save(t, tmp_path / "t.pt")
+    assert torch.load(tmp_path / "t.pt").equal(t)
+    kept = maskops.cpu_cache_info()["kept_bytes"]
+    del t
+    assert maskops.cpu_cache_info()["kept_bytes"] >= kept  # freed into the cache
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
+                         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")),
+                    reason="needs oneDNN")
+def test_onednn_ops_inside_match_outside_and_reuse_memory():
+    """oneDNN allocates through the raw allocator interface (raw_allocate / raw_deallocate)
+    as well: fused convolutions and matmuls inside the block give the same results, and once
+    warm, a repeated call maps no new pages."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 64, 160, 160, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, generator=g) * 0.05).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(128, generator=g)
+    a = torch.randn(1500, 1024, generator=g)
+    lw = torch.randn(1024, 1024, generator=g) * 0.03
+
+    def call():
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        z = torch.ops.mkldnn._linear_pointwise(a, lw, None, "relu", [], "")
+        return y, z
+
+    with torch.no_grad():
+        ref = call()
+        with maskops.cpu_cache_for_torch():
+            for _ in range(2):  # warm: the blocks are mapped once
+                got = call()
+            del got
+            faults = _minor_faults()
+            got = call()
+            faults = _minor_faults() - faults
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # 13 MB + 6 MB of outputs: ~4,700 pages when faulted in afresh.
+    assert faults < 400, faults

@@ -36,7 +36,7 @@ constexpr size_t kHugePage = size_t(2) << 20;
 // faster with them, while with ~10 MB ones the time of a call varied from 1.3x faster to 3x
 // slower from run to run.
 constexpr size_t kMinHugePageBlock = size_t(32) << 20;
-constexpr int64_t kDefaultLimitMB = 256;
+constexpr int64_t kDefaultLimitMB = 1024;
 constexpr long long kMaxLimitMB = 1LL << 30;  // 1 PiB: keeps MB << 20 inside int64
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
@@ -110,6 +110,10 @@ class CachingCpuAllocator final : public c10::Allocator {
     return {p, p, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
 #endif
   }
+
+  // For raw_allocate / raw_deallocate users (oneDNN's buffers, once the cache is torch's CPU
+  // allocator): release() hands blocks it does not own to the default allocator.
+  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -219,22 +223,27 @@ class CachingCpuAllocator final : public c10::Allocator {
   // larger than the limit goes straight back to the system.
   void give_back(void* p) {
     std::vector<Kept> drop;
+    bool owned = true;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = live_.find(p);
-      TORCH_INTERNAL_ASSERT(it != live_.end(), "maskops: freeing a block it does not own");
-      const size_t size = it->second;
-      live_.erase(it);
-      live_bytes_ -= static_cast<int64_t>(size);
-      if (static_cast<int64_t>(size) > limit_) {
-        drop.push_back({p, size, 0});
-      } else {
-        trim(static_cast<int64_t>(size), drop);
-        kept_.push_back({p, size, ++clock_});
-        kept_bytes_ += static_cast<int64_t>(size);
+      owned = it != live_.end();
+      if (owned) {
+        const size_t size = it->second;
+        live_.erase(it);
+        live_bytes_ -= static_cast<int64_t>(size);
+        if (static_cast<int64_t>(size) > limit_) {
+          drop.push_back({p, size, 0});
+        } else {
+          trim(static_cast<int64_t>(size), drop);
+          kept_.push_back({p, size, ++clock_});
+          kept_bytes_ += static_cast<int64_t>(size);
+        }
+        report(p, -static_cast<int64_t>(size));
       }
-      report(p, -static_cast<int64_t>(size));
     }
+    // A small block, from the default allocator (freed through raw_deallocate).
+    if (!owned) c10::GetDefaultCPUAllocator()->raw_deallocate(p);
     for (const Kept& k : drop) unmap_block(k.ptr, k.size);
   }
 
@@ -303,5 +312,33 @@ int64_t cpu_cache_set_limit(int64_t bytes) {
 }
 
 std::vector<int64_t> cpu_cache_stats() { return instance().stats(); }
+
+namespace {
+std::mutex route_mu;
+int64_t route_depth = 0;
+c10::Allocator* route_previous = nullptr;
+}  // namespace
+
+bool cpu_cache_route_torch(bool on) {
+  std::lock_guard<std::mutex> lock(route_mu);
+#if defined(MASKOPS_SANITIZED)
+  (void)on;
+  return false;
+#else
+  if (on) {
+    if (route_depth++ == 0) {
+      route_previous = c10::GetCPUAllocator();
+      c10::SetCPUAllocator(cpu_allocator());  // priority 0: a higher-priority one stays
+    }
+  } else {
+    TORCH_CHECK(route_depth > 0, "maskops: CPU allocations are not routed to the cache");
+    if (--route_depth == 0 && c10::GetCPUAllocator() == cpu_allocator()) {
+      c10::SetCPUAllocator(route_previous);
+      route_previous = nullptr;
+    }
+  }
+  return c10::GetCPUAllocator() == cpu_allocator();
+#endif
+}
 
 }  // namespace maskops

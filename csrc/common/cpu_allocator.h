@@ -10,7 +10,7 @@
 //
 // Tensors made here are ordinary CPU tensors (resizable, shareable, freed by their last
 // reference); only their memory comes back to this cache instead of the system.
-// MASKOPS_CPU_CACHE_MB sets the limit on kept bytes (default 256; 0 keeps nothing), the
+// MASKOPS_CPU_CACHE_MB sets the limit on kept bytes (default 1024; 0 keeps nothing), the
 // oldest kept blocks going first, and maskops.empty_cache() returns what is kept to the
 // system. MASKOPS_CPU_HUGE_PAGES=0 maps ordinary pages only. A forked child starts with
 // nothing kept. Sanitizer builds bypass the cache so that AddressSanitizer sees every
@@ -39,6 +39,14 @@ int64_t cpu_cache_release();
 
 // Sets the limit on kept bytes (dropping kept blocks over it); returns the previous limit.
 int64_t cpu_cache_set_limit(int64_t bytes);
+
+// Makes cpu_allocator() torch's CPU allocator (on = true), so that every CPU tensor of
+// kMinCachedBytes and more, whoever allocates it (oneDNN convolutions, matmuls, copies), takes
+// its memory from the cache; on = false undoes one such call. Calls nest, from any thread: the
+// allocator torch had before is put back when the last one is undone. Returns whether the
+// cache is torch's CPU allocator after the call (false where an allocator registered with a
+// higher priority, or a sanitizer build, keeps it out).
+bool cpu_cache_route_torch(bool on);
 
 // [bytes kept now, limit, requests served from the cache, requests that mapped new memory,
 //  1 if the cache is bypassed (sanitizer builds) else 0]
