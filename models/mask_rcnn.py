@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from . import ops
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, ResNetFPN, resnet_fpn
-from .fuse import (FusedFPN, fold_batchnorms, fpn_fusable, fuse_conv_relu, fuse_heads,
-                   onednn_available)
+from .fuse import (FusedFPN, MatmulMaskPredictor, fold_batchnorms, fpn_fusable, fuse_conv_relu,
+                   fuse_heads, fuse_linears, fuse_rpn_predictors, onednn_available)
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -80,7 +80,15 @@ class MaskRCNN(nn.Module):
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         if self._use_fast_path():
-            return self._fast_view()(images)
+            with ops.cpu_cache_for_torch():
+                return self._fast_view()(images)
+        if self.inference_optimized and self._inferring():
+            with ops.cpu_cache_for_torch():
+                return self._forward(images, targets)
+        return self._forward(images, targets)
+
+    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]
+                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         rec = self.recorder
         if self.training:
             _check_targets(targets, len(images))
@@ -149,9 +157,10 @@ class MaskRCNN(nn.Module):
             return self
         self.eval()
         self.__dict__["_fast_parts"] = None
-        _rewrite_for_inference(self.backbone, self.rpn.head, self.roi_heads.box_head,
-                               self.roi_heads.mask_head, self.roi_heads.box_roi_pool.output_size,
-                               channels_last, fuse, dtype)
+        heads = self.roi_heads
+        heads.mask_predictor = _rewrite_for_inference(
+            self.backbone, self.rpn.head, heads.box_head, heads.box_predictor, heads.mask_head,
+            heads.mask_predictor, heads.box_roi_pool.output_size, channels_last, fuse)
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self.transform.channels_last = True
@@ -164,9 +173,11 @@ class MaskRCNN(nn.Module):
 
     # ---- fast inference by default ----
 
+    def _inferring(self) -> bool:
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
     def _use_fast_path(self) -> bool:
-        if (self.training or not self.fast_inference or self.inference_optimized
-                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        if not self._inferring() or not self.fast_inference or self.inference_optimized:
             return False
         p = next(self.parameters(), None)
         return p is not None and p.dtype == torch.float32
@@ -183,12 +194,15 @@ class MaskRCNN(nn.Module):
         key = self._weights_key()
         cached = self.__dict__["_fast_parts"]
         if cached is None or cached[0] != key:
+            heads = self.roi_heads
             parts = copy.deepcopy(nn.ModuleDict(dict(
-                backbone=self.backbone, rpn_head=self.rpn.head,
-                box_head=self.roi_heads.box_head, mask_head=self.roi_heads.mask_head)))
-            _rewrite_for_inference(parts["backbone"], parts["rpn_head"], parts["box_head"],
-                                   parts["mask_head"], self.roi_heads.box_roi_pool.output_size,
-                                   True, True, None)
+                backbone=self.backbone, rpn_head=self.rpn.head, box_head=heads.box_head,
+                box_predictor=heads.box_predictor, mask_head=heads.mask_head,
+                mask_predictor=heads.mask_predictor)))
+            parts["mask_predictor"] = _rewrite_for_inference(
+                parts["backbone"], parts["rpn_head"], parts["box_head"], parts["box_predictor"],
+                parts["mask_head"], parts["mask_predictor"], heads.box_roi_pool.output_size,
+                True, True)
             parts.to(memory_format=torch.channels_last)
             cached = (key, parts)
             self.__dict__["_fast_parts"] = cached
@@ -196,7 +210,9 @@ class MaskRCNN(nn.Module):
         view = _shallow(self, backbone=parts["backbone"],
                         rpn=_shallow(self.rpn, head=parts["rpn_head"]),
                         roi_heads=_shallow(self.roi_heads, box_head=parts["box_head"],
-                                           mask_head=parts["mask_head"]),
+                                           box_predictor=parts["box_predictor"],
+                                           mask_head=parts["mask_head"],
+                                           mask_predictor=parts["mask_predictor"]),
                         transform=_shallow(self.transform))
         view.transform.channels_last = True
         view.fast_inference = False
@@ -220,19 +236,26 @@ def _check_dtype(dtype) -> None:
 
 @torch.no_grad()
 def _rewrite_for_inference(backbone: ResNetFPN, rpn_head: nn.Module, box_head: BoxHead,
-                           mask_head: nn.Module, box_pool_size, channels_last: bool, fuse: bool,
-                           dtype) -> None:
-    """The module rewrites of :meth:`MaskRCNN.optimize_for_inference`, in place."""
+                           box_predictor: nn.Module, mask_head: nn.Module,
+                           mask_predictor: nn.Module, box_pool_size, channels_last: bool,
+                           fuse: bool) -> nn.Module:
+    """The module rewrites of :meth:`MaskRCNN.optimize_for_inference`, in place; returns the
+    mask predictor to use (the given one, or a :class:`MatmulMaskPredictor` around it)."""
     fold_batchnorms(backbone.body)
     if fuse and onednn_available():
         fuse_conv_relu(backbone.body)
         if fpn_fusable(backbone.fpn):
             backbone.fpn = FusedFPN(backbone.fpn)
         fuse_heads(rpn_head.conv)
+        fuse_rpn_predictors(rpn_head)
         fuse_heads(mask_head)
+        fuse_linears(box_head, box_predictor)
+        if isinstance(mask_predictor, MaskPredictor):
+            mask_predictor = MatmulMaskPredictor(mask_predictor)
     if channels_last:
         h, w = box_pool_size
         box_head.use_nhwc_order(backbone.out_channels, h, w)
+    return mask_predictor
 
 
 def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:

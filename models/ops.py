@@ -20,6 +20,10 @@ roi_align = maskops.roi_align
 MultiScaleRoIAlign = maskops.MultiScaleRoIAlign
 paste_masks = maskops.paste_masks
 
+# Eval-mode inference allocates its CPU activations from maskops' buffer cache (no page
+# faults for memory the previous call already mapped).
+cpu_cache_for_torch = maskops.cpu_cache_for_torch
+
 # NMS and box geometry: Tensor[N, 4] boxes; NMS returns int64 indices by decreasing score.
 nms = maskops.nms
 batched_nms = maskops.batched_nms

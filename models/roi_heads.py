@@ -28,9 +28,12 @@ class BoxHead(nn.Module):
         self.fc6 = nn.Linear(in_features, representation_size)
         self.fc7 = nn.Linear(representation_size, representation_size)
         self.nhwc_order = False
+        self.relu_fused = False  # set when fc6/fc7 apply their ReLU themselves (models.fuse)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 2, 3, 1).flatten(1) if self.nhwc_order else x.flatten(1)
+        if self.relu_fused:
+            return self.fc7(self.fc6(x))
         return F.relu(self.fc7(F.relu(self.fc6(x))))
 
     @torch.no_grad()

@@ -45,9 +45,15 @@ class RPNHead(nn.Module):
         """Per level ``Tensor[N, C, H, W]`` -> objectness ``Tensor[N, H * W * A]`` and deltas
         ``Tensor[N, H * W * A, 4]``, ordered (y, x, anchor) like the anchors."""
         logits, deltas = [], []
+        pointwise = getattr(self, "pointwise", None)  # set by models.fuse (inference)
         for f in features:
             t = self.conv(f)
             n = f.shape[0]
+            fused = pointwise(t) if pointwise is not None else None
+            if fused is not None:
+                logits.append(fused[0])
+                deltas.append(fused[1])
+                continue
             # Free views when the conv outputs are channels-last.
             logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(n, -1))
             deltas.append(self.bbox_pred(t).permute(0, 2, 3, 1).reshape(n, -1, 4))

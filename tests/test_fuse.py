@@ -1,0 +1,126 @@
+"""The inference rewrites of models/fuse.py that replace a layer's arithmetic by another
+route (oneDNN matmuls): LinearAct, MatmulMaskPredictor and PointwisePredictor against the
+layers they replace computed in float64, on fresh random inputs of several shapes, empty
+inputs included, and their fallbacks (gradients, autocast, other dtypes)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.fuse import (LinearAct, MatmulMaskPredictor, PointwisePredictor, onednn_available)
+from models.roi_heads import MaskPredictor
+from models.rpn import RPNHead
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's fused ops")
+
+# float32 sums of a few hundred products against float64: ~1e-6 relative; bf16: ~1e-2.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _double(module):
+    import copy
+    return copy.deepcopy(module).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cin,cout,relu", [(0, 16, 8, True), (1, 7, 3, False),
+                                                (37, 300, 91, False), (200, 1024, 1024, True)])
+def test_linear_act_matches_float64(dtype, rows, cin, cout, relu):
+    g = torch.Generator().manual_seed(rows + cin)
+    lin = torch.nn.Linear(cin, cout)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(cout, cin, generator=g) / cin ** 0.5)
+        lin.bias.copy_(torch.randn(cout, generator=g))
+    x = torch.randn(rows, cin, generator=g)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    ref = F.relu(ref) if relu else ref
+    fused = LinearAct(lin, relu=relu).to(dtype)
+    with torch.no_grad():
+        got = fused(x.to(dtype))
+    assert got.dtype == dtype and got.shape == (rows, cout)
+    torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+
+
+def test_linear_act_keeps_the_linear_parameters_and_falls_back_with_gradients():
+    lin = torch.nn.Linear(12, 5)
+    fused = LinearAct(lin, relu=True)
+    assert fused.weight is lin.weight and fused.bias is lin.bias
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    assert (fused.in_features, fused.out_features) == (12, 5)
+    x = torch.randn(9, 12, requires_grad=True)
+    fused(x).sum().backward()  # oneDNN's op has no autograd: the fallback runs
+    x2 = x.detach().clone().requires_grad_()
+    F.relu(lin(x2)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def _mask_predictor(g, cin, dim, classes):
+    mp = MaskPredictor(cin, dim, classes)
+    with torch.no_grad():
+        for p in mp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else 0.1))
+    return mp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,cin,dim,classes,h,w", [(0, 16, 8, 5, 14, 14), (1, 8, 4, 3, 14, 14),
+                                                   (7, 32, 16, 11, 5, 9), (20, 256, 256, 91, 14, 14)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_matmul_mask_predictor_matches_the_transposed_conv(dtype, k, cin, dim, classes, h, w,
+                                                           channels_last):
+    g = torch.Generator().manual_seed(k * 31 + cin)
+    mp = _mask_predictor(g, cin, dim, classes)
+    x = torch.randn(k, cin, h, w, generator=g)
+    labels = torch.randint(0, classes, (k,), generator=g)
+    # Reference: every class's map from the float64 transposed convolution, then each RoI's.
+    ref = _double(mp).all_classes(x.double())[torch.arange(k), labels][:, None]
+    fused = MatmulMaskPredictor(mp).to(dtype)
+    xin = x.to(dtype)
+    if channels_last:
+        xin = xin.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = fused(xin, labels)
+    assert got.shape == (k, 1, 2 * h, 2 * w) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+
+
+def test_matmul_mask_predictor_falls_back_and_refuses_other_upsamplings():
+    g = torch.Generator().manual_seed(5)
+    mp = _mask_predictor(g, 8, 4, 3)
+    fused = MatmulMaskPredictor(mp)
+    x = torch.randn(3, 8, 6, 6, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 2, 1])
+    fused(x, labels).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    mp(x2, labels).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    mp.conv5_mask = torch.nn.ConvTranspose2d(8, 4, 3, 2)
+    with pytest.raises(ValueError, match="2x2, stride-2"):
+        MatmulMaskPredictor(mp)
+
+
+@pytest.mark.parametrize("n,h,w", [(1, 25, 38), (2, 7, 5), (1, 1, 1)])
+def test_pointwise_predictor_matches_the_two_convolutions(n, h, w):
+    g = torch.Generator().manual_seed(n * 100 + h)
+    head = RPNHead(64, 3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    t = torch.relu(torch.randn(n, 64, h, w, generator=g))
+    d = _double(head)
+    ref_logits = d.cls_logits(t.double()).permute(0, 2, 3, 1).reshape(n, -1)
+    ref_deltas = d.bbox_pred(t.double()).permute(0, 2, 3, 1).reshape(n, -1, 4)
+    pw = PointwisePredictor(head.cls_logits, head.bbox_pred)
+    with torch.no_grad():
+        if h * w > 1:  # (a 1x1 map is channels-last as well)
+            assert pw(t) is None  # not channels-last: the convolutions run instead
+        logits, deltas = pw(t.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits.double(), ref_logits, **TOL[torch.float32])
+    torch.testing.assert_close(deltas.double(), ref_deltas, **TOL[torch.float32])
+    # The head with the predictor attached gives the same as without.
+    feats = [torch.randn(n, 64, h, w, generator=g).contiguous(memory_format=torch.channels_last)]
+    with torch.no_grad():
+        plain = head(feats)
+        head.pointwise = pw
+        fused = head(feats)
+    torch.testing.assert_close(fused[0][0], plain[0][0], **TOL[torch.float32])
+    torch.testing.assert_close(fused[1][0], plain[1][0], **TOL[torch.float32])
