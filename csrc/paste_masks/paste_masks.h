@@ -219,6 +219,12 @@ struct PasteTiles {
                               : static_cast<index_t>(kTilePixels);
     out_t* o = out + plane * plane_pixels + first;
     const scalar_t* m = masks + plane * M * M;
+    // Rows [first / W, (first + count - 1) / W] of the plane: when none is in the box (most
+    // tiles of a small box), the tile is all zeros.
+    if (g.xlo == g.xhi || (first + count - 1) / W < g.ylo || first / W >= g.yhi) {
+      for (index_t k = t; k < count; k += threads) o[k] = out_t(0);
+      return;
+    }
     const int64_t S = p.mask_size + 2 * p.padding;
     const T thr = static_cast<T>(p.threshold);
     index_t y = (first + t) / W, x = (first + t) - y * W;
