@@ -305,8 +305,12 @@ def _clip_setup(ctx, inputs, output):
 
 def _clip_backward(ctx, grad):
     (boxes,) = ctx.saved_tensors
-    bound = torch.tensor([ctx.width, ctx.height] * 2, dtype=boxes.dtype, device=boxes.device)
-    inside = (boxes >= 0) & (boxes <= bound)
+    # The gradient passes where the coordinate is within [0, bound], bounds included. The
+    # bounds are Python scalars (converted to boxes' dtype, as a tensor of bounds would be),
+    # not a tensor built from host data, which on CUDA would be a copy the host waits for.
+    inside = boxes >= 0
+    inside[..., 0::2] &= boxes[..., 0::2] <= ctx.width
+    inside[..., 1::2] &= boxes[..., 1::2] <= ctx.height
     return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 
