@@ -4,7 +4,7 @@
 
 The test-only ops run the CUDA kernels' own per-thread bodies on the CPU (csrc/README.md), so
 their CPU time is a measure of the work the GPU algorithm does, visible here long before a GPU
-is. Two ratios, each against its goal:
+is. Three ratios, each against its goal:
 
 - RoIAlign backward, deterministic gather / atomic scatter
   (``_multiscale_roi_align_backward_cuda_algo``): FPN of one 800x800 image per batch entry
@@ -13,8 +13,13 @@ is. Two ratios, each against its goal:
 - RPN proposals, batch 8 / batch 1 (``_rpn_proposals_elementwise``): 800x800 images, 5 levels
   (strides 4-64, 3 anchors per position), 1000 candidates per level before NMS and 1000
   proposals after. Goal: at most 10x (linear in the batch).
+- Mask paste, CUDA tiles / CPU kernel (``_paste_masks_elementwise`` against ``paste_masks``):
+  100 masks 28x28 thresholded into an 800x1216 image (Mask R-CNN's inference paste). The
+  tiles write every output byte one at a time, as the GPU's threads do (coalesced there),
+  where the CPU kernel memsets the zeros, so the twin is slower by a constant factor. Goal:
+  at most 20x (the one-thread-per-pixel kernel the tiles replaced measured about 95x).
 
-Both twins run on one thread (the scatter twin is serial; the others would otherwise get
+The twins run on one thread (the scatter twin is serial; the others would otherwise get
 every core), so the ratios compare work. ``run`` (the suite's entry point) reports each pair
 as a Row: "maskops" is the GPU algorithm under study, "torchvision" the baseline it is
 measured against (the scatter; batch 1 scaled by 8), so the reported speed-up is
@@ -33,6 +38,7 @@ ops = torch.ops.maskops
 
 ROI_GOAL = 3.0  # deterministic gather at most this many times the scatter
 RPN_GOAL = 10.0  # batch 8 at most this many times batch 1
+PASTE_GOAL = 20.0  # the paste's CUDA tiles at most this many times the CPU kernel
 
 
 def roi_backward_case(images: int, rois: int, channels: int = 8, image: int = 800, output: int = 7):
@@ -77,6 +83,22 @@ def rpn(args):
     return ops._rpn_proposals_elementwise(*args)
 
 
+def paste_case(masks: int = 100, image=(800, 1216), seed: int = 0):
+    """Mask R-CNN's inference paste: masks 28x28 and boxes of 5-305 pixels inside the image."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image
+    m = torch.rand(masks, 1, 28, 28, generator=g)
+    xy = torch.rand(masks, 2, generator=g) * torch.tensor([w, h]) * 0.9
+    boxes = torch.cat([xy, xy + torch.rand(masks, 2, generator=g) * 300 + 5], 1)
+    return m, boxes, h, w
+
+
+def paste(case, twin: bool):
+    m, boxes, h, w = case
+    op = ops._paste_masks_elementwise if twin else ops.paste_masks
+    return op(m, boxes, h, w, 1, 0.5, False)
+
+
 def _one_thread(fn):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -87,7 +109,7 @@ def _one_thread(fn):
 
 
 def measure_ratios(quick: bool = False) -> dict:
-    """Times (ms) and the two ratios. quick: smaller problems, one repetition (smoke test)."""
+    """Times (ms) and the three ratios. quick: smaller problems, one repetition (smoke test)."""
     reps = 1 if quick else 3
     res = {}
 
@@ -111,10 +133,19 @@ def measure_ratios(quick: bool = False) -> dict:
         res["rpn_1"] = measure(lambda: rpn(one), "cpu", reps)
         res["rpn_many"] = measure(lambda: rpn(many), "cpu", reps)
 
+    def pastes():
+        case = paste_case(20, (200, 300)) if quick else paste_case()
+        assert torch.equal(paste(case, True), paste(case, False))  # the guard
+        res["paste_case"] = f"{case[0].shape[0]} masks 28x28 into {case[2]}x{case[3]}, threshold 0.5"
+        res["paste_cpu"] = measure(lambda: paste(case, False), "cpu", reps)
+        res["paste_tiles"] = measure(lambda: paste(case, True), "cpu", reps)
+
     _one_thread(roi)
     _one_thread(proposals)
+    _one_thread(pastes)
     res["roi_ratio"] = res["gather"].median_ms / res["scatter"].median_ms
     res["rpn_ratio"] = res["rpn_many"].median_ms / res["rpn_1"].median_ms
+    res["paste_ratio"] = res["paste_tiles"].median_ms / res["paste_cpu"].median_ms
     return res
 
 
@@ -133,6 +164,9 @@ def run(device: str = "cpu", quick: bool = False) -> list[Row]:
             r["rpn_many"], scaled,
             note=f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x, goal <= {RPN_GOAL:g}x" if b == 8 else
             f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x"),
+        Row("paste_masks, CUDA tiles vs CPU kernel (CUDA twin)", "cpu", r["paste_case"],
+            r["paste_tiles"], r["paste_cpu"],
+            note=f"tiles/CPU kernel {r['paste_ratio']:.2f}x, goal <= {PASTE_GOAL:g}x"),
     ]
 
 

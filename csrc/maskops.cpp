@@ -62,10 +62,10 @@ TORCH_LIBRARY(maskops, m) {
   m.def(
       "paste_masks(Tensor masks, Tensor boxes, int height, int width, int padding, "
       "float? threshold, bool as_uint8) -> Tensor");
-  // Test-only: the CUDA kernel's per-pixel functor run on the CPU.
+  // Test-only: the CUDA kernel's tiles run on the CPU; index64 forces its 64-bit index path.
   m.def(
       "_paste_masks_elementwise(Tensor masks, Tensor boxes, int height, int width, int padding, "
-      "float? threshold, bool as_uint8) -> Tensor");
+      "float? threshold, bool as_uint8, bool index64=False) -> Tensor");
   // Binary masks [N, H, W] to COCO RLE strings: (concatenated characters, length per mask).
   // A host-side op: its output is for Python, so CUDA inputs are encoded from a CPU copy.
   m.def("_masks_to_rle(Tensor masks) -> (Tensor, Tensor)");

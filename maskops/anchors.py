@@ -124,6 +124,10 @@ def generate_anchors(
         ``Tensor[sum over levels of H * W * len(sizes) * len(ratios), 4]`` boxes
         ``(x1, y1, x2, y2)``. A cached tensor is shared between callers: do not modify it in
         place (clone it first, or pass ``cache=False``).
+
+    On CUDA the call never waits for the GPU: on a cache miss the sizes and ratios (and, in
+    the kernel, the level table) are copied from pinned memory without waiting. Sizes or
+    ratios given as CUDA tensors are read on the host first, which does wait.
     """
     feature_sizes = _pairs(feature_sizes, "feature_sizes", None, allow_int=False, positive=False)
     levels = len(feature_sizes)
@@ -144,10 +148,15 @@ def generate_anchors(
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit
-    flat_sizes = torch.tensor([s for level in sizes for s in level], dtype=torch.float32,
-                              device=device)
-    flat_ratios = torch.tensor([r for level in ratios for r in level], dtype=torch.float32,
-                               device=device)
+    values = [s for level in sizes for s in level] + [r for level in ratios for r in level]
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        # One copy from pinned memory that the host does not wait for (a tensor made from host
+        # data on the device directly is a copy from pageable memory, which blocks the host).
+        table = torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
+    else:
+        table = torch.tensor(values, dtype=torch.float32, device=device)
+    n_sizes = sum(len(level) for level in sizes)
+    flat_sizes, flat_ratios = table[:n_sizes], table[n_sizes:]
     anchors = torch.ops.maskops.generate_anchors(
         flat_sizes, flat_ratios, [len(s) for s in sizes], [len(r) for r in ratios],
         [x for hw in feature_sizes for x in hw], [x for st in strides for x in st], dtype)
@@ -223,7 +232,8 @@ class AnchorGenerator(nn.Module):
         Returns:
             One ``Tensor[A, 4]`` per image, ``(x1, y1, x2, y2)`` in the dtype and on the device
             of ``feature_maps[0]``; the anchors of all levels, concatenated. Every image gets
-            the same (cached) tensor: do not modify it in place.
+            the same (cached) tensor: do not modify it in place. Never waits for the GPU
+            (see :func:`generate_anchors`).
         """
         if not isinstance(feature_maps, (list, tuple)) or not feature_maps:
             raise V.error(ValueError, "feature_maps must be a non-empty list of Tensor[N, C, H, W]",

@@ -56,6 +56,9 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
     torchvision on CUDA divides by the weights as a multiplication by their reciprocal, which
     can differ from this (and from torchvision on the CPU) in the last bit for weights that are
     not powers of two.
+
+    On CUDA neither the call nor its backward waits for the GPU (``weights`` given as a CUDA
+    tensor are read on the host first, which does).
     """
     _codes(rel_codes)
     V.boxes_n4(boxes, "boxes", integers=True)
@@ -83,7 +86,8 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
     Returns:
         ``Tensor[N, 4]`` codes ``(wx (cx - cx_p) / w_p, wy (cy - cy_p) / h_p, ww log(w / w_p),
         wh log(h / h_p))`` in the promoted dtype of the inputs. Differentiable with respect to
-        both inputs.
+        both inputs. On CUDA neither the call nor its backward waits for the GPU (``weights``
+        given as a CUDA tensor are read on the host first, which does).
     """
     V.boxes_n4(reference_boxes, "reference_boxes")
     V.boxes_n4(proposals, "proposals")
@@ -108,7 +112,8 @@ def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
     Returns:
         ``Tensor[..., 4]`` in the boxes' dtype, x clamped to ``[0, width]`` and y to
         ``[0, height]`` (NaN stays NaN). Differentiable (the gradient passes where a coordinate
-        was inside the bounds). A leaf of ``torch.fx`` tracing.
+        was inside the bounds). On CUDA neither the call nor its backward waits for the GPU.
+        A leaf of ``torch.fx`` tracing.
     """
     V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
@@ -139,8 +144,9 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
             around in the boxes' dtype).
 
     Returns:
-        ``Tensor[K]`` int64 indices, increasing. On CUDA the call waits for the GPU once (the
-        output size depends on the data). A leaf of ``torch.fx`` tracing.
+        ``Tensor[K]`` int64 indices, increasing. On CUDA the call waits for the GPU once, to
+        read how many boxes were kept (the output size depends on the data). A leaf of
+        ``torch.fx`` tracing.
     """
     V.boxes_n4(boxes, "boxes", integers=True)
     min_size = V.non_negative_number(min_size, "min_size", tv=TypeError)
@@ -152,7 +158,8 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 class BoxCoder:
-    """Drop-in for ``torchvision.models.detection._utils.BoxCoder``.
+    """Drop-in for ``torchvision.models.detection._utils.BoxCoder``. Its methods never wait
+    for the GPU (they call :func:`encode_boxes` and :func:`decode_boxes`).
 
     Args:
         weights: ``(wx, wy, ww, wh)``, positive.
@@ -305,8 +312,12 @@ def _clip_setup(ctx, inputs, output):
 
 def _clip_backward(ctx, grad):
     (boxes,) = ctx.saved_tensors
-    bound = torch.tensor([ctx.width, ctx.height] * 2, dtype=boxes.dtype, device=boxes.device)
-    inside = (boxes >= 0) & (boxes <= bound)
+    # The gradient passes where the coordinate is within [0, bound], bounds included. The
+    # bounds are Python scalars (converted to boxes' dtype, as a tensor of bounds would be),
+    # not a tensor built from host data, which on CUDA would be a copy the host waits for.
+    inside = boxes >= 0
+    inside[..., 0::2] &= boxes[..., 0::2] <= ctx.width
+    inside[..., 1::2] &= boxes[..., 1::2] <= ctx.height
     return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 

@@ -120,6 +120,7 @@ def batched_nms(
     exact in the first case and orders ties by index in the second; otherwise the outputs
     are identical.
 
+    On CUDA the call waits once for the GPU, to read how many boxes were kept, as :func:`nms`.
     Like torchvision, empty boxes (``Tensor[0, 4]`` or ``Tensor[0]``) give an empty result
     whatever the dtypes of ``boxes``, ``scores`` and ``idxs``. A leaf of ``torch.fx`` tracing.
     """
@@ -166,7 +167,7 @@ def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
         ``Tensor[...]``: floating boxes give their dtype (half types compute in float32 and
         round once); integer boxes give int64 for int64 and int32 otherwise, as torchvision
         (narrow integers are widened before the subtraction). Differentiable with respect to
-        floating ``boxes``. A leaf of ``torch.fx`` tracing.
+        floating ``boxes``. On CUDA it never waits for the GPU. A leaf of ``torch.fx`` tracing.
     """
     V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
@@ -190,7 +191,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     never NaN; torchvision's ``box_iou`` returns NaN there (0 / 0), and the gradient there
     is 0. A NaN coordinate gives NaN. Differentiable with respect to both (floating) inputs,
     with torch's conventions at kinks (a tie in min/max splits the gradient in half).
-    ``fmt``: ``"xyxy"`` only. A leaf of ``torch.fx`` tracing.
+    ``fmt``: ``"xyxy"`` only. On CUDA it never waits for the GPU. A leaf of ``torch.fx``
+    tracing.
     """
     V.boxes_n4(boxes1, "boxes1", integers=True)
     V.boxes_n4(boxes2, "boxes2", integers=True)

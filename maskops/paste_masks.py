@@ -63,7 +63,8 @@ def paste_masks(
 
     Returns:
         ``Tensor[N, C, height, width]``. Not differentiable (an inference op). Boxes with
-        NaN coordinates paste nothing. A leaf of ``torch.fx`` tracing.
+        NaN coordinates paste nothing. On CUDA the call never waits for the GPU. A leaf of
+        ``torch.fx`` tracing.
     """
     boxes = _check(masks, boxes, padding)
     h, w = V.image_size(image_size, "image_size")
@@ -78,7 +79,8 @@ def paste_masks(
 @leaf
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: Tuple[int, int],
                          padding: int = 1) -> Tensor:
-    """torchvision's ``paste_masks_in_image`` signature: float ``Tensor[N, C, H, W]``."""
+    """torchvision's ``paste_masks_in_image`` signature: float ``Tensor[N, C, H, W]``
+    (:func:`paste_masks` with ``threshold=None``; never waits for the GPU)."""
     return paste_masks(masks, boxes, img_shape, threshold=None, padding=padding)
 
 
@@ -91,6 +93,9 @@ def masks_to_rle(masks: Tensor) -> List[Dict[str, object]]:
     Returns:
         N dicts ``{"size": [H, W], "counts": bytes}``, the compressed form that
         ``pycocotools.mask.encode`` returns and ``pycocotools.mask.decode`` reads.
+
+    The encoding runs on the host: CUDA masks are copied to it, so the call waits for the GPU
+    once, for that copy.
     """
     V.tensor(masks, "masks")
     if masks.dim() == 4:

@@ -48,7 +48,8 @@ def roi_align(
     Boxes with a NaN coordinate pool to zeros. On CPU a batch index outside ``[0, N)``
     raises ``ValueError``; on CUDA such a box pools to zeros (checking would wait for the GPU).
     Differentiable with respect to ``input`` (the backward is deterministic on CPU, and on
-    CUDA under ``torch.use_deterministic_algorithms(True)``). A leaf of ``torch.fx`` tracing.
+    CUDA under ``torch.use_deterministic_algorithms(True)``). On CUDA neither the call nor
+    its backward ever waits for the GPU. A leaf of ``torch.fx`` tracing.
 
     Bad arguments raise ``TypeError`` / ``ValueError`` that are also instances of the class
     torchvision raises for the same mistake (e.g. ``AssertionError`` for ``Tensor[K, 4]``
@@ -185,8 +186,9 @@ def multiscale_roi_align(
 
     Returns:
         ``Tensor[K, C, output_height, output_width]`` in the features' dtype, in the layout of
-        ``features[0]``. Differentiable with respect to every level. A leaf of ``torch.fx``
-        tracing.
+        ``features[0]``. Differentiable with respect to every level. On CUDA neither the call
+        nor its backward ever waits for the GPU (batch indices are not checked there, as in
+        :func:`roi_align`). A leaf of ``torch.fx`` tracing.
     """
     if not isinstance(features, (list, tuple)) or not features:
         raise TypeError(f"features must be a non-empty list of Tensor[N, C, H, W], got {V._describe(features)}")

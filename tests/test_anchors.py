@@ -236,3 +236,24 @@ def test_cuda_opcheck():
     ratios = torch.tensor([0.5, 1.0, 2.0, 1.0], device="cuda")
     torch.library.opcheck(torch.ops.maskops.generate_anchors.default,
                           (sizes, ratios, [2, 1], [3, 1], [5, 7, 3, 4], [4, 4, 8, 9], torch.float32))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_cache_miss_never_waits():
+    """A cache miss copies the sizes and ratios from pinned memory: no host synchronisation
+    (a tensor made from a host list on the device directly would be a blocking copy)."""
+    images, feats = fpn_inputs((800, 1216), 2, device="cuda")
+    maskops.generate_anchors([(6, 9)], [4], [(32,)], (1.0,), device="cuda", cache=False)  # warm-up
+    expected = maskops.generate_anchors([f.shape[-2:] for f in feats], FPN_STRIDES, FPN_SIZES,
+                                        FPN_RATIOS[0], cache=False)
+    anchors_module.clear_anchor_cache()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = maskops.generate_anchors([f.shape[-2:] for f in feats], FPN_STRIDES, FPN_SIZES,
+                                       FPN_RATIOS[0], device="cuda", cache=False)
+        per_image = maskops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, feats)  # a miss, cached
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got.cpu(), expected)
+    assert all(torch.equal(a.cpu(), expected) for a in per_image)

@@ -230,6 +230,45 @@ def test_gradients():
         torch.testing.assert_close(x, y)
 
 
+def _clip_backward_reference(boxes, grad, height, width):
+    """The clip gradient as a tensor of bounds in boxes' dtype computes it (bounds included)."""
+    bound = torch.tensor([width, height] * 2, dtype=boxes.dtype)
+    return torch.where((boxes >= 0) & (boxes <= bound), grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(300,), (7, 40), (0,)])
+def test_clip_gradient_is_the_bounds_rule(dtype, shape):
+    """Random boxes around the image with NaN, infinities, -0 and values at, just below and just
+    above the bounds (in boxes' dtype, which also rounds the bounds)."""
+    g = gen(16)
+    n = math.prod(shape)
+    for height, width in ((517, 703), (800, 1333), (0, 5), (70000, 1)):
+        boxes = ((torch.rand(n, 4, generator=g, dtype=torch.float64) * 1.4 - 0.2) *
+                 torch.tensor([width, height] * 2, dtype=torch.float64)).to(dtype).reshape(*shape, 4)
+        flat = boxes.view(-1)
+        if n:
+            for k, v in enumerate([math.nan, math.inf, -math.inf, -0.0, 0.0]):
+                flat[k::53] = v
+            for k, bound in enumerate((width, height)):
+                b = torch.tensor(float(bound), dtype=dtype)
+                flat[4 + k::41] = b
+                flat[6 + k::43] = torch.nextafter(b, torch.tensor(math.inf, dtype=dtype))
+                flat[8 + k::47] = torch.nextafter(b, torch.tensor(-math.inf, dtype=dtype))
+        leaf = boxes.clone().requires_grad_()
+        grad = torch.randn(leaf.shape, generator=g, dtype=torch.float64).to(dtype)
+        (got,) = torch.autograd.grad(maskops.clip_boxes(leaf, (height, width)), leaf, grad)
+        assert got.dtype == dtype
+        assert torch.equal(got, _clip_backward_reference(boxes, grad, height, width))
+        if dtype in EXACT:  # autograd through torchvision's clamps agrees off the bounds
+            leaf_tv = boxes.clone().requires_grad_()
+            (tv,) = torch.autograd.grad(tv_boxes.clip_boxes_to_image(leaf_tv, (height, width)), leaf_tv,
+                                        grad)
+            bound = torch.tensor([width, height] * 2, dtype=dtype)
+            off = (boxes != 0) & (boxes != bound)
+            assert torch.equal(got[off], tv[off])
+
+
 # ---- registration ----
 
 def _opcheck_samples():
@@ -354,3 +393,21 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.maskops.encode_boxes.default, (boxes, boxes.flip(0), [1.0] * 4))
     torch.library.opcheck(torch.ops.maskops.clip_boxes.default, (boxes, 300, 400))
     torch.library.opcheck(torch.ops.maskops.remove_small_boxes.default, (boxes, 100.0))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_clip_backward_never_waits():
+    g = gen(17)
+    boxes = (random_boxes(500, g, scale=900.0) - 100)
+    boxes[::13, 1] = math.nan
+    grad = torch.randn(500, 4, generator=g)
+    expected = _clip_backward_reference(boxes, grad, 500, 600)
+    leaf = boxes.cuda().requires_grad_()
+    out = maskops.clip_boxes(leaf, (500, 600))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (got,) = torch.autograd.grad(out, leaf, grad.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got.cpu(), expected)

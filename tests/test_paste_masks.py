@@ -187,3 +187,93 @@ def test_cuda_matches_cpu(rng):
             torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-6)
         else:
             assert (gpu == cpu).float().mean().item() >= 0.9999
+
+
+ODD_BOXES = [
+    [-30.0, -10.0, 50.0, 300.0],          # partly outside
+    [5.0, 5.0, 5.4, 5.2],                 # under one pixel
+    [30.0, 30.0, 10.0, 40.0],             # inverted: pastes nothing
+    [500.0, 10.0, 600.0, 30.0],           # right of the image
+    [10.0, -90.0, 30.0, -40.0],           # above it
+    [float("nan"), 1.0, 20.0, 20.0],      # NaN: pastes nothing
+    [0.0, 0.0, float("inf"), 10.0],       # infinite
+    [-3e12, -1e11, 2e12, 5e10],           # far past 32-bit pixel offsets
+    [-1e30, 2.0, 1e30, 9.0],              # past int64 after truncation
+    [0.0, 0.0, 0.0, 0.0],                 # a point
+]
+
+
+@pytest.mark.parametrize("index64", [False, True])
+@pytest.mark.parametrize("image,channels", [((1, 1), 1), ((1, 300), 2), ((300, 1), 1), ((97, 61), 3),
+                                            ((70, 100), 1), ((65, 256), 2), ((3, 517), 1)])
+def test_gpu_tiles_match_cpu_kernel_bit_for_bit(rng, image, channels, index64):
+    """The CUDA kernel's tiles (run on the CPU, 256 threads per block one after another, both
+    index types) against the production CPU kernel: odd image shapes (one pixel, one row or
+    column, widths below, at and above the block's 256 threads, planes of several tiles), C > 1,
+    and boxes outside the image, empty, NaN, infinite or past 32-bit offsets."""
+    h, w = image
+    masks, boxes = _case(rng, 16, image, m=14, channels=channels)
+    boxes[:len(ODD_BOXES)] = torch.tensor(ODD_BOXES)
+    for threshold, as_uint8 in ((None, False), (0.5, False), (0.5, True)):
+        expected = ops.paste_masks(masks, boxes, h, w, 1, threshold, as_uint8)
+        got = ops._paste_masks_elementwise(masks, boxes, h, w, 1, threshold, as_uint8, index64)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    # float64 boxes and masks, other paddings
+    for padding in (0, 2):
+        expected = ops.paste_masks(masks.double(), boxes.double(), h, w, padding, None, False)
+        got = ops._paste_masks_elementwise(masks.double(), boxes.double(), h, w, padding, None, False,
+                                           index64)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("index64", [False, True])
+def test_gpu_tiles_boxes_at_tile_edges(rng, index64):
+    """A 130 x 64 image has tiles of 64 rows (4096 pixels): boxes whose rows start or end at
+    a tile's first or last row (padding 0, so a box's pixel rows are its truncated y1, y2)."""
+    rows = [(63.5, 63.9), (64.2, 64.7), (63.0, 64.0), (127.0, 128.0), (0.0, 0.5), (129.1, 129.9),
+            (128.0, 135.0), (-5.0, 0.2), (10.0, 63.99), (64.0, 127.99)]
+    boxes = torch.tensor([[3.0 + i, y1, 40.0 + i, y2] for i, (y1, y2) in enumerate(rows)])
+    masks = torch.rand(len(rows), 2, 7, 7, generator=rng)
+    for threshold in (None, 0.5):
+        expected = ops.paste_masks(masks, boxes, 130, 64, 0, threshold, False)
+        got = ops._paste_masks_elementwise(masks, boxes, 130, 64, 0, threshold, False, index64)
+        assert torch.equal(got, expected)
+        assert (expected.flatten(1) != 0).any(1).all()  # every box pastes something
+
+
+@pytest.mark.parametrize("index64", [False, True])
+def test_gpu_tiles_empty_shapes(index64):
+    for n, c, h, w in ((0, 1, 50, 60), (2, 0, 50, 60), (2, 1, 0, 60), (2, 1, 50, 0)):
+        out = ops._paste_masks_elementwise(torch.rand(n, c, 28, 28), torch.rand(n, 4) * 10, h, w, 1, None,
+                                           False, index64)
+        assert out.shape == (n, c, h, w)
+
+
+@pytest.mark.cuda
+def test_cuda_odd_shapes_match_cpu(rng):
+    """The CUDA kernel's tiles on odd image shapes and boxes (see the CPU twin's test); float
+    results may differ in the last bits where the device contracts multiply-adds."""
+    for (h, w), channels in (((1, 1), 1), ((1, 300), 2), ((300, 1), 1), ((97, 61), 3), ((130, 64), 1)):
+        masks, boxes = _case(rng, 16, (h, w), m=14, channels=channels)
+        boxes[:len(ODD_BOXES)] = torch.tensor(ODD_BOXES)
+        for threshold in (None, 0.5):
+            cpu = maskops.paste_masks(masks, boxes, (h, w), threshold)
+            gpu = maskops.paste_masks(masks.cuda(), boxes.cuda(), (h, w), threshold).cpu()
+            if threshold is None:
+                torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-6)
+            else:
+                assert (gpu == cpu).float().mean().item() >= 0.999
+
+
+@pytest.mark.cuda
+def test_cuda_paste_never_waits(rng):
+    masks, boxes = _case(rng, 20, (120, 160))
+    masks, boxes = masks.cuda(), boxes.cuda()
+    expected = [maskops.paste_masks(masks, boxes, (120, 160), t) for t in (None, 0.5)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [maskops.paste_masks(masks, boxes, (120, 160), t) for t in (None, 0.5)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

@@ -137,38 +137,132 @@ inline Params<box_t> make_params(int64_t num_masks, int64_t channels, int64_t ma
   return p;
 }
 
-// One output pixel per iteration, over [N, C, H, W] in order: zero outside the mask's box,
-// the resized mask value (or value >= threshold) inside. On the GPU this is the whole paste:
-// one coalesced pass that also writes the zeros. out_t is the mask type, bool or uint8.
-template <typename scalar_t, typename T, typename box_t, typename out_t>
-struct PasteElement {
+// ---- The CUDA kernel's loop ----
+//
+// A block of threads owns a tile of kTilePixels consecutive pixels of one (mask, channel)
+// plane of the output [N, C, H, W]. One thread reads the mask's box and works out its
+// geometry (PlaneGeometry: the pixel box, its clipped spans, the resize scales) once for the
+// block; then the block's threads stride over the tile's pixels, each writing zero outside
+// the box and the resized mask value (or value >= threshold) inside. So the box math and the
+// divisions are paid per block, the per-pixel work is two resize taps and four mask reads,
+// and one coalesced pass writes every byte of the output, zeros included.
+
+constexpr int kPasteThreads = 256;    // threads per block
+constexpr int64_t kTilePixels = 4096;  // pixels per block (16 per thread)
+
+// What a block knows of its mask once the box is read: the pixel box's first row and column
+// (may lie outside the image), the image rows [ylo, yhi) and columns [xlo, xhi) it covers
+// (empty when hi == lo; both clamped to the image, so they fit index_t), and the resize
+// scales (M + 2 * padding) / h and / w.
+template <typename index_t, typename T>
+struct PlaneGeometry {
+  int64_t y0, x0;
+  index_t ylo, yhi, xlo, xhi;
+  T sy, sx;
+};
+
+// Whether 32-bit indices cover every index the kernel forms: output and mask offsets, and a
+// thread's position past the end of its tile. Decided once on the host.
+inline bool fits_int32(int64_t out_numel, int64_t masks_numel) {
+  const int64_t lim = static_cast<int64_t>(INT32_MAX) - kTilePixels - kPasteThreads;
+  return out_numel <= lim && masks_numel <= lim;
+}
+
+// The tiles of an output: tiles_per_plane tiles of kTilePixels (the last one of each plane
+// shorter) for each of the N * C planes.
+inline int64_t tiles_per_plane(int64_t height, int64_t width) {
+  return (height * width + kTilePixels - 1) / kTilePixels;
+}
+
+template <typename index_t, typename scalar_t, typename T, typename box_t, typename out_t>
+struct PasteTiles {
   Params<box_t> p;
   const scalar_t* masks;  // [N, C, M, M] contiguous
   const box_t* boxes;     // [N, 4] contiguous
-  out_t* out;
+  out_t* out;             // [N, C, H, W] contiguous
+  index_t tiles;          // tiles per plane
   bool thresholded;
 
-  HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t x = i % p.width;
-    int64_t r = i / p.width;
-    const int64_t y = r % p.height;
-    r /= p.height;  // r = n * C + c
-    const int64_t n = r / p.channels;
-    const PixelBox b = pixel_box(boxes + 4 * n, p.box_scale);
-    T v = T(0);
-    if (y >= b.y0 && y <= b.y1 && x >= b.x0 && x <= b.x1) {
-      const int64_t S = p.mask_size + 2 * p.padding;
-      const ResizeTap<T> ty = resize_tap(y - b.y0, resize_scale<T>(S, b.h), S);
-      const ResizeTap<T> tx = resize_tap(x - b.x0, resize_scale<T>(S, b.w), S);
-      v = resized_value<scalar_t, T>(masks + r * p.mask_size * p.mask_size, p.mask_size,
-                                     p.padding, ty, tx);
+  // The geometry of tile b's mask (computed by one thread of the block).
+  HOST_DEVICE PlaneGeometry<index_t, T> geometry(index_t b) const {
+    const index_t n = b / tiles / static_cast<index_t>(p.channels);
+    const PixelBox pb = pixel_box(boxes + 4 * static_cast<int64_t>(n), p.box_scale);
+    int64_t lo, hi;
+    PlaneGeometry<index_t, T> g;
+    g.y0 = pb.y0;
+    g.x0 = pb.x0;
+    clip_span(pb.y0, pb.y1, p.height, lo, hi);
+    lo = lo < p.height ? lo : p.height;
+    g.ylo = static_cast<index_t>(lo);
+    g.yhi = static_cast<index_t>(hi > lo ? hi : lo);
+    clip_span(pb.x0, pb.x1, p.width, lo, hi);
+    lo = lo < p.width ? lo : p.width;
+    g.xlo = static_cast<index_t>(lo);
+    g.xhi = static_cast<index_t>(hi > lo ? hi : lo);
+    const int64_t S = p.mask_size + 2 * p.padding;
+    g.sy = resize_scale<T>(S, pb.h);
+    g.sx = resize_scale<T>(S, pb.w);
+    return g;
+  }
+
+  // Thread t of the block's `threads`: pixels t, t + threads, ... of tile b. The pixel's
+  // (row, column) advances by (threads / W, threads % W) with a carry: no division per pixel.
+  HOST_DEVICE void pixels(index_t b, const PlaneGeometry<index_t, T>& g, index_t t,
+                          index_t threads) const {
+    const index_t W = static_cast<index_t>(p.width), H = static_cast<index_t>(p.height);
+    const index_t M = static_cast<index_t>(p.mask_size);
+    const index_t plane = b / tiles;
+    const index_t first = (b - plane * tiles) * static_cast<index_t>(kTilePixels);
+    const index_t plane_pixels = H * W;
+    const index_t count = plane_pixels - first < static_cast<index_t>(kTilePixels)
+                              ? plane_pixels - first
+                              : static_cast<index_t>(kTilePixels);
+    out_t* o = out + plane * plane_pixels + first;
+    const scalar_t* m = masks + plane * M * M;
+    // Rows [first / W, (first + count - 1) / W] of the plane: when none is in the box (most
+    // tiles of a small box), the tile is all zeros.
+    if (g.xlo == g.xhi || (first + count - 1) / W < g.ylo || first / W >= g.yhi) {
+      for (index_t k = t; k < count; k += threads) o[k] = out_t(0);
+      return;
     }
-    if (thresholded) {
-      out[i] = static_cast<out_t>(v >= static_cast<T>(p.threshold));
-    } else {
-      out[i] = static_cast<out_t>(v);
+    const int64_t S = p.mask_size + 2 * p.padding;
+    const T thr = static_cast<T>(p.threshold);
+    index_t y = (first + t) / W, x = (first + t) - y * W;
+    const index_t dy = threads / W, dx = threads - dy * W;
+    for (index_t k = t; k < count; k += threads) {
+      T v = T(0);
+      if (y >= g.ylo && y < g.yhi && x >= g.xlo && x < g.xhi) {
+        const ResizeTap<T> ty = resize_tap(static_cast<int64_t>(y) - g.y0, g.sy, S);
+        const ResizeTap<T> tx = resize_tap(static_cast<int64_t>(x) - g.x0, g.sx, S);
+        v = resized_value<scalar_t, T>(m, p.mask_size, p.padding, ty, tx);
+      }
+      o[k] = thresholded ? static_cast<out_t>(v >= thr) : static_cast<out_t>(v);
+      x += dx;
+      y += dy;
+      if (x >= W) {
+        x -= W;
+        ++y;
+      }
     }
   }
+};
+
+// What one block does for tile b: thread 0 computes the geometry into `g` (shared memory on
+// the GPU), sync() is a barrier, then threads [t0, t1) of the block's `threads` write their
+// pixels. On the GPU each thread runs it with t1 = t0 + 1 and __syncthreads() as sync(); the
+// CPU test op runs each tile on one host thread with t0 = 0, t1 = threads: the same
+// pixel-to-thread mapping, one simulated thread after another, with no barrier needed.
+template <typename F, typename G, typename index_t, typename Sync>
+HOST_DEVICE inline void paste_tile(const F& f, index_t b, index_t t0, index_t t1, index_t threads,
+                                   G& g, const Sync& sync) {
+  if (t0 == 0) g = f.geometry(b);
+  sync();
+  for (index_t t = t0; t < t1; ++t) f.pixels(b, g, t, threads);
+}
+
+// A barrier for a block run by a single host thread.
+struct NoSync {
+  HOST_DEVICE void operator()() const {}
 };
 
 }  // namespace paste_masks

@@ -3,7 +3,7 @@
 // Paste: the work is split by output rows ([N, C, H] rows of W pixels), so threads write
 // (and first touch) disjoint memory and boxes of any size balance well. Per mask the padded
 // mask, its box and the column taps are prepared once; each row then zero-fills outside the
-// box and interpolates inside it with the same arithmetic as the per-element functor.
+// box and interpolates inside it with the same arithmetic as the CUDA kernel's PasteTiles.
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -125,7 +125,7 @@ void paste_rows(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& ou
 // Runs `body<scalar_t, T, box_t, out_t>` for the tensors' dtypes.
 template <template <typename, typename, typename, typename> class Body>
 void dispatch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
-              double threshold, bool thresholded) {
+              double threshold, bool thresholded, bool index64) {
   const int64_t H = out.size(2), W = out.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -135,11 +135,11 @@ void dispatch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
       const auto p = make_params<box_t>(masks.size(0), masks.size(1), masks.size(2), padding,
                                         H, W, threshold);
       if (!thresholded) {
-        Body<mask_t, T, box_t, mask_t>::run(masks, boxes, out, p, false);
+        Body<mask_t, T, box_t, mask_t>::run(masks, boxes, out, p, false, index64);
       } else if (out.scalar_type() == at::kBool) {
-        Body<mask_t, T, box_t, bool>::run(masks, boxes, out, p, true);
+        Body<mask_t, T, box_t, bool>::run(masks, boxes, out, p, true, index64);
       } else {
-        Body<mask_t, T, box_t, uint8_t>::run(masks, boxes, out, p, true);
+        Body<mask_t, T, box_t, uint8_t>::run(masks, boxes, out, p, true, index64);
       }
     });
   });
@@ -148,19 +148,36 @@ void dispatch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
 template <typename scalar_t, typename T, typename box_t, typename out_t>
 struct RowBody {
   static void run(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
-                  const Params<box_t>& p, bool thresholded) {
+                  const Params<box_t>& p, bool thresholded, bool /*index64*/) {
     paste_rows<scalar_t, T, box_t, out_t>(masks, boxes, out, p, thresholded);
   }
 };
 
+// The CUDA kernel's tiles on the host: each tile (one host thread) runs paste_tile(), the
+// block's loop, for all kPasteThreads of the block in turn.
+template <typename index_t, typename scalar_t, typename T, typename box_t, typename out_t>
+void paste_tiles(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
+                 const Params<box_t>& p, bool thresholded) {
+  const int64_t tiles = tiles_per_plane(p.height, p.width);
+  const PasteTiles<index_t, scalar_t, T, box_t, out_t> f{
+      p, masks.data_ptr<scalar_t>(), boxes.data_ptr<box_t>(), out.data_ptr<out_t>(),
+      static_cast<index_t>(tiles), thresholded};
+  const index_t threads = kPasteThreads;
+  cpu_for_each(p.num_masks * p.channels * tiles, 4, [&](int64_t b) {
+    PlaneGeometry<index_t, T> g;
+    paste_tile(f, static_cast<index_t>(b), index_t(0), threads, threads, g, NoSync{});
+  });
+}
+
 template <typename scalar_t, typename T, typename box_t, typename out_t>
-struct ElementBody {
+struct TileBody {
   static void run(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
-                  const Params<box_t>& p, bool thresholded) {
-    PasteElement<scalar_t, T, box_t, out_t> f{p, masks.data_ptr<scalar_t>(),
-                                              boxes.data_ptr<box_t>(), out.data_ptr<out_t>(),
-                                              thresholded};
-    cpu_for_each(out.numel(), 4096, f);
+                  const Params<box_t>& p, bool thresholded, bool index64) {
+    if (fits_int32(out.numel(), masks.numel()) && !index64) {
+      paste_tiles<int32_t, scalar_t, T, box_t, out_t>(masks, boxes, out, p, thresholded);
+    } else {
+      paste_tiles<int64_t, scalar_t, T, box_t, out_t>(masks, boxes, out, p, thresholded);
+    }
   }
 };
 
@@ -171,14 +188,15 @@ at::Tensor boxes_for_math(const at::Tensor& boxes) {
 
 template <template <typename, typename, typename, typename> class Body>
 at::Tensor paste(const at::Tensor& masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                 int64_t padding, std::optional<double> threshold, bool as_uint8) {
+                 int64_t padding, std::optional<double> threshold, bool as_uint8,
+                 bool index64 = false) {
   check_args(masks, boxes, height, width, padding);
   const bool thresholded = threshold.has_value();
   at::Tensor out = cpu_empty({masks.size(0), masks.size(1), height, width},
                              out_type(masks, thresholded, as_uint8));
   if (out.numel() == 0) return out;
   dispatch<Body>(masks.contiguous(), boxes_for_math(boxes), out, padding,
-                 threshold.value_or(0.0), thresholded);
+                 threshold.value_or(0.0), thresholded, index64);
   return out;
 }
 
@@ -188,11 +206,13 @@ at::Tensor paste_masks_cpu(const at::Tensor& masks, const at::Tensor& boxes, int
   return paste<RowBody>(masks, boxes, height, width, padding, threshold, as_uint8);
 }
 
-// Test-only: the CUDA kernel's per-pixel functor run on the CPU.
+// Test-only: the CUDA kernel's tiles run on the CPU; index64 forces the 64-bit index path
+// (which the CUDA kernel takes only for outputs or masks of 2^31 elements or more).
 at::Tensor paste_masks_elementwise_cpu(const at::Tensor& masks, const at::Tensor& boxes,
                                        int64_t height, int64_t width, int64_t padding,
-                                       std::optional<double> threshold, bool as_uint8) {
-  return paste<ElementBody>(masks, boxes, height, width, padding, threshold, as_uint8);
+                                       std::optional<double> threshold, bool as_uint8,
+                                       bool index64) {
+  return paste<TileBody>(masks, boxes, height, width, padding, threshold, as_uint8, index64);
 }
 
 // ---- COCO RLE ----
