@@ -83,9 +83,21 @@ TORCH_LIBRARY(maskops, m) {
   m.def("box_area(Tensor boxes) -> Tensor");
   m.def("box_iou(Tensor boxes1, Tensor boxes2) -> Tensor");
   // Test-only: the CUDA NMS algorithm (IoU bitmask, then the blockwise gather) on the CPU.
+  // removed_shared_words: the most words of removed bits a walk keeps in shared memory before
+  // it uses global memory (None: the GPU's limit, 5632), so a test can run that layout.
   m.def(
       "_nms_bitmask(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, "
-      "float? score_threshold=None, int? max_output=None) -> Tensor");
+      "float? score_threshold=None, int? max_output=None, int? removed_shared_words=None) "
+      "-> Tensor");
+  // Test-only: the segmented NMS of rpn_proposals' CUDA algorithm on the CPU. S = valid.size(0)
+  // segments of seg_len rows of boxes [S * seg_len, 4], each sorted by decreasing score; the
+  // first valid[s] rows of segment s take part; classes (int64, optional) per row; order
+  // (int64) is the index output for each row. Returns (index [S * seg_len]: segment s's kept
+  // order values from s * seg_len, then -1; count [S]), at most max_output per segment (< 0:
+  // no limit).
+  m.def(
+      "_segmented_nms(Tensor boxes, Tensor? classes, Tensor order, Tensor valid, int seg_len, "
+      "float iou_threshold, int max_output, int? removed_shared_words=None) -> (Tensor, Tensor)");
 
   // ---- Anchors (csrc/anchors) ----
   // Every FPN level's anchors in one launch, torchvision AnchorGenerator's values and order.

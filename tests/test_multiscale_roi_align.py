@@ -196,6 +196,46 @@ def test_cuda_backward_algorithms_skip_rois_that_give_nothing(rng):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                       (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
+    """The CUDA backward's host side on the CPU: every level's gradient in grad's dtype and
+    layout (channels-last written directly by the kernels), each its own tensor; the
+    deterministic gather gives the same bits in either layout; both bodies match the float64
+    CPU backward of the same (rounded) grad within the dtype's rounding."""
+    feats = _pyramid(rng, 2, 5, (96, 128), dtype=torch.float64)
+    boxes = [_boxes(rng, n, (96, 128)).double() for n in (23, 17)]
+    levels, rois, args = _rois_and_args(rng, feats, boxes, 3)
+    scales, ph, pw, sr, aligned, cs, cl, kmin = args
+    sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
+    g = torch.randn(len(rois), 5, ph, pw, generator=rng, dtype=torch.float64).to(dtype)
+    expected = ops._multiscale_roi_align_backward(g.double(), rois, scales, ph, pw, 2, 5, *sizes,
+                                                  sr, aligned, cs, cl, kmin)
+    gathered = {}
+    for channels_last in (False, True):
+        grad = g.contiguous(memory_format=torch.channels_last) if channels_last else g
+        assert grad.is_contiguous() != channels_last
+        for det in (True, False):
+            got = ops._multiscale_roi_align_backward_cuda_algo(
+                grad, rois, scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
+            assert len({t.untyped_storage().data_ptr() for t in got}) == len(got)
+            for a, e in zip(got, expected):
+                assert a.dtype == dtype and a.shape == e.shape
+                assert a.is_contiguous(memory_format=torch.channels_last) == channels_last
+                assert a.is_contiguous() != channels_last
+                torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol)
+            if det:
+                gathered[channels_last] = got
+    for a, b in zip(gathered[False], gathered[True]):
+        assert torch.equal(a, b)
+    # No RoI: zeros of every level, in grad's dtype.
+    for det in (True, False):
+        got = ops._multiscale_roi_align_backward_cuda_algo(
+            g[:0], rois[:0], scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
+        for a, e in zip(got, expected):
+            assert a.dtype == dtype and a.shape == e.shape and not a.any()
+
+
 @pytest.mark.parametrize("aligned,sampling_ratio", [(False, 2), (True, -1), (True, 3)])
 def test_cuda_deterministic_gather_tiles_and_term_batches(rng, aligned, sampling_ratio):
     """The deterministic gather's culling (tiles of 16 x 16 cells, bin spans) and its batches

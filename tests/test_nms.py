@@ -383,6 +383,126 @@ def test_box_ops_gradients():
     assert maskops.box_area(half).sum().backward() is None and half.grad.dtype == torch.float16
 
 
+# ---- the GPU gather's removed bits in global memory ----
+# The walk keeps its removed bits (one per sorted box) in shared memory up to 5,632 words and in
+# a global buffer beyond; the test-only ops take a smaller limit (removed_shared_words) so that
+# the global-memory layout runs here at small sizes.
+
+SHARED_LIMIT = 5632  # nms.h's kSharedRemovedWords
+
+
+def in_global_memory(n, limit):
+    return (n + 63) // 64 > limit
+
+
+def nms_inputs(kind, n, g):
+    if kind == "random":
+        return random_boxes(n, g), distinct_scores(n, g)
+    if kind == "overlap_ties":
+        return heavy_overlap_boxes(n, g), tied_scores(n, g)
+    if kind == "exact_ious":
+        return grid_boxes(n, g), tied_scores(n, g, levels=3)
+    if kind == "all_suppressed":  # one box repeated: only the best-scored copy is kept
+        return torch.tensor([[10.0, 20.0, 50.0, 60.0]]).repeat(n, 1), torch.rand(n, generator=g)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 130, 1000])
+@pytest.mark.parametrize("kind", ["random", "overlap_ties", "exact_ious", "all_suppressed"])
+def test_bitmask_removed_bits_in_global_memory(n, kind):
+    """_nms_bitmask with its walk's removed bits in global memory (limits 0 and 1) and in shared
+    memory (limit 3 below 193 boxes, the real limit): the same kept indices as torchvision,
+    for plain and batched NMS, with a score threshold and max_output too."""
+    g = gen(7000 + n)
+    boxes, scores = nms_inputs(kind, n, g)
+    idxs = torch.randint(0, 3, (n,), generator=g)
+    thr = 0.5
+    plain, batched = reference_nms(boxes, scores, thr), reference_batched(boxes, scores, idxs, thr)
+    if kind == "all_suppressed" and n > 0:
+        assert len(plain) == 1
+    paths = set()
+    for limit in (0, 1, 3, None):
+        paths.add(in_global_memory(n, SHARED_LIMIT if limit is None else limit))
+        op = torch.ops.maskops._nms_bitmask
+        assert_same(op(boxes, scores, None, thr, None, None, limit), plain)
+        assert_same(op(boxes, scores, idxs, thr, None, None, limit), batched)
+        assert_same(op(boxes, scores, idxs, thr, 0.3, 7, limit), filtered(batched, scores, 0.3, 7))
+        assert_same(op(boxes, scores, None, thr, None, 1, limit), plain[:1])
+    assert paths == ({True, False} if n > 0 else {False})  # both layouts ran
+
+
+def segmented_case(g, segments, seg_len, kind, classes=3):
+    """S segments laid end to end, each sorted by decreasing score; valid counts include 0 and
+    seg_len; order maps rows to distinct output values."""
+    rows = segments * seg_len
+    boxes, scores = nms_inputs(kind, rows, g)
+    scores = scores.view(segments, seg_len)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True)
+    perm = (by_score.indices + torch.arange(segments)[:, None] * seg_len).reshape(-1)
+    boxes, scores = boxes[perm], by_score.values.reshape(-1)
+    cls = torch.randint(0, classes, (rows,), generator=g)
+    valid = torch.randint(0, seg_len + 1, (segments,), generator=g)
+    valid[0] = seg_len
+    if segments > 1:
+        valid[1] = 0
+    order = torch.randperm(10 * max(rows, 1), generator=g)[:rows]
+    return boxes, scores, cls, order, valid
+
+
+def reference_segments(boxes, scores, cls, order, valid, seg_len, thr, max_output):
+    """Per segment: torchvision NMS (per class) over its valid rows, as order values."""
+    out = []
+    for s, v in enumerate(valid.tolist()):
+        rows = slice(s * seg_len, s * seg_len + v)
+        b, sc = boxes[rows], scores[rows]
+        keep = reference_batched(b, sc, cls[rows], thr) if cls is not None else reference_nms(b, sc, thr)
+        if max_output >= 0:
+            keep = keep[:max_output]
+        out.append(order[rows][keep])
+    return out
+
+
+@pytest.mark.parametrize("segments,seg_len", [(1, 1), (3, 64), (4, 100), (5, 130), (2, 0)])
+@pytest.mark.parametrize("kind", ["random", "overlap_ties", "exact_ious", "all_suppressed"])
+def test_segmented_nms_removed_bits_in_global_memory(segments, seg_len, kind):
+    """The RPN's segmented NMS (the CUDA algorithm, one walk per segment) with the removed bits
+    of every segment in one global buffer (limits 0, 1) or in shared memory: per segment the
+    same kept indices as torchvision, with and without classes and max_output."""
+    g = gen(9000 + segments * 1000 + seg_len)
+    boxes, scores, cls, order, valid = segmented_case(g, segments, seg_len, kind)
+    for classes in (None, cls):
+        for max_output in (-1, 0, 5):
+            expected = reference_segments(boxes, scores, classes, order, valid, seg_len, 0.5,
+                                          max_output)
+            for limit in (0, 1, None):
+                index, count = torch.ops.maskops._segmented_nms(
+                    boxes, classes, order, valid, seg_len, 0.5, max_output, limit)
+                assert index.shape == (segments * seg_len,) and count.shape == (segments,)
+                for s in range(segments):
+                    got = index[s * seg_len:(s + 1) * seg_len]
+                    assert_same(got[:count[s]], expected[s])
+                    assert (got[count[s]:] == -1).all()
+
+
+def test_removed_shared_words_is_checked():
+    for bad in (-1, SHARED_LIMIT + 1):
+        with pytest.raises(RuntimeError, match="removed_shared_words"):
+            torch.ops.maskops._nms_bitmask(B, S, None, 0.5, None, None, bad)
+        with pytest.raises(RuntimeError, match="removed_shared_words"):
+            torch.ops.maskops._segmented_nms(B, None, torch.arange(10), torch.tensor([10]), 10,
+                                             0.5, -1, bad)
+
+
+def test_bitmask_and_segmented_opcheck():
+    g = gen(21)
+    boxes, scores = random_boxes(150, g, scale=200.0), torch.rand(150, generator=g)
+    torch.library.opcheck(torch.ops.maskops._nms_bitmask.default,
+                          (boxes, scores, None, 0.5, None, None, 0))
+    b, _, cls, order, valid = segmented_case(g, 3, 50, "overlap_ties")
+    torch.library.opcheck(torch.ops.maskops._segmented_nms.default,
+                          (b, cls, order, valid, 50, 0.5, -1, 0))
+
+
 # ---- registration: opcheck, torch.compile ----
 
 def _opcheck_samples():

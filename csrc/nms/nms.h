@@ -22,8 +22,9 @@
 //      class ids, only boxes of the same class: batched NMS is one pass).
 //   2. GatherKept: a walk over the sorted boxes, 64 at a time, keeping a bit array of removed
 //      boxes. resolve() settles one block of 64 sequentially (it needs only the block's
-//      diagonal mask words); suppressed_by() then ORs the kept rows' words into every later
-//      block, which the GPU does in parallel, one thread per block word. The walk's loop,
+//      diagonal mask words, original indices and scores, which all the walk's threads stage
+//      first); suppressed_by() then ORs the kept rows' words into every later block, which
+//      the GPU does in parallel, one thread per block word. The walk's loop,
 //      walk(), is written once for any number of cooperating threads: the GPU's gather kernel
 //      runs it with a block of threads, the CPU test ops with one.
 // Segmented NMS (SegmentedMask, SegmentedGather) runs many independent problems of the same
@@ -231,6 +232,16 @@ HOST_DEVICE inline void mask_tile(const MaskBlock<T>& f, int64_t rb, int64_t cb,
 // others but are not output, and the walk ends at the first box at or below the threshold
 // (all later ones are too). This equals running plain NMS and then filtering its output.
 // The walk also ends once max_output boxes are output (max_output < 0: no limit).
+
+// What resolve() reads of one block of 64 sorted boxes, staged by the walk's threads (shared
+// memory on the GPU): row b's diagonal mask word, its original index and (with a score
+// threshold) its score.
+struct StagedBlock {
+  uint64_t diag[kBlock];
+  int64_t order[kBlock];
+  double score[kBlock];
+};
+
 struct GatherKept {
   const uint64_t* mask;  // [n, col_blocks]
   int64_t n, col_blocks;
@@ -240,21 +251,32 @@ struct GatherKept {
   int64_t max_output;
   int64_t* out;  // kept original indices, in order
 
-  // Settles block nb. `removed` has the bits set by kept boxes of earlier blocks; diag[b *
-  // diag_stride] is mask word (64 * nb + b, nb). Appends output indices at out[count...].
-  // Returns the kept boxes of the block as bits; sets done when the walk is over.
-  HOST_DEVICE uint64_t resolve(int64_t nb, uint64_t removed, const uint64_t* diag,
-                               int64_t diag_stride, int64_t& count, bool& done) const {
+  // Stages row b of block nb into s (rows past n: a zero mask word, nothing else read).
+  HOST_DEVICE void stage(int64_t nb, int b, StagedBlock& s) const {
+    const int64_t row = nb * kBlock + b;
+    if (row >= n) {
+      s.diag[b] = 0;
+      return;
+    }
+    s.diag[b] = mask[row * col_blocks + nb];
+    s.order[b] = order[row];
+    if (scores != nullptr) s.score[b] = scores[row];
+  }
+
+  // Settles block nb, staged in s. `removed` has the bits set by kept boxes of earlier blocks.
+  // Appends output indices at out[count...]. Returns the kept boxes of the block as bits; sets
+  // done when the walk is over.
+  HOST_DEVICE uint64_t resolve(int64_t nb, uint64_t removed, const StagedBlock& s,
+                               int64_t& count, bool& done) const {
     uint64_t kept = 0;
     const int64_t first = nb * kBlock;
     for (int b = 0; b < kBlock && first + b < n; ++b) {
       if ((removed >> b) & 1) continue;
-      const int64_t pos = first + b;
       bool emit = true;
       if (scores != nullptr) {
-        const double s = scores[pos];
-        if (s == s) {
-          if (!(s > score_threshold)) {
+        const double sc = s.score[b];
+        if (sc == sc) {
+          if (!(sc > score_threshold)) {
             done = true;
             return kept;
           }
@@ -263,9 +285,9 @@ struct GatherKept {
         }
       }
       kept |= uint64_t(1) << b;
-      removed |= diag[b * diag_stride];
+      removed |= s.diag[b];
       if (emit) {
-        out[count++] = order[pos];
+        out[count++] = s.order[b];
         if (count == max_output) {
           done = true;
           return kept;
@@ -287,26 +309,44 @@ struct GatherKept {
   }
 };
 
-// The walk's removed bits live in shared memory up to 44 KiB (360,448 boxes); beyond, in
-// global memory (the GPU gather kernels choose with removed_in_shared()).
-constexpr int64_t kSharedRemovedWords = 44 * 1024 / 8;
-HOST_DEVICE constexpr bool removed_in_shared(int64_t col_blocks) {
-  return col_blocks <= kSharedRemovedWords;
-}
-
 // What the threads of one walk share (shared memory on the GPU).
 struct WalkShared {
-  uint64_t diag[kBlock];
+  StagedBlock block;
   uint64_t kept;
   int64_t count;
   bool done;
 };
 
+// Where a gather's walks keep their removed bits, ceil(n / 64) words each: in shared memory
+// while they fit in `shared_words` (the GPU's limit, kSharedRemovedWords, by default: 44 KiB,
+// 360,448 boxes; with WalkShared that stays under the 48 KiB a block gets without opting in),
+// else in one global buffer of walks * col_blocks words, walk s's at s * col_blocks
+// (walk_removed()). The CUDA wrappers and the CPU twins decide here; the twins take a smaller
+// limit from their test-only ops to run the global-memory layout at small sizes.
+constexpr int64_t kSharedRemovedWords = 44 * 1024 / 8;
+
+struct RemovedPlacement {
+  int64_t shared_words;  // dynamic shared memory per walk, in words; 0 when global
+  int64_t global_words;  // the global buffer, for all walks; 0 when shared
+};
+
+inline RemovedPlacement place_removed(int64_t col_blocks, int64_t walks,
+                                      int64_t shared_words = kSharedRemovedWords) {
+  if (col_blocks <= shared_words) return {col_blocks, 0};
+  return {0, walks * col_blocks};
+}
+
+// Walk s's removed bits: its part of the global buffer, or (global == nullptr) `shared`.
+HOST_DEVICE inline uint64_t* walk_removed(uint64_t* global, uint64_t* shared, int64_t s,
+                                          int64_t col_blocks) {
+  return global != nullptr ? global + s * col_blocks : shared;
+}
+
 // The walk of GatherKept over the mask, run by `threads` cooperating threads (this one is
 // `tid`); sync() is a barrier among them. removed holds ceil(n / 64) words. Per block of 64
-// sorted boxes: the block's diagonal mask words are fetched, thread 0 settles the block
-// (resolve), then the threads OR the kept rows' words into the removed bits of every later
-// block. Returns the number of indices written to g.out.
+// sorted boxes: the threads stage the block's diagonal mask words, indices and scores, thread 0
+// settles the block (resolve), then the threads OR the kept rows' words into the removed bits
+// of every later block. Returns the number of indices written to g.out.
 template <typename Sync>
 HOST_DEVICE inline int64_t walk(const GatherKept& g, uint64_t* removed, WalkShared& sh, int tid,
                                 int threads, const Sync& sync) {
@@ -318,12 +358,9 @@ HOST_DEVICE inline int64_t walk(const GatherKept& g, uint64_t* removed, WalkShar
   }
   sync();
   for (int64_t nb = 0; nb < blocks; ++nb) {
-    for (int b = tid; b < kBlock; b += threads) {
-      const int64_t row = nb * kBlock + b;
-      sh.diag[b] = row < g.n ? g.mask[row * g.col_blocks + nb] : 0;
-    }
+    for (int b = tid; b < kBlock; b += threads) g.stage(nb, b, sh.block);
     sync();
-    if (tid == 0) sh.kept = g.resolve(nb, removed[nb], sh.diag, 1, sh.count, sh.done);
+    if (tid == 0) sh.kept = g.resolve(nb, removed[nb], sh.block, sh.count, sh.done);
     sync();
     if (sh.done) break;
     if (sh.kept != 0) {

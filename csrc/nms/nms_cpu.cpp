@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -40,6 +41,7 @@
 #endif
 
 #include "nms/nms.h"
+#include "nms/nms_host.h"
 #include "nms/segmented_nms.h"
 
 namespace maskops {
@@ -382,53 +384,68 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   return nms_impl(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
 }
 
-// ---- Test-only: the CUDA algorithm (nms.h's mask_tile() and walk()) on the CPU ----
+// ---- Test-only: the CUDA algorithm (nms_host.h, nms.h's mask_tile() and walk()) on the CPU ----
+
+// The CPU part of nms_gpu_algo() and segmented_nms_algo(): the mask tiles in parallel, each
+// walk by one thread. Shared memory is a local array here. It, and the global buffer, start
+// with every bit set, as uninitialised memory might be on the GPU: walk() must clear them.
+struct CpuLaunch {
+  void check(int64_t) const {}
+  void check(const SegmentedPlan&) const {}
+  template <typename T>
+  void mask(const MaskBlock<T>& f) const {
+    cpu_for_each(f.col_blocks * f.col_blocks, 4, [&](int64_t i) {
+      T cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      mask_tile(f, i / f.col_blocks, i % f.col_blocks, 0, 1, cols, col_classes, NoSync{});
+    });
+  }
+  template <typename T>
+  void segmented_mask(const SegmentedMask<T>& f, const SegmentedPlan& plan) const {
+    const int64_t tiles = plan.col_blocks * plan.col_blocks;
+    cpu_for_each(plan.segments * tiles, 4, [&](int64_t i) {
+      T cols[4 * kBlock];
+      int64_t col_classes[kBlock];
+      const int64_t t = i % tiles;
+      mask_tile(f.segment(i / tiles), t / plan.col_blocks, t % plan.col_blocks, 0, 1, cols,
+                col_classes, NoSync{});
+    });
+  }
+  static void poison(uint64_t* p, int64_t words) { std::fill(p, p + words, ~uint64_t(0)); }
+  void gather(const GatherKept& g, const RemovedPlacement& rp, uint64_t* removed_global,
+              int64_t* count) const {
+    if (removed_global != nullptr) poison(removed_global, rp.global_words);
+    std::vector<uint64_t> shared(rp.shared_words, ~uint64_t(0));
+    WalkShared sh;
+    *count = walk(g, walk_removed(removed_global, shared.data(), 0, g.col_blocks), sh, 0, 1,
+                  NoSync{});
+  }
+  void segmented_gather(const SegmentedGather& g, const SegmentedPlan& plan,
+                        const RemovedPlacement& rp, uint64_t* removed_global) const {
+    if (removed_global != nullptr) poison(removed_global, rp.global_words);
+    cpu_for_each(plan.segments, 1, [&](int64_t s) {
+      std::vector<uint64_t> shared(rp.shared_words, ~uint64_t(0));
+      WalkShared sh;
+      g.count[s] = walk(g.segment(s), walk_removed(removed_global, shared.data(), s, g.col_blocks),
+                        sh, 0, 1, NoSync{});
+    });
+  }
+};
+
+int64_t shared_limit(c10::optional<int64_t> removed_shared_words) {
+  const int64_t w = removed_shared_words.value_or(kSharedRemovedWords);
+  TORCH_CHECK(w >= 0 && w <= kSharedRemovedWords, "removed_shared_words must be in [0, ",
+              kSharedRemovedWords, "] (the GPU's limit) or None, got ", w);
+  return w;
+}
 
 at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                            const c10::optional<at::Tensor>& idxs, double iou_threshold,
                            c10::optional<double> score_threshold,
-                           c10::optional<int64_t> max_output) {
-  check_nms_args(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
-  const int64_t n = boxes.size(0);
-  if (n == 0 || max_output.value_or(1) == 0) return empty_indices(boxes);
-  // The same steps as nms_cuda.cu: sort, gather boxes (and classes, scores) in score order.
-  auto sorted = at::sort(scores.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/true);
-  const at::Tensor order = std::get<1>(sorted).contiguous();
-  const at::Tensor sboxes =
-      boxes.index_select(0, order).to(math_type(boxes.scalar_type())).contiguous();
-  at::Tensor sclasses, sscores;
-  if (idxs.has_value()) sclasses = idxs->index_select(0, order).to(at::kLong).contiguous();
-  if (score_threshold.has_value()) sscores = std::get<0>(sorted).to(at::kDouble).contiguous();
-  const int64_t col_blocks = (n + kBlock - 1) / kBlock;
-  at::Tensor mask = at::empty({n * col_blocks}, boxes.options().dtype(at::kLong));
-  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  AT_DISPATCH_FLOATING_TYPES(sboxes.scalar_type(), "nms_bitmask_cpu", [&] {
-    MaskBlock<scalar_t> f{sboxes.data_ptr<scalar_t>(),
-                          sclasses.defined() ? sclasses.data_ptr<int64_t>() : nullptr,
-                          n,
-                          col_blocks,
-                          threshold_in<scalar_t>(iou_threshold),
-                          mp};
-    cpu_for_each(col_blocks * col_blocks, 4, [&](int64_t i) {
-      scalar_t cols[4 * kBlock];
-      int64_t col_classes[kBlock];
-      mask_tile(f, i / col_blocks, i % col_blocks, 0, 1, cols, col_classes, NoSync{});
-    });
-  });
-  at::Tensor out = at::empty({n}, boxes.options().dtype(at::kLong));
-  GatherKept g{mp,
-               n,
-               col_blocks,
-               order.data_ptr<int64_t>(),
-               sscores.defined() ? sscores.data_ptr<double>() : nullptr,
-               score_threshold.value_or(0.0),
-               max_output.value_or(-1),
-               out.data_ptr<int64_t>()};
-  // The GPU kernel's walk, run by one thread.
-  std::vector<uint64_t> removed(col_blocks);
-  WalkShared sh;
-  const int64_t count = walk(g, removed.data(), sh, 0, 1, NoSync{});
-  return out.narrow(0, 0, count).clone();
+                           c10::optional<int64_t> max_output,
+                           c10::optional<int64_t> removed_shared_words) {
+  return nms_gpu_algo(boxes, scores, idxs, iou_threshold, score_threshold, max_output,
+                      shared_limit(removed_shared_words), CpuLaunch{});
 }
 
 // ---- box_area, box_iou ----
@@ -476,31 +493,54 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 // segment).
 SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
                                 const at::Tensor& order, const at::Tensor& valid,
-                                int64_t seg_len, double iou_threshold, int64_t max_output) {
-  const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
-  SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
-  if (plan.words == 0 || max_output == 0) return kept;
-  at::Tensor mask = at::empty({plan.words}, boxes.options().dtype(at::kLong));
-  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask_cpu", [&] {
-    const auto f = segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp);
-    const int64_t tiles = plan.col_blocks * plan.col_blocks;
-    cpu_for_each(plan.segments * tiles, 4, [&](int64_t i) {
-      scalar_t cols[4 * kBlock];
-      int64_t col_classes[kBlock];
-      const int64_t t = i % tiles;
-      mask_tile(f.segment(i / tiles), t / plan.col_blocks, t % plan.col_blocks, 0, 1, cols,
-                col_classes, NoSync{});
-    });
-  });
-  const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
-  cpu_for_each(plan.segments, 1, [&](int64_t s) {
-    std::vector<uint64_t> removed(plan.col_blocks);
-    WalkShared sh;
-    g.count[s] = walk(g.segment(s), removed.data(), sh, 0, 1, NoSync{});
-  });
-  return kept;
+                                int64_t seg_len, double iou_threshold, int64_t max_output,
+                                int64_t shared_words) {
+  return segmented_nms_algo(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
+                            shared_words, CpuLaunch{});
 }
+
+namespace {
+
+// Test-only: segmented_nms_cpu() with its arguments checked (the RPN builds them correctly).
+std::tuple<at::Tensor, at::Tensor> segmented_nms_op(const at::Tensor& boxes,
+                                                    const c10::optional<at::Tensor>& classes,
+                                                    const at::Tensor& order,
+                                                    const at::Tensor& valid, int64_t seg_len,
+                                                    double iou_threshold, int64_t max_output,
+                                                    c10::optional<int64_t> removed_shared_words) {
+  check_boxes(boxes, "boxes");
+  TORCH_CHECK(seg_len >= 0, "seg_len must be non-negative, got ", seg_len);
+  TORCH_CHECK(valid.scalar_type() == at::kLong && valid.dim() == 1,
+              "valid must be an int64 tensor [S], got ", valid.scalar_type(), " ", valid.sizes());
+  const int64_t rows = valid.size(0) * seg_len;
+  TORCH_CHECK(boxes.size(0) == rows, "boxes must have S * seg_len = ", rows, " rows, got ",
+              boxes.size(0));
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == rows,
+              "order must be an int64 tensor [", rows, "], got ", order.scalar_type(), " ",
+              order.sizes());
+  TORCH_CHECK(!classes.has_value() ||
+                  (classes->scalar_type() == at::kLong && classes->dim() == 1 &&
+                   classes->size(0) == rows),
+              "classes must be an int64 tensor [", rows, "] or None");
+  const at::Tensor v = valid.contiguous();
+  const int64_t* vp = v.data_ptr<int64_t>();
+  for (int64_t s = 0; s < v.size(0); ++s)
+    TORCH_CHECK(vp[s] >= 0 && vp[s] <= seg_len, "valid[", s, "] must be in [0, seg_len = ",
+                seg_len, "], got ", vp[s]);
+  const SegmentedKept kept = segmented_nms_cpu(
+      boxes.to(math_type(boxes.scalar_type())).contiguous(),
+      classes.has_value() ? classes->contiguous() : at::Tensor(), order.contiguous(), v, seg_len,
+      iou_threshold, max_output, shared_limit(removed_shared_words));
+  // Entries past a segment's count are -1 (not left uninitialised), so the output is a
+  // function of the input.
+  int64_t* ip = kept.index.data_ptr<int64_t>();
+  const int64_t* cp = kept.count.data_ptr<int64_t>();
+  for (int64_t s = 0; s < v.size(0); ++s)
+    std::fill(ip + s * seg_len + cp[s], ip + (s + 1) * seg_len, int64_t(-1));
+  return {kept.index, kept.count};
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("nms", &nms_cpu);
@@ -508,6 +548,7 @@ TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("box_area", &box_area_cpu);
   m.impl("box_iou", &box_iou_cpu);
   m.impl("_nms_bitmask", &nms_bitmask_cpu);
+  m.impl("_segmented_nms", &segmented_nms_op);
 }
 
 }  // namespace nms

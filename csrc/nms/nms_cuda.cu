@@ -10,8 +10,12 @@
 //      box writing one 64-bit word (nms.h's mask_tile(), which the CPU test op runs too).
 //      With class ids the test is class-aware, so batched NMS is this same single launch;
 //   3. the gather kernel: one block walks the mask 64 boxes at a time (nms.h's walk(), which
-//      the CPU test op runs too), keeping the removed bits in shared memory, and writes the
-//      kept indices and their count to device memory. The mask is never copied to the host.
+//      the CPU test op runs too), keeping the removed bits in shared memory (global memory past
+//      360,448 boxes: place_removed()), and writes the kept indices and their count to device
+//      memory. The mask is never copied to the host.
+// The host steps around the launches are nms_host.h's nms_gpu_algo() and segmented_nms.h's
+// segmented_nms_algo(), which the CPU twins run too; this file supplies the launches
+// (CudaLaunch).
 // segmented_nms_cuda (for the RPN) runs the same two kernels over many segments at once: a
 // third grid dimension for the mask, one gather block per segment.
 // The only host synchronisation is reading that count at the end: the output's size is the
@@ -28,6 +32,7 @@
 #include "common/launch_cuda.cuh"
 #include "nms/nms.h"
 #include "nms/nms_args.h"
+#include "nms/nms_host.h"
 #include "nms/segmented_nms.h"
 
 namespace maskops {
@@ -59,92 +64,78 @@ __global__ void __launch_bounds__(kBlock) segmented_mask_kernel(SegmentedMask<T>
             col_classes, BlockSync{});
 }
 
-// One block walks the mask (nms.h's walk()), the removed bits in shared memory, or at
-// removed_global when there are too many for it.
-__device__ __forceinline__ int64_t gather_block(const GatherKept& g, uint64_t* removed_global) {
+// One block walks the mask (nms.h's walk()): the removed bits in dynamic shared memory, or
+// walk s's part of removed_global when place_removed() put them there.
+__device__ __forceinline__ int64_t gather_block(const GatherKept& g, uint64_t* removed_global,
+                                                int64_t s) {
   extern __shared__ uint64_t removed_shared[];
   __shared__ WalkShared sh;
-  uint64_t* removed = removed_global != nullptr ? removed_global : removed_shared;
-  return walk(g, removed, sh, threadIdx.x, blockDim.x, BlockSync{});
+  return walk(g, walk_removed(removed_global, removed_shared, s, g.col_blocks), sh, threadIdx.x,
+              blockDim.x, BlockSync{});
 }
+static_assert(kSharedRemovedWords * sizeof(uint64_t) + sizeof(WalkShared) <= 48 * 1024,
+              "the gather's shared memory must fit a block's default 48 KiB");
 
 __global__ void __launch_bounds__(kGatherThreads)
     nms_gather_kernel(GatherKept g, uint64_t* removed_global, int64_t* count_out) {
-  const int64_t count = gather_block(g, removed_global);
+  const int64_t count = gather_block(g, removed_global, 0);
   if (threadIdx.x == 0) *count_out = count;
 }
 
-// One block per segment (blockIdx.x); removed_global, if any, holds col_blocks words each.
+// One block per segment (blockIdx.x).
 __global__ void __launch_bounds__(kGatherThreads)
     segmented_gather_kernel(SegmentedGather f, uint64_t* removed_global) {
   const int64_t s = blockIdx.x;
-  const int64_t count = gather_block(
-      f.segment(s), removed_global != nullptr ? removed_global + s * f.col_blocks : nullptr);
+  const int64_t count = gather_block(f.segment(s), removed_global, s);
   if (threadIdx.x == 0) f.count[s] = count;
 }
+
+// The CUDA part of nms_gpu_algo() (nms_host.h) and segmented_nms_algo() (segmented_nms.h).
+struct CudaLaunch {
+  void check(int64_t n) const {
+    TORCH_CHECK((n + kBlock - 1) / kBlock <= kMaxBlocks, "nms on CUDA takes at most ",
+                kMaxBlocks * kBlock, " boxes, got ", n);
+  }
+  void check(const SegmentedPlan& plan) const {
+    TORCH_CHECK(plan.col_blocks <= kMaxBlocks && plan.segments <= kMaxBlocks,
+                "segmented nms on CUDA takes at most ", kMaxBlocks, " segments of at most ",
+                kMaxBlocks * kBlock, " boxes");
+  }
+  template <typename T>
+  void mask(const MaskBlock<T>& f) const {
+    const dim3 grid(static_cast<unsigned>(f.col_blocks), static_cast<unsigned>(f.col_blocks));
+    nms_mask_kernel<T><<<grid, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename T>
+  void segmented_mask(const SegmentedMask<T>& f, const SegmentedPlan& plan) const {
+    const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.col_blocks),
+                    static_cast<unsigned>(plan.segments));
+    segmented_mask_kernel<T><<<grid, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void gather(const GatherKept& g, const RemovedPlacement& rp, uint64_t* removed_global,
+              int64_t* count) const {
+    nms_gather_kernel<<<1, kGatherThreads, rp.shared_words * sizeof(uint64_t),
+                        c10::cuda::getCurrentCUDAStream()>>>(g, removed_global, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void segmented_gather(const SegmentedGather& g, const SegmentedPlan& plan,
+                        const RemovedPlacement& rp, uint64_t* removed_global) const {
+    segmented_gather_kernel<<<static_cast<unsigned>(plan.segments), kGatherThreads,
+                              rp.shared_words * sizeof(uint64_t),
+                              c10::cuda::getCurrentCUDAStream()>>>(g, removed_global);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
                          const c10::optional<at::Tensor>& idxs, double iou_threshold,
                          c10::optional<double> score_threshold,
                          c10::optional<int64_t> max_output) {
-  check_nms_args(boxes, scores, idxs, iou_threshold, score_threshold, max_output);
   c10::cuda::CUDAGuard guard(boxes.device());
-  const int64_t n = boxes.size(0);
-  const auto long_opts = boxes.options().dtype(at::kLong);
-  if (n == 0 || max_output.value_or(1) == 0) return at::empty({0}, long_opts);
-  const int64_t col_blocks = (n + kBlock - 1) / kBlock;
-  TORCH_CHECK(col_blocks <= kMaxBlocks, "nms on CUDA takes at most ", kMaxBlocks * kBlock,
-              " boxes, got ", n);
-  // Stable and descending, like the CPU: equal scores by index, NaN scores first.
-  auto sorted = at::sort(scores.contiguous(), /*stable=*/true, /*dim=*/0, /*descending=*/true);
-  const at::Tensor order = std::get<1>(sorted).contiguous();
-  const at::Tensor sboxes =
-      boxes.index_select(0, order).to(math_type(boxes.scalar_type())).contiguous();
-  at::Tensor sclasses, sscores;
-  if (idxs.has_value()) sclasses = idxs->index_select(0, order).to(at::kLong).contiguous();
-  if (score_threshold.has_value()) sscores = std::get<0>(sorted).to(at::kDouble).contiguous();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-
-  at::Tensor mask = at::empty({n * col_blocks}, long_opts);
-  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  AT_DISPATCH_FLOATING_TYPES(sboxes.scalar_type(), "nms_mask_cuda", [&] {
-    const MaskBlock<scalar_t> f{sboxes.data_ptr<scalar_t>(),
-                                sclasses.defined() ? sclasses.data_ptr<int64_t>() : nullptr,
-                                n,
-                                col_blocks,
-                                threshold_in<scalar_t>(iou_threshold),
-                                mp};
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(col_blocks));
-    nms_mask_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
-  // out[0, n): kept indices; out[n]: how many.
-  at::Tensor out = at::empty({n + 1}, long_opts);
-  const GatherKept g{mp,
-                     n,
-                     col_blocks,
-                     order.data_ptr<int64_t>(),
-                     sscores.defined() ? sscores.data_ptr<double>() : nullptr,
-                     score_threshold.value_or(0.0),
-                     max_output.value_or(-1),
-                     out.data_ptr<int64_t>()};
-  at::Tensor removed_global;
-  size_t shared_bytes = 0;
-  if (removed_in_shared(col_blocks)) {
-    shared_bytes = static_cast<size_t>(col_blocks) * sizeof(uint64_t);
-  } else {
-    removed_global = at::empty({col_blocks}, long_opts);
-  }
-  nms_gather_kernel<<<1, kGatherThreads, shared_bytes, stream>>>(
-      g,
-      removed_global.defined() ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
-                               : nullptr,
-      out.data_ptr<int64_t>() + n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The one host synchronisation (documented): the output's length is data-dependent.
-  const int64_t count = out.select(0, n).item<int64_t>();
-  return out.narrow(0, 0, count);
+  return nms_gpu_algo(boxes, scores, idxs, iou_threshold, score_threshold, max_output,
+                      kSharedRemovedWords, CudaLaunch{});
 }
 
 }  // namespace
@@ -152,38 +143,9 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
 SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
                                  const at::Tensor& order, const at::Tensor& valid,
                                  int64_t seg_len, double iou_threshold, int64_t max_output) {
-  const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
-  SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
-  if (plan.words == 0 || max_output == 0) return kept;
-  TORCH_CHECK(plan.col_blocks <= kMaxBlocks && plan.segments <= kMaxBlocks,
-              "segmented nms on CUDA takes at most ", kMaxBlocks, " segments of at most ",
-              kMaxBlocks * kBlock, " boxes");
   c10::cuda::CUDAGuard guard(boxes.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor mask = at::empty({plan.words}, boxes.options().dtype(at::kLong));
-  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask_cuda", [&] {
-    const auto f = segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp);
-    const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.col_blocks),
-                    static_cast<unsigned>(plan.segments));
-    segmented_mask_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(f);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
-  at::Tensor removed_global;
-  size_t shared_bytes = 0;
-  if (removed_in_shared(plan.col_blocks)) {
-    shared_bytes = static_cast<size_t>(plan.col_blocks) * sizeof(uint64_t);
-  } else {
-    removed_global = at::empty({plan.segments * plan.col_blocks}, boxes.options().dtype(at::kLong));
-  }
-  segmented_gather_kernel<<<static_cast<unsigned>(plan.segments), kGatherThreads, shared_bytes,
-                            stream>>>(
-      g, removed_global.defined()
-             ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
-             : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return kept;
+  return segmented_nms_algo(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
+                            kSharedRemovedWords, CudaLaunch{});
 }
 
 namespace {

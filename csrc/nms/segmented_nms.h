@@ -11,6 +11,7 @@
 // boxes' device; nothing waits for the device.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -25,10 +26,13 @@ struct SegmentedKept {
   at::Tensor count;  // int64 [S]
 };
 
-// The CPU test path (the functors on the CPU; nms_cpu.cpp) and the CUDA kernels (nms_cuda.cu).
+// The CPU test path (the functors on the CPU; nms_cpu.cpp) and the CUDA kernels (nms_cuda.cu),
+// both segmented_nms_algo() below. The CPU path takes the shared-memory limit of the walks'
+// removed bits (place_removed()) so that a test can run the global-memory layout.
 SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
                                 const at::Tensor& order, const at::Tensor& valid,
-                                int64_t seg_len, double iou_threshold, int64_t max_output);
+                                int64_t seg_len, double iou_threshold, int64_t max_output,
+                                int64_t shared_words = kSharedRemovedWords);
 SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
                                  const at::Tensor& order, const at::Tensor& valid,
                                  int64_t seg_len, double iou_threshold, int64_t max_output);
@@ -83,6 +87,40 @@ inline SegmentedGather segmented_gather(const uint64_t* mask, const at::Tensor& 
                          max_output,
                          kept.index.data_ptr<int64_t>(),
                          kept.count.data_ptr<int64_t>()};
+}
+
+// The segmented NMS, host side, written once for the CUDA wrapper and its CPU twin: the plan,
+// the mask, where the walks keep their removed bits (place_removed(), one global buffer for
+// all segments past shared_words), the gather. `launch` supplies the backend's part:
+//   launch.check(plan)                              the backend's size limits;
+//   launch.segmented_mask(f, plan)                  every tile of SegmentedMask<T> f;
+//   launch.segmented_gather(g, plan, placement, removed_global)
+//                                                   one walk per segment (walk_removed()).
+template <typename Launch>
+SegmentedKept segmented_nms_algo(const at::Tensor& boxes, const at::Tensor& classes,
+                                 const at::Tensor& order, const at::Tensor& valid,
+                                 int64_t seg_len, double iou_threshold, int64_t max_output,
+                                 int64_t shared_words, const Launch& launch) {
+  const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
+  SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
+  if (plan.words == 0 || max_output == 0) return kept;
+  launch.check(plan);
+  const auto long_opts = boxes.options().dtype(at::kLong);
+  at::Tensor mask = at::empty({plan.words}, long_opts);
+  uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "segmented_nms_mask", [&] {
+    launch.segmented_mask(segmented_mask<scalar_t>(boxes, classes, valid, plan, iou_threshold, mp),
+                          plan);
+  });
+  const SegmentedGather g = segmented_gather(mp, valid, order, plan, max_output, kept);
+  const RemovedPlacement rp = place_removed(plan.col_blocks, plan.segments, shared_words);
+  at::Tensor removed_global;
+  if (rp.global_words > 0) removed_global = at::empty({rp.global_words}, long_opts);
+  launch.segmented_gather(
+      g, plan, rp,
+      removed_global.defined() ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
+                               : nullptr);
+  return kept;
 }
 
 }  // namespace nms

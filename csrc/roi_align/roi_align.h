@@ -286,15 +286,15 @@ struct GradStrides {
 };
 
 // CUDA backward (default, fast): one grad_output element per iteration (in [K, C, PH, PW]
-// order), scattered into per-level [N, C, H, W] contiguous accumulators of type T with
-// maskops::accumulate (atomic on the GPU).
+// order), scattered into per-level [N, C, H, W] accumulators of type T (any strides: the
+// output's layout) with maskops::accumulate (atomic on the GPU).
 template <typename scalar_t, typename T>
 struct BackwardScatter {
   Params<T> p;
   const scalar_t* grad;
   GradStrides gs;
   const T* rois;
-  T* grad_input[kMaxLevels];
+  LevelData<T> grad_input[kMaxLevels];
 
   HOST_DEVICE void operator()(int64_t i) const {
     const int64_t pw = i % p.pooled_w;
@@ -310,19 +310,22 @@ struct BackwardScatter {
     const int64_t H = p.height[l], W = p.width[l];
     const T g = static_cast<T>(grad[gs.at(k, c, ph, pw)]) /
                 static_cast<T>(b.grid_h * b.grid_w);
-    T* plane = grad_input[l] + (b.batch * p.channels + c) * H * W;
+    const LevelData<T>& gi = grad_input[l];
+    T* plane = gi.data + b.batch * gi.s_n + c * gi.s_c;
     const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
     const T x0 = b.start_w + static_cast<T>(pw) * b.bin_w;
     for (int iy = 0; iy < b.grid_h; ++iy) {
       AxisTap<T> ty;
       if (!axis_tap(sample_pos(y0, b.bin_h, iy, b.grid_h), H, ty)) continue;
+      T* row_lo = plane + ty.lo * gi.s_h;
+      T* row_hi = plane + ty.hi * gi.s_h;
       for (int ix = 0; ix < b.grid_w; ++ix) {
         AxisTap<T> tx;
         if (!axis_tap(sample_pos(x0, b.bin_w, ix, b.grid_w), W, tx)) continue;
-        accumulate(plane + ty.lo * W + tx.lo, g * ty.w_lo * tx.w_lo);
-        accumulate(plane + ty.lo * W + tx.hi, g * ty.w_lo * tx.w_hi);
-        accumulate(plane + ty.hi * W + tx.lo, g * ty.w_hi * tx.w_lo);
-        accumulate(plane + ty.hi * W + tx.hi, g * ty.w_hi * tx.w_hi);
+        accumulate(row_lo + tx.lo * gi.s_w, g * ty.w_lo * tx.w_lo);
+        accumulate(row_lo + tx.hi * gi.s_w, g * ty.w_lo * tx.w_hi);
+        accumulate(row_hi + tx.lo * gi.s_w, g * ty.w_hi * tx.w_lo);
+        accumulate(row_hi + tx.hi * gi.s_w, g * ty.w_hi * tx.w_hi);
       }
     }
   }
@@ -508,7 +511,7 @@ struct BackwardGather {
   Params<T> p;
   const scalar_t* grad;
   GradStrides gs;
-  T* grad_input[kMaxLevels];  // [N, C, H, W] contiguous per level
+  LevelData<T> grad_input[kMaxLevels];  // [N, C, H, W] per level, any strides
   TileLayout t;
   const RoiGeom<T>* geom;
   const int32_t* spans;
@@ -516,13 +519,13 @@ struct BackwardGather {
   const int64_t* group_start;  // group g's RoIs are roi_order[group_start[g] .. group_start[g + 1])
   const uint64_t* tile_mask;   // TileRoiMask
 
-  // out[c * plane] (= out + c * plane, one per channel) op= the terms' weighted grads.
-  HOST_DEVICE void apply(T* out, int64_t plane, const int64_t* off, const T* w, int nt,
+  // out[c * s_c] (one per channel) op= the terms' weighted grads.
+  HOST_DEVICE void apply(T* out, int64_t s_c, const int64_t* off, const T* w, int nt,
                          bool first) const {
     for (int64_t c = 0; c < p.channels; ++c) {
-      T acc = first ? T(0) : out[c * plane];
+      T acc = first ? T(0) : out[c * s_c];
       for (int e = 0; e < nt; ++e) acc += w[e] * static_cast<T>(grad[off[e] + c * gs.c]);
-      out[c * plane] = acc;
+      out[c * s_c] = acc;
     }
   }
 
@@ -533,7 +536,8 @@ struct BackwardGather {
     const int64_t x = j % W;
     const int64_t y = (j / W) % H;
     const int64_t n = j / (W * H);
-    T* out = grad_input[l] + (n * p.channels * H + y) * W + x;
+    const LevelData<T>& gi = grad_input[l];
+    T* out = gi.data + n * gi.s_n + y * gi.s_h + x * gi.s_w;
     int64_t off[kTerms];
     T w[kTerms];
     int nt = 0;
@@ -563,7 +567,7 @@ struct BackwardGather {
             off[nt] = gs.at(k, 0, ph, pw);
             w[nt] = wy * wx;
             if (++nt == kTerms) {
-              apply(out, H * W, off, w, nt, first);
+              apply(out, gi.s_c, off, w, nt, first);
               first = false;
               nt = 0;
             }
@@ -571,7 +575,7 @@ struct BackwardGather {
         }
       }
     }
-    if (nt > 0 || first) apply(out, H * W, off, w, nt, first);
+    if (nt > 0 || first) apply(out, gi.s_c, off, w, nt, first);
   }
 };
 

@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -105,11 +107,12 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
               "], got ", grad.sizes());
 }
 
-// The scatter backward functor accumulating into levels[l], one
-// [N, C, H, W] accumulator per level; the CPU test-only op and the CUDA kernel share it.
+// The scatter backward functor accumulating into levels[l], one [N, C, H, W] accumulator
+// (any strides) per level.
 template <template <typename, typename> class Body, typename scalar_t, typename T>
 Body<scalar_t, T> backward_functor(const Params<T>& p, const at::Tensor& grad,
-                                   const at::Tensor& rois_m, const std::vector<T*>& levels) {
+                                   const at::Tensor& rois_m,
+                                   const std::vector<LevelData<T>>& levels) {
   Body<scalar_t, T> f{};
   f.p = p;
   f.grad = grad.data_ptr<scalar_t>();
@@ -135,11 +138,12 @@ std::pair<at::Tensor, at::Tensor> group_rois(const Params<T>& p, const at::Tenso
 
 // The deterministic backward, all of it: the passes before the gather (RoiGeometry, the groups,
 // TileRoiMask) and the gather itself, writing every element of the levels' [N, C, H, W]
-// accumulators levels[l]. The CPU test-only op and the CUDA kernel both run this, each with its
-// own launcher; no host sync (the workspaces' sizes follow from the arguments' shapes).
+// accumulators levels[l] (any strides). backward_gpu_algo() runs it, on the CPU (test-only op)
+// and on CUDA, each with its own launcher; no host sync (the workspaces' sizes follow from the
+// arguments' shapes).
 template <typename scalar_t, typename T, typename Launch>
 void backward_gather(const Params<T>& p, const at::Tensor& grad, const at::Tensor& rois_m,
-                     const std::vector<T*>& levels, Launch launch) {
+                     const std::vector<LevelData<T>>& levels, Launch launch) {
   const int64_t K = rois_m.size(0), L = p.num_levels, N = p.batch_size;
   const auto bytes = rois_m.options().dtype(at::kByte);
   at::Tensor geom = at::empty({K * static_cast<int64_t>(sizeof(RoiGeom<T>))}, bytes);
@@ -182,6 +186,65 @@ void backward_gather(const Params<T>& p, const at::Tensor& grad, const at::Tenso
   f.group_start = starts;
   f.tile_mask = mp;
   launch(t.position_offset[L], f);
+}
+
+// The CUDA backward's host side, all levels, written once for the CUDA wrapper and its CPU
+// twin (the test-only op _multiscale_roi_align_backward_cuda_algo): `launch(n, functor)` runs
+// the deterministic passes, `scatter(n, functor)` the scatter (atomics on the GPU, serial on
+// the host). Each level's gradient is its own tensor (levels never alias), in grad's dtype and
+// the layout output_memory_format(grad) picks. The kernels write it through its strides: in
+// float32 and float64 they accumulate straight into it; half types accumulate in a float32
+// tensor of the same layout, cast once at the end. Only the scatter's accumulators are zeroed
+// (the gather writes every element); no layout copy.
+template <typename Launch, typename Scatter>
+std::vector<at::Tensor> backward_gpu_algo(
+    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
+    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
+    double canonical_scale, double canonical_level, int64_t k_min, bool deterministic,
+    const Launch& launch, const Scatter& scatter) {
+  check_backward_args(grad, rois, scales, pooled_h, pooled_w, channels, heights, widths);
+  const int L = static_cast<int>(scales.size());
+  const int64_t K = rois.size(0);
+  const at::ScalarType dt = grad.scalar_type(), mt = math_type(dt);
+  const auto fmt = output_memory_format(grad);
+  int64_t total = 0;
+  for (int l = 0; l < L; ++l) total += batch_size * channels * heights[l] * widths[l];
+  const bool work = total > 0 && K > 0;
+  std::vector<at::Tensor> out(L), acc(L);
+  for (int l = 0; l < L; ++l) {
+    const std::vector<int64_t> shape{batch_size, channels, heights[l], widths[l]};
+    out[l] = at::empty(shape, grad.options().memory_format(fmt));
+    if (!work) {
+      out[l].zero_();
+      continue;
+    }
+    acc[l] = mt == dt ? out[l] : at::empty(shape, grad.options().dtype(mt).memory_format(fmt));
+    if (!deterministic) acc[l].zero_();
+  }
+  if (!work) return out;
+  const at::Tensor rois_m = rois.to(mt).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "roi_align_backward_gpu_algo",
+                                  [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
+                                  pooled_w, K, sampling_ratio, aligned, canonical_scale,
+                                  canonical_level, k_min);
+    std::vector<LevelData<T>> levels(L);
+    for (int l = 0; l < L; ++l) {
+      const at::Tensor& a = acc[l];
+      levels[l] = {a.data_ptr<T>(), a.stride(0), a.stride(1), a.stride(2), a.stride(3)};
+    }
+    if (deterministic) {
+      backward_gather<scalar_t>(p, grad, rois_m, levels, launch);
+    } else {
+      scatter(grad.numel(), backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels));
+    }
+  });
+  if (mt != dt) {
+    for (int l = 0; l < L; ++l) out[l].copy_(acc[l]);
+  }
+  return out;
 }
 
 }  // namespace roi_align

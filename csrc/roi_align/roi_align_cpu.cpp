@@ -601,45 +601,12 @@ std::vector<at::Tensor> backward_cuda_algo_cpu(
     int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
     at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
     double canonical_scale, double canonical_level, int64_t k_min, bool deterministic) {
-  check_backward_args(grad, rois, scales, pooled_h, pooled_w, channels, heights, widths);
-  const int L = static_cast<int>(scales.size());
-  const at::ScalarType mt = math_type(grad.scalar_type());
-  // Per-level accumulators carved out of one buffer, as the CUDA wrapper does.
-  int64_t total = 0;
-  std::vector<int64_t> offset(L + 1);
-  for (int l = 0; l < L; ++l) {
-    offset[l] = total;
-    total += batch_size * channels * heights[l] * widths[l];
-  }
-  offset[L] = total;
-  at::Tensor acc = at::zeros({total}, grad.options().dtype(mt));
-  if (total > 0 && rois.size(0) > 0) {
-    const at::Tensor rois_m = rois.to(mt).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                    "roi_align_backward_cuda_algo_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
-                                    pooled_w, rois.size(0), sampling_ratio, aligned,
-                                    canonical_scale, canonical_level, k_min);
-      std::vector<T*> levels(L);
-      for (int l = 0; l < L; ++l) levels[l] = acc.data_ptr<T>() + offset[l];
-      if (deterministic) {
-        backward_gather<scalar_t>(p, grad, rois_m, levels, [](int64_t n, const auto& g) {
-          cpu_for_each(n, 64, g);
-        });
-      } else {
-        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
-        // Scatter bodies add into shared addresses: on the host they run serially.
-        cpu_for_each_serial(grad.numel(), f);
-      }
-    });
-  }
-  std::vector<at::Tensor> out(L);
-  for (int l = 0; l < L; ++l)
-    out[l] = acc.narrow(0, offset[l], offset[l + 1] - offset[l])
-                 .view({batch_size, channels, heights[l], widths[l]})
-                 .to(grad.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  return out;
+  // Scatter bodies add into shared addresses: on the host they run serially.
+  return backward_gpu_algo(
+      grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights, widths,
+      sampling_ratio, aligned, canonical_scale, canonical_level, k_min, deterministic,
+      [](int64_t n, const auto& f) { cpu_for_each(n, 64, f); },
+      [](int64_t n, const auto& f) { cpu_for_each_serial(n, f); });
 }
 
 }  // namespace

@@ -4,9 +4,11 @@
 //
 // Forward: one thread per output element, in the output's memory order (consecutive threads
 // write consecutive addresses; with channels-last inputs they also read consecutive channels),
-// all pyramid levels in one launch. Backward: atomics into float accumulators by default; with
-// torch.use_deterministic_algorithms(True), a gather in fixed order (same bits every run): one
-// thread per spatial position of the pyramid, all channels (backward_gather, roi_align_args.h).
+// all pyramid levels in one launch. Backward (backward_gpu_algo, roi_align_args.h, which the
+// CPU test-only op runs too): atomics into the gradients (float accumulators for half types)
+// by default; with torch.use_deterministic_algorithms(True), a gather in fixed order (same
+// bits every run): one thread per spatial position of the pyramid, all channels
+// (backward_gather). Either writes each level in its output layout, channels-last included.
 #include <vector>
 
 #include <ATen/Context.h>
@@ -14,7 +16,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -64,46 +65,12 @@ std::vector<at::Tensor> pyramid_backward_cuda(
     int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
     at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
     double canonical_scale, double canonical_level, int64_t k_min) {
-  check_backward_args(grad, rois, scales, pooled_h, pooled_w, channels, heights, widths);
-  const int L = static_cast<int>(scales.size());
-  const int64_t K = rois.size(0);
   c10::cuda::CUDAGuard guard(grad.device());
-  const at::ScalarType mt = math_type(grad.scalar_type());
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  // A float (or double) accumulator per level, each its own tensor (outputs must not alias);
-  // the deterministic gather writes every element, the scatter adds into zeros.
-  std::vector<int64_t> offset(L + 1, 0);
-  std::vector<at::Tensor> acc(L);
-  for (int l = 0; l < L; ++l) {
-    offset[l + 1] = offset[l] + batch_size * channels * heights[l] * widths[l];
-    const auto opts = grad.options().dtype(mt);
-    const std::vector<int64_t> shape{batch_size, channels, heights[l], widths[l]};
-    acc[l] = deterministic && K > 0 ? at::empty(shape, opts) : at::zeros(shape, opts);
-  }
-  if (offset[L] > 0 && K > 0) {
-    const at::Tensor rois_m = rois.to(mt).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                    "roi_align_backward_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
-                                    pooled_w, K, sampling_ratio, aligned, canonical_scale,
-                                    canonical_level, k_min);
-      std::vector<T*> levels(L);
-      for (int l = 0; l < L; ++l) levels[l] = acc[l].data_ptr<T>();
-      if (deterministic) {
-        backward_gather<scalar_t>(p, grad, rois_m, levels, [](int64_t n, const auto& g) {
-          cuda_for_each(n, g);
-        });
-      } else {
-        const auto f = backward_functor<BackwardScatter, scalar_t>(p, grad, rois_m, levels);
-        cuda_for_each(grad.numel(), f);
-      }
-    });
-  }
-  const auto fmt = output_memory_format(grad);
-  std::vector<at::Tensor> out(L);
-  for (int l = 0; l < L; ++l) out[l] = acc[l].to(grad.scalar_type()).contiguous(fmt);
-  return out;
+  const auto launch = [](int64_t n, const auto& f) { cuda_for_each(n, f); };
+  return backward_gpu_algo(grad, rois, scales, pooled_h, pooled_w, batch_size, channels,
+                           heights, widths, sampling_ratio, aligned, canonical_scale,
+                           canonical_level, k_min, at::globalContext().deterministicAlgorithms(),
+                           launch, launch);
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,

@@ -117,7 +117,9 @@ Proposals rpn_proposals_elementwise_cpu(const at::Tensor& objectness, const at::
              nms_thresh, score_thresh, min_size, num_anchors_per_level);
   return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n,
                             post_nms_top_n, nms_thresh, score_thresh, min_size,
-                            num_anchors_per_level, CpuLaunch{}, nms::segmented_nms_cpu);
+                            num_anchors_per_level, CpuLaunch{}, [](const auto&... args) {
+                              return nms::segmented_nms_cpu(args...);
+                            });
 }
 
 }  // namespace
