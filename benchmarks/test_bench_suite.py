@@ -15,3 +15,29 @@ def test_quick_run(name, module):
         pytest.skip(f"{module} not present yet")
     rows = mod.run("cpu", quick=True)
     assert rows and all(r.maskops.median_ms > 0 and r.torchvision.median_ms > 0 for r in rows)
+
+
+def test_under_load_quick_run():
+    """bench_under_load (not in the suite: it starts a busy process) runs, stops its busy
+    process, and reports both libraries quiet and busy."""
+    import subprocess
+    from benchmarks import bench_under_load
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        p = real_popen(*args, **kwargs)
+        started.append(p)
+        return p
+
+    bench_under_load.subprocess.Popen = spy
+    try:
+        r = bench_under_load.run(quick=True, reps=2)
+    finally:
+        bench_under_load.subprocess.Popen = real_popen
+    assert [row["op"] for row in r["rows"]][0].startswith("MultiScaleRoIAlign")
+    for row in r["rows"]:
+        assert all(t > 0 for t in row["quiet_ms"] + row["busy_ms"])
+    assert started and all(p.poll() is not None for p in started)  # no spinner left behind
+    assert "slow-down" in bench_under_load.report(r)
