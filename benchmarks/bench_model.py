@@ -31,7 +31,7 @@ import torchvision
 
 import maskops
 from benchmarks.common import machine
-from benchmarks.efficiency import conv_peak_gflops, forward_gflops, share
+from benchmarks.efficiency import PeakProbe, conv_peak_gflops, forward_gflops, share
 from benchmarks.onnxruntime_peer import load_peer
 from models.compare import compare_detections
 from models import build_mask_rcnn
@@ -176,6 +176,11 @@ def _timed(models, tv, image, call, device, reps, variants, size, quick_peak, pe
             checks[name] = report.brief()
         del truth, spread
 
+        # The best probe shape now; the peak itself sampled between the reps (PeakProbe).
+        peaks = {"float32": conv_peak_gflops(device, torch.float32, quick_peak),
+                 "bfloat16": conv_peak_gflops(device, torch.bfloat16, quick_peak)}
+        probes = {k: PeakProbe(device, dt, peaks[k]["shape"])
+                  for k, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
         tv_stages = TorchvisionStages(tv)
         if variants:
             tvcl_stages = TorchvisionStages(models["torchvision channels_last"])
@@ -194,11 +199,15 @@ def _timed(models, tv, image, call, device, reps, variants, size, quick_peak, pe
                       (tvcl_stages if "channels_last" in name else tv_stages).take())
                 for k, v in st.items():
                     stages[name][k].append(v)
+            for probe in probes.values():
+                for _ in range(2):  # (the first after a model run may find caches cold)
+                    probe.sample()
     med = {n: statistics.median(v) * 1e3 for n, v in totals.items()}
     # Work and the machine's practical peak, measured in the same run (benchmarks/efficiency.py).
     gflop = forward_gflops(tv, [image])
-    peaks = {"float32": conv_peak_gflops(device, torch.float32, quick_peak),
-             "bfloat16": conv_peak_gflops(device, torch.bfloat16, quick_peak)}
+    for k, probe in probes.items():
+        peaks[k] = {"gflops": probe.gflops(), "shape": peaks[k]["shape"],
+                    "at_start_gflops": peaks[k]["gflops"], "samples": len(probe.rates)}
     efficiency = {n: {**share(gflop["total"], v, peaks["bfloat16" if n == BF16 else
                                                       "float32"]["gflops"]),
                       "peak": "bfloat16" if n == BF16 else "float32"} for n, v in med.items()}
@@ -260,9 +269,13 @@ def efficiency_table(r: dict) -> str:
     lines = [f"Work: {r['gflop']['total']:.1f} GFLOP per forward (FlopCounterMode on "
              f"torchvision's model: " + ", ".join(f"{k} {v:.1f}" for k, v in r["gflop"].items()
                                                   if k != "total") + ").",
-             f"Practical peak (best 3x3 channels-last convolution, same run): float32 "
-             f"{p['float32']['gflops']:.0f} GFLOP/s ({p['float32']['shape']}), bfloat16 "
-             f"{p['bfloat16']['gflops']:.0f} GFLOP/s ({p['bfloat16']['shape']}).", "",
+             f"Practical peak (best 3x3 channels-last convolution, same run; median of "
+             f"{p['float32'].get('samples', 1)} samples taken between the timed reps): float32 "
+             f"{p['float32']['gflops']:.0f} GFLOP/s ({p['float32']['shape']}; "
+             f"{p['float32'].get('at_start_gflops', p['float32']['gflops']):.0f} at the start), "
+             f"bfloat16 {p['bfloat16']['gflops']:.0f} GFLOP/s ({p['bfloat16']['shape']}; "
+             f"{p['bfloat16'].get('at_start_gflops', p['bfloat16']['gflops']):.0f} at the "
+             f"start).", "",
              "| model | ms | GFLOP/s | share of the practical peak |", "|---|---|---|---|"]
     for n, e in r["efficiency"].items():
         lines.append(f"| {n} | {r['end_to_end_ms'][n]:.0f} | {e['gflops']:.0f} | "

@@ -54,6 +54,36 @@ def conv_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32,
     return {"gflops": best, "shape": best_shape}
 
 
+class PeakProbe:
+    """The practical peak measured *alongside* a timed run: after ``conv_peak_gflops`` has
+    picked the best probe shape, ``sample()`` times that convolution once more; the run's
+    peak is the median of these samples. A shared machine's speed drifts (other tenants,
+    clocks) over a benchmark's minutes; probing between the timed reps makes the model's
+    median and the peak's median see the same drift, so their ratio, the share, is steadier
+    than against a peak measured once at the start."""
+
+    def __init__(self, device: str, dtype: torch.dtype, shape: str) -> None:
+        c, h, w = (int(v) for v in shape.split("x"))
+        g = torch.Generator().manual_seed(0)
+        self.device = device
+        self.x = torch.randn(1, c, h, w, generator=g).to(device, dtype).contiguous(
+            memory_format=torch.channels_last)
+        self.weight = (torch.randn(c, c, 3, 3, generator=g) * 0.02).to(device, dtype).contiguous(
+            memory_format=torch.channels_last)
+        self.flops = 2.0 * c * c * 9 * h * w
+        self.rates: List[float] = []
+
+    @torch.inference_mode()
+    def sample(self) -> None:
+        start = time.perf_counter()
+        F.conv2d(self.x, self.weight, padding=1)
+        _sync(self.device)
+        self.rates.append(self.flops / (time.perf_counter() - start) / 1e9)
+
+    def gflops(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+
 @torch.inference_mode()
 def forward_gflops(model, images: List[torch.Tensor]) -> Dict[str, float]:
     """GFLOP of one forward of ``model`` on ``images``, total and per aten op (FlopCounterMode

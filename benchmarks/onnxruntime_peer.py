@@ -62,5 +62,8 @@ def load_peer(tv: torch.nn.Module, image: torch.Tensor, seed: int, threads: int
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # its output-shape notes on every call are expected
+    # Its idle worker threads would otherwise spin after each run, taking a core from the
+    # model timed next in the same process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return OnnxRuntimeModel(session), ""
