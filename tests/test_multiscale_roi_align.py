@@ -153,6 +153,31 @@ def test_layouts_and_dtypes(rng, channels_last, dtype, tol):
                                        else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("channels,rois,output", [(256, 300, 7), (64, 40, 14), (70, 33, 7),
+                                                  (8, 20, (5, 3))])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_bfloat16_channels_last_levels_are_read_as_stored(rng, channels, rois, output, mixed):
+    """bfloat16 channels-last levels are read without a float copy (widened per load):
+    bit for bit the float32 computation on the same (exactly widened) values, rounded once;
+    with ``mixed``, one level is NCHW and takes the converting path in the same call."""
+    image = (160, 224)
+    feats = _pyramid(rng, 2, channels, image, dtype=torch.bfloat16)
+    levels = [feats[k].contiguous(memory_format=torch.channels_last) for k in NAMES]
+    if mixed:
+        levels[1] = levels[1].contiguous()
+    boxes = [_boxes(rng, rois, image) for _ in range(2)]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    got = maskops.multiscale_roi_align(levels, boxes, output, scales, 2)
+    expected = maskops.multiscale_roi_align([f.float() for f in levels], boxes, output, scales, 2)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected.to(torch.bfloat16))
+    # and against an independent reference, at bfloat16's rounding
+    ref = torchvision.ops.MultiScaleRoIAlign(NAMES, output, 2)(
+        OrderedDict((k, f.double()) for k, f in zip(NAMES, levels)), [b.double() for b in boxes],
+        [image, image])
+    torch.testing.assert_close(got.double(), ref, rtol=1.6e-2, atol=1.6e-2)
+
+
 def test_results_do_not_depend_on_thread_count(rng):
     feats = _pyramid(rng, 2, 70, (160, 160))
     boxes = [_boxes(rng, 50, (160, 160)) for _ in range(2)]

@@ -85,6 +85,25 @@ struct Vec64 {
   static type splat(T s) { return type{} + s; }
 };
 
+// 64 bytes of T read from S storage: the same type, or bfloat16 widened to float (its bits are
+// float's upper half: a shift, exact), so that bfloat16 features are read as they are stored
+// instead of converted to a float copy of the whole pyramid first.
+template <typename T>
+inline __attribute__((always_inline)) typename Vec64<T>::type load_as(const T* p) {
+  return Vec64<T>::load(p);
+}
+
+inline __attribute__((always_inline)) Vec64<float>::type load_as(const c10::BFloat16* p) {
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 h;
+  __builtin_memcpy(&h, p, 32);
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  Vec64<float>::type f;
+  __builtin_memcpy(&f, &w, 64);
+  return f;
+}
+
 // dst[0:n] += w * src[0:n]
 template <typename T>
 inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64_t n) {
@@ -100,9 +119,9 @@ inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64
 // tile[bin][0:cb] = sum over taps of wy * wx * feat[row][col][0:cb] for every bin of a RoI.
 // `feat` points at channel c0 of one image; rows are W x C. Full blocks keep the accumulator
 // in vector registers.
-template <typename T>
+template <typename T, typename S>
 inline __attribute__((always_inline)) void forward_tile_impl(
-    T* __restrict tile, const T* __restrict feat, int64_t W, int64_t C, int64_t cb,
+    T* __restrict tile, const S* __restrict feat, int64_t W, int64_t C, int64_t cb,
     const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW) {
   using V = Vec64<T>;
   constexpr int NV = kChannelBlock / V::lanes;
@@ -120,19 +139,27 @@ inline __attribute__((always_inline)) void forward_tile_impl(
         typename V::type acc[NV];
         for (int v = 0; v < NV; ++v) acc[v] = typename V::type{};
         for (int a = 0; a < ny; ++a) {
-          const T* row = feat + yi[a] * W * C;
+          const S* row = feat + yi[a] * W * C;
           for (int e = 0; e < nx; ++e) {
-            const T* src = row + xi[e] * C;
+            const S* src = row + xi[e] * C;
             const typename V::type wt = V::splat(yw[a] * xw[e]);
-            for (int v = 0; v < NV; ++v) acc[v] += wt * V::load(src + v * V::lanes);
+            for (int v = 0; v < NV; ++v) acc[v] += wt * load_as(src + v * V::lanes);
           }
         }
         for (int v = 0; v < NV; ++v) V::store(out + v * V::lanes, acc[v]);
       } else {
         for (int64_t c = 0; c < cb; ++c) out[c] = T(0);
         for (int a = 0; a < ny; ++a) {
-          const T* row = feat + yi[a] * W * C;
-          for (int e = 0; e < nx; ++e) axpy(out, row + xi[e] * C, yw[a] * xw[e], cb);
+          const S* row = feat + yi[a] * W * C;
+          for (int e = 0; e < nx; ++e) {
+            const S* src = row + xi[e] * C;
+            const T wt = yw[a] * xw[e];
+            if constexpr (std::is_same_v<S, T>) {
+              axpy(out, src, wt, cb);
+            } else {
+              for (int64_t c = 0; c < cb; ++c) out[c] += wt * static_cast<T>(src[c]);
+            }
+          }
         }
       }
     }
@@ -256,6 +283,31 @@ inline __attribute__((always_inline)) void backward_plane_impl(
 MASKOPS_INSTANTIATE(float)
 MASKOPS_INSTANTIATE(double)
 #undef MASKOPS_INSTANTIATE
+MASKOPS_CLONES void forward_tile(float* tile, const c10::BFloat16* feat, int64_t W, int64_t C,
+                                 int64_t cb, const AxisTaps<float>& ty,
+                                 const AxisTaps<float>& tx, int64_t PH, int64_t PW) {
+  forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);
+}
+
+// forward_tile over image[offset:] in T, or, where a level is read as stored in bfloat16
+// (bf != nullptr, float math only), over bf[offset:].
+template <typename T>
+inline void forward_tile_from(T* tile, const T* image, const c10::BFloat16*, int64_t offset,
+                              int64_t W, int64_t C, int64_t cb, const AxisTaps<T>& ty,
+                              const AxisTaps<T>& tx, int64_t PH, int64_t PW) {
+  forward_tile(tile, image + offset, W, C, cb, ty, tx, PH, PW);
+}
+
+inline void forward_tile_from(float* tile, const float* image, const c10::BFloat16* bf,
+                              int64_t offset, int64_t W, int64_t C, int64_t cb,
+                              const AxisTaps<float>& ty, const AxisTaps<float>& tx, int64_t PH,
+                              int64_t PW) {
+  if (bf != nullptr) {
+    forward_tile(tile, bf + offset, W, C, cb, ty, tx, PH, PW);
+  } else {
+    forward_tile(tile, image + offset, W, C, cb, ty, tx, PH, PW);
+  }
+}
 
 // The CPU path refuses RoIs whose batch index is outside [0, batch_size) (cheap to check here).
 template <typename T>
@@ -366,13 +418,22 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
     const std::vector<int64_t> count = rois_per_level(p, rp, K);
     std::vector<at::Tensor> data(L);
     std::vector<bool> nhwc(L);
+    // bfloat16 levels already channels-last are read as stored (widened per load).
+    constexpr bool kReadsBf16 = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>;
+    std::vector<const c10::BFloat16*> bf(L, nullptr);
     for (int l = 0; l < L; ++l) {
       nhwc[l] = prefer_channels_last(features[l], count[l], pooled_h * pooled_w);
+      if (kReadsBf16 && nhwc[l] &&
+          features[l].is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        bf[l] = features[l].data_ptr<c10::BFloat16>();
+        continue;
+      }
       data[l] = nhwc[l] ? channels_last_copy(features[l], mt)
                         : features[l].to(mt).contiguous();
     }
-    std::vector<const T*> fp(L);
-    for (int l = 0; l < L; ++l) fp[l] = data[l].data_ptr<T>();
+    std::vector<const T*> fp(L, nullptr);
+    for (int l = 0; l < L; ++l)
+      if (bf[l] == nullptr) fp[l] = data[l].data_ptr<T>();
     scalar_t* out = output.data_ptr<scalar_t>();
     const int64_t bins = pooled_h * pooled_w;
     // Output strides of channel and bin ([K, C, bins] or [K, bins, C]).
@@ -397,11 +458,14 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
         const int64_t H = heights[l], W = widths[l];
         ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
         tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
-        const T* image = fp[l] + b.batch * H * W * C;
+        const int64_t at = b.batch * H * W * C;  // the RoI's image in the level
+        const T* image = fp[l] == nullptr ? nullptr : fp[l] + at;
+        const c10::BFloat16* image_bf = bf[l] == nullptr ? nullptr : bf[l] + at;
         if (nhwc[l]) {
           for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
             const int64_t cb = std::min(kChannelBlock, C - c0);
-            forward_tile(tile.data(), image + c0, W, C, cb, ty, tx, pooled_h, pooled_w);
+            forward_tile_from(tile.data(), image, image_bf, c0, W, C, cb, ty, tx, pooled_h,
+                              pooled_w);
             if (out_cl) {
               for (int64_t s = 0; s < bins; ++s)
                 for (int64_t c = 0; c < cb; ++c)
