@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 
-from models.build import ModelConfig, build_model
-from models.checkpoint import load_checkpoint
+from models.build import model_from_checkpoint
 from models.data import CocoDataset, collate
 from models.data.shapes import generate
 from models.demo import demo_config
@@ -27,9 +26,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
     generate(root / "shapes", 480, 80, 128, 0, 1, 3)
     train(demo_config(str(root / "shapes"), str(root / "run"), epochs=4))
-    state = load_checkpoint(root / "run" / "best.pt")
-    model = build_model(ModelConfig.from_dict(state["config"]["model"]))
-    model.load_state_dict(state["model"])
+    model, _ = model_from_checkpoint(root / "run" / "best.pt")
     val = CocoDataset(root / "shapes", "val")
     loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate,
                                          sampler=ShardSampler(len(val), 0, 1))
