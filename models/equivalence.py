@@ -344,9 +344,9 @@ def _nms_pass(boxes, scores, groups, status, forced, order, thr, top_k, box_tol,
     return out, more
 
 
-def _threshold_status(values: Tensor, thresh: float, tol: float, strict: bool) -> Tensor:
+def _threshold_status(values: Tensor, thresh: float, tol: float) -> Tensor:
     """KEPT above ``thresh`` by more than ``tol``, DROPPED below by more, FRAGILE between
-    (``strict``: the op keeps ``> thresh``, else ``>= thresh``; the margin covers both)."""
+    (whether the op keeps ``> thresh`` or ``>= thresh``: the margin covers both)."""
     st = torch.full(values.shape, KEPT, dtype=torch.int8)
     st[values < thresh - tol] = DROPPED
     st[(values - thresh).abs() <= tol] = FRAGILE
@@ -409,14 +409,14 @@ def classify_rpn(cands: Candidates, level_counts: Sequence[int], config: Dict[st
         if count > k:
             lv = cands.extra[start:start + count]
             cut = float(torch.topk(lv, k).values[-1])
-            status[start:start + count] = _threshold_status(lv, cut, logit_tol, False)
+            status[start:start + count] = _threshold_status(lv, cut, logit_tol)
         start += count
     sides = torch.minimum(cands.boxes[:, 2] - cands.boxes[:, 0],
                           cands.boxes[:, 3] - cands.boxes[:, 1])
     status = _merge(status, _threshold_status(sides, float(config["rpn_min_size"]),
-                                              2 * box_tol, False))
+                                              2 * box_tol))
     status = _merge(status, _threshold_status(cands.scores, float(config["rpn_score_thresh"]),
-                                              score_tol, False))
+                                              score_tol))
     return classify_selection(cands.boxes, cands.scores, cands.groups, status,
                               float(config["rpn_nms_thresh"]), int(config["post_nms_top_n"]),
                               box_tol, score_tol)
@@ -697,8 +697,8 @@ def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
             sides_ = torch.minimum(dc.boxes[:, 2] - dc.boxes[:, 0],
                                    dc.boxes[:, 3] - dc.boxes[:, 1])
             status = _merge(_threshold_status(dc.scores, float(cfg["box_score_thresh"]),
-                                              score_tol, True),
-                            _threshold_status(sides_, 1e-2, 2 * box_tol, False))
+                                              score_tol),
+                            _threshold_status(sides_, 1e-2, 2 * box_tol))
             status = classify_selection(dc.boxes, dc.scores, dc.groups, status,
                                         float(cfg["box_nms_thresh"]),
                                         int(cfg["detections_per_img"]), box_tol, score_tol)
