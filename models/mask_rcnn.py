@@ -140,7 +140,9 @@ class MaskRCNN(nn.Module):
         - folds the backbone's batch norms into the convolutions before them;
         - with ``fuse`` (CPU, where oneDNN's fused convolution is available), runs each
           convolution with the ReLU and residual/top-down add that follow it as one call:
-          ResNet blocks, FPN laterals, RPN head and mask head;
+          ResNet blocks, FPN laterals, RPN head and mask head; and runs the box head, the
+          box predictor, the RPN head's 1x1 convolutions and the mask predictor's 2x2
+          transposed convolution as oneDNN matmuls (``models/fuse.py``);
         - with ``channels_last``, stores the convolutions' weights and batches images
           channels-last, so that activations stay channels-last end to end, and reorders
           ``fc6`` so that the pooled box features flatten without a copy;
