@@ -92,9 +92,7 @@ class ConvAct(nn.Module):
         self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and x.dtype == self.conv.weight.dtype and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and not x.requires_grad)
+        return _onednn_ok(x, self.conv.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor = None) -> torch.Tensor:
         if not self._fused(x):
