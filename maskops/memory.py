@@ -70,8 +70,10 @@ def cpu_cache_for_torch() -> Iterator[bool]:
     For repeated inference on the CPU: the activations of one call are mapped once and reused
     by the next, instead of being faulted in page by page each time (for a ResNet-50 Mask
     R-CNN at 800x800, ~120,000 page faults and ~15 % of a call's time). Tensors made inside
-    stay ordinary CPU tensors and may outlive the block. Blocks nest and may be entered from
-    several threads; torch's previous allocator is back when the last one exits. Yields
+    stay ordinary CPU tensors and may outlive the block, oneDNN's buffers (reordered
+    weights) included: each is freed to whoever allocated it. Blocks nest and may be entered
+    from several threads; once the last one exits, allocations go to torch's previous
+    allocator again. Yields
     whether the cache is in use (False in sanitizer builds, or where another allocator was
     registered with a higher priority). Memory kept between calls is bounded by the limit
     (:func:`set_cpu_cache_limit`); :func:`empty_cache` returns it.

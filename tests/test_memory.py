@@ -378,3 +378,32 @@ def test_onednn_ops_inside_match_outside_and_reuse_memory():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     # 13 MB + 6 MB of outputs: ~4,700 pages when faulted in afresh.
     assert faults < 400, faults
+
+
+ONEDNN_BUFFER_OUTLIVES_BLOCK = """
+import torch, maskops
+mk = torch.ops.mkldnn
+w = torch.randn(2048, 1024, 1, 1)
+made_before = mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
+with maskops.cpu_cache_for_torch():
+    inside = mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
+    del made_before  # from torch's previous allocator, freed inside the block
+x = torch.randn(1, 1024, 50, 50).contiguous(memory_format=torch.channels_last)
+y = mk._convolution_pointwise(x, inside, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+ref = torch.nn.functional.conv2d(x, w)
+assert torch.allclose(y, ref, atol=1e-3, rtol=1e-4), (y - ref).abs().max()
+del inside  # from the cache, freed after the block (through oneDNN's raw_deallocate)
+print("ok", maskops.cpu_cache_info()["kept_bytes"] > 0)
+"""
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
+                         and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
+                    reason="needs oneDNN")
+def test_onednn_buffers_freed_after_the_block_go_back_to_their_owner():
+    # oneDNN frees its tensors' memory through torch's CPU allocator of the moment; a buffer
+    # taken from the cache inside the block and freed outside it must not reach free().
+    r = _run(ONEDNN_BUFFER_OUTLIVES_BLOCK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", "True"]

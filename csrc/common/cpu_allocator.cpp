@@ -1,6 +1,7 @@
 // The caching, huge-page CPU allocator of cpu_allocator.h.
 #include "common/cpu_allocator.h"
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <mutex>
@@ -104,7 +105,7 @@ class CachingCpuAllocator final : public c10::Allocator {
 #if defined(MASKOPS_SANITIZED)
     return c10::GetDefaultCPUAllocator()->allocate(n);
 #else
-    if (n < static_cast<size_t>(kMinCachedBytes)) return c10::GetDefaultCPUAllocator()->allocate(n);
+    if (n < static_cast<size_t>(kMinCachedBytes)) return others()->allocate(n);
     void* p = take(round_up(n, kHugePage));
     // Context == data (a "simple" data pointer), as copy-on-write storages require.
     return {p, p, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
@@ -242,8 +243,10 @@ class CachingCpuAllocator final : public c10::Allocator {
         report(p, -static_cast<int64_t>(size));
       }
     }
-    // A small block, from the default allocator (freed through raw_deallocate).
-    if (!owned) c10::GetDefaultCPUAllocator()->raw_deallocate(p);
+    // Not a block of ours (a small one, or one from before routing): its allocator's.
+    if (!owned) {
+      others()->raw_deallocate(p);
+    }
     for (const Kept& k : drop) unmap_block(k.ptr, k.size);
   }
 
@@ -270,6 +273,17 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
   static void release(void* ptr);
+
+ public:
+  // The allocator of the raw pointers freed here that the cache does not own (set once, when
+  // routing is installed; the default CPU allocator until then).
+  std::atomic<c10::Allocator*> others_{nullptr};
+
+ private:
+  c10::Allocator* others() const {
+    c10::Allocator* other = others_.load(std::memory_order_acquire);
+    return other != nullptr ? other : c10::GetDefaultCPUAllocator();
+  }
 
   std::mutex mu_;
   std::vector<Kept> kept_;                     // freed blocks waiting for reuse
@@ -314,9 +328,35 @@ int64_t cpu_cache_set_limit(int64_t bytes) {
 std::vector<int64_t> cpu_cache_stats() { return instance().stats(); }
 
 namespace {
+
+// torch's CPU allocator once routing was first asked for, for good: while a route is open it
+// serves large requests from the cache, otherwise everything from the allocator torch had
+// before. Staying installed is what makes frees safe: oneDNN frees its buffers through
+// whatever the CPU allocator is at that moment (raw_deallocate), and a buffer taken from the
+// cache inside a block (a reordered weight, say) may be freed long after it; this allocator's
+// raw_deleter gives each pointer back to whoever owns it.
+class RouteAllocator final : public c10::Allocator {
+ public:
+  explicit RouteAllocator(c10::Allocator* previous) : previous_(previous) {}
+
+  c10::DataPtr allocate(size_t n) override {
+    return open_.load(std::memory_order_relaxed) > 0 ? instance().allocate(n)
+                                                      : previous_->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return instance().raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  std::atomic<int64_t> open_{0};
+
+ private:
+  c10::Allocator* previous_;
+};
+
 std::mutex route_mu;
-int64_t route_depth = 0;
-c10::Allocator* route_previous = nullptr;
+RouteAllocator* route = nullptr;  // never destroyed, like the cache
+
 }  // namespace
 
 bool cpu_cache_route_torch(bool on) {
@@ -325,19 +365,19 @@ bool cpu_cache_route_torch(bool on) {
   (void)on;
   return false;
 #else
-  if (on) {
-    if (route_depth++ == 0) {
-      route_previous = c10::GetCPUAllocator();
-      c10::SetCPUAllocator(cpu_allocator());  // priority 0: a higher-priority one stays
-    }
-  } else {
-    TORCH_CHECK(route_depth > 0, "maskops: CPU allocations are not routed to the cache");
-    if (--route_depth == 0 && c10::GetCPUAllocator() == cpu_allocator()) {
-      c10::SetCPUAllocator(route_previous);
-      route_previous = nullptr;
-    }
+  if (route == nullptr) {
+    c10::Allocator* previous = c10::GetCPUAllocator();
+    instance().others_.store(previous, std::memory_order_release);
+    route = new RouteAllocator(previous);
+    c10::SetCPUAllocator(route);  // priority 0: a higher-priority allocator stays
   }
-  return c10::GetCPUAllocator() == cpu_allocator();
+  if (on) {
+    route->open_.fetch_add(1);
+  } else {
+    TORCH_CHECK(route->open_.load() > 0, "maskops: CPU allocations are not routed to the cache");
+    route->open_.fetch_sub(1);
+  }
+  return c10::GetCPUAllocator() == route && route->open_.load() > 0;
 #endif
 }
 

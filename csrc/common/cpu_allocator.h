@@ -40,12 +40,14 @@ int64_t cpu_cache_release();
 // Sets the limit on kept bytes (dropping kept blocks over it); returns the previous limit.
 int64_t cpu_cache_set_limit(int64_t bytes);
 
-// Makes cpu_allocator() torch's CPU allocator (on = true), so that every CPU tensor of
+// Routes torch's CPU allocations through the cache (on = true), so that every CPU tensor of
 // kMinCachedBytes and more, whoever allocates it (oneDNN convolutions, matmuls, copies), takes
-// its memory from the cache; on = false undoes one such call. Calls nest, from any thread: the
-// allocator torch had before is put back when the last one is undone. Returns whether the
-// cache is torch's CPU allocator after the call (false where an allocator registered with a
-// higher priority, or a sanitizer build, keeps it out).
+// its memory from the cache; on = false undoes one such call. Calls nest, from any thread:
+// once the last is undone, allocations go to the allocator torch had before. (The first call
+// installs a routing allocator for good, so that memory taken inside and freed after, even
+// through raw_deallocate as oneDNN does, goes back to its owner.) Returns whether allocations
+// are routed after the call (false where an allocator registered with a higher priority, or a
+// sanitizer build, keeps the cache out).
 bool cpu_cache_route_torch(bool on);
 
 // [bytes kept now, limit, requests served from the cache, requests that mapped new memory,
