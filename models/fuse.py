@@ -72,12 +72,40 @@ def onednn_available() -> bool:
     return hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-class ConvAct(nn.Module):
+class _PrepackedWeight:
+    """Mixin: oneDNN's blocked copy of a weight, made on first use and kept.
+
+    Given a plain weight, each oneDNN call reorders it into the blocked layout its kernel
+    reads (for the bfloat16 model: ~40 ms a forward, 8 % of it). The copy is remade when the
+    weight is replaced, moved or written in place, and is left out of copies and pickles (not
+    a parameter or buffer: state_dicts are unchanged). Inference holds both copies in memory.
+    """
+
+    def _prepacked(self, weight: torch.Tensor, pack) -> torch.Tensor:
+        # Inference tensors (made under torch.inference_mode, like the fast path's copies)
+        # keep no version counter: for them, only replacing the weight is seen.
+        version = None if weight.is_inference() else weight._version
+        key = (weight, weight.data_ptr(), version, weight.dtype, weight.shape)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0][0] is not weight or cached[0][1:] != key[1:]:
+            cached = (key, pack(weight))
+            self.__dict__["_packed"] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        return state
+
+
+class ConvAct(_PrepackedWeight, nn.Module):
     """``act(conv(x) [+ residual])`` as one oneDNN convolution with fused post-ops on CPU.
 
     A separate ReLU or residual add re-reads and re-writes the whole activation; fused, it
     is applied to the convolution's output while it is still in cache. Falls back to the
     plain modules off-CPU, under autocast, and for dtypes oneDNN's fused path does not take.
+    The weight is reordered for oneDNN once, for the first input's shape (another shape whose
+    kernel wants another layout reorders it per call, as an unpacked weight would be).
 
     Args:
         conv: the (bias-folded) ``nn.Conv2d``; relu: apply ReLU at the end.
@@ -101,7 +129,9 @@ class ConvAct(nn.Module):
                 y = y + residual
             return torch.relu(y) if self.relu else y
         padding, stride, dilation, groups = self._args
-        w, b = self.conv.weight, self.conv.bias
+        b = self.conv.bias
+        w = self._prepacked(self.conv.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            w, padding, stride, dilation, groups, list(x.shape)))
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, w, b, padding, stride, dilation, groups, "relu" if self.relu else "none", [], "")
@@ -121,13 +151,21 @@ class FusedBlock(nn.Module):
         super().__init__()
         convs = [getattr(block, n) for n in ("conv1", "conv2", "conv3") if hasattr(block, n)]
         self.convs = nn.ModuleList([ConvAct(c, relu=True) for c in convs])
-        self.downsample = block.downsample
+        self.downsample = _as_conv_act(block.downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         for conv in self.convs[:-1]:
             x = conv(x)
         return self.convs[-1](x, residual=identity)
+
+
+def _as_conv_act(downsample):
+    # The projection shortcut (1x1 conv, folded norm) on oneDNN's path too.
+    if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
+            and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], nn.Identity)):
+        return ConvAct(downsample[0], relu=False)
+    return downsample
 
 
 def _norms_folded(block: nn.Module) -> bool:
@@ -173,7 +211,7 @@ class FusedFPN(nn.Module):
             raise ValueError("FusedFPN reproduces an FPN of plain convolutions (no norm) with "
                              "LastLevelMaxPool only")
         self.inner = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.inner_blocks])
-        self.layer = nn.ModuleList([b[0] for b in fpn.layer_blocks])
+        self.layer = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.layer_blocks])
 
     def forward(self, x):
         names = list(x.keys())
@@ -211,13 +249,18 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not x.requires_grad and x.numel() > 0)
 
 
-class LinearAct(nn.Module):
+def _pack_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
+
+
+class LinearAct(_PrepackedWeight, nn.Module):
     """``act(x @ weight.T + bias)`` as one oneDNN matmul with the ReLU fused (CPU inference).
 
     Takes the ``nn.Linear``'s own parameters (same state_dict keys). oneDNN's matmul rather
     than ``F.linear``: on AMD EPYC the latter's BLAS took 2.3-2.5x as long for the box head's
     ``fc6`` (1000 x 12544 x 1024), and the separate ReLU re-reads the output. Falls back to
-    ``F.linear`` (+ ReLU) off-CPU, under autocast and with gradients.
+    ``F.linear`` (+ ReLU) off-CPU, under autocast and with gradients. The weight is
+    reordered for oneDNN once (for the first input's row count).
     """
 
     def __init__(self, linear: nn.Linear, relu: bool) -> None:
@@ -236,8 +279,9 @@ class LinearAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _onednn_ok(x, self.weight):
+            w = self._prepacked(self.weight, lambda w: _pack_linear(w, x))
             return torch.ops.mkldnn._linear_pointwise(
-                x, self.weight, self.bias, "relu" if self.relu else "none", [], "")
+                x, w, self.bias, "relu" if self.relu else "none", [], "")
         y = F.linear(x, self.weight, self.bias)
         return F.relu(y) if self.relu else y
 
@@ -257,7 +301,7 @@ def fuse_linears(box_head: nn.Module, box_predictor: nn.Module) -> None:
     box_predictor.bbox_pred = LinearAct(box_predictor.bbox_pred, relu=False)
 
 
-class MatmulMaskPredictor(nn.Module):
+class MatmulMaskPredictor(_PrepackedWeight, nn.Module):
     """A :class:`~models.roi_heads.MaskPredictor` whose 2x2 stride-2 transposed convolution
     runs as one matmul (CPU inference).
 
@@ -290,7 +334,8 @@ class MatmulMaskPredictor(nn.Module):
         k, c, h, w = x.shape
         o = self.up_weight.shape[0] // 4
         rows = x.permute(0, 2, 3, 1).reshape(k * h * w, c)  # a view when x is channels-last
-        up = torch.ops.mkldnn._linear_pointwise(rows, self.up_weight, self.up_bias, "relu", [], "")
+        up_weight = self._prepacked(self.up_weight, lambda w: _pack_linear(w, rows))
+        up = torch.ops.mkldnn._linear_pointwise(rows, up_weight, self.up_bias, "relu", [], "")
         logits_conv = self.predictor.mask_fcn_logits
         cls_w = logits_conv.weight[:, :, 0, 0][labels].to(up.dtype)  # [K, O]
         cls_b = logits_conv.bias[labels].to(up.dtype)                 # [K]
@@ -302,7 +347,7 @@ class MatmulMaskPredictor(nn.Module):
         return self.predictor.all_classes(x)
 
 
-class PointwisePredictor(nn.Module):
+class PointwisePredictor(_PrepackedWeight, nn.Module):
     """The RPN head's two 1x1 convolutions (objectness ``A`` channels, deltas ``4A``) as one
     matmul over the channels-last shared features: the 256-channel map is read once instead
     of twice, and small-output 1x1 convolutions are slow in oneDNN. Returns per level the
@@ -323,8 +368,9 @@ class PointwisePredictor(nn.Module):
             return None
         n, c, h, w = t.shape
         a = self.num_anchors
-        y = torch.ops.mkldnn._linear_pointwise(
-            t.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight, self.bias, "none", [], "")
+        rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        weight = self._prepacked(self.weight, lambda w: _pack_linear(w, rows))
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, "none", [], "")
         return y[:, :a].reshape(n, -1), y[:, a:].reshape(n, -1, 4)
 
 

@@ -1,12 +1,19 @@
 """The inference rewrites of models/fuse.py that replace a layer's arithmetic by another
 route (oneDNN matmuls): LinearAct, MatmulMaskPredictor and PointwisePredictor against the
 layers they replace computed in float64, on fresh random inputs of several shapes, empty
-inputs included, and their fallbacks (gradients, autocast, other dtypes)."""
+inputs included, and their fallbacks (gradients, autocast, other dtypes); and the weights
+they keep reordered for oneDNN (reused across input shapes, remade when the weight
+changes, left out of copies, pickles and state_dicts)."""
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fuse import (LinearAct, MatmulMaskPredictor, PointwisePredictor, onednn_available)
+from models.fuse import (ConvAct, LinearAct, MatmulMaskPredictor, PointwisePredictor,
+                         onednn_available)
 from models.roi_heads import MaskPredictor
 from models.rpn import RPNHead
 
@@ -124,3 +131,98 @@ def test_pointwise_predictor_matches_the_two_convolutions(n, h, w):
         fused = head(feats)
     torch.testing.assert_close(fused[0][0], plain[0][0], **TOL[torch.float32])
     torch.testing.assert_close(fused[1][0], plain[1][0], **TOL[torch.float32])
+
+
+# ---- weights kept in oneDNN's layout ----
+
+def _conv(g, cin, cout, k, stride=1):
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / (cin * k * k) ** 0.5)
+        conv.bias.copy_(torch.randn(cout, generator=g))
+    return conv
+
+
+def _conv_ref(conv, x, residual=None, relu=True):
+    y = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), conv.stride, conv.padding)
+    if residual is not None:
+        y = y + residual.double()
+    return F.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cin,cout,k,stride", [(64, 256, 1, 1), (256, 64, 3, 1), (32, 48, 1, 2),
+                                               (16, 16, 3, 2)])
+def test_conv_act_packed_once_serves_every_input_shape(dtype, cin, cout, k, stride):
+    # Packed for the first input's shape; later shapes (smaller, larger, other batch) may
+    # want another layout and must still be right.
+    g = torch.Generator().manual_seed(cin * 7 + k)
+    conv = _conv(g, cin, cout, k, stride)
+    fused = ConvAct(conv, relu=True).to(dtype).to(memory_format=torch.channels_last)
+    for n, h, w in [(1, 40, 56), (1, 7, 5), (2, 64, 64), (1, 1, 1), (1, 40, 56)]:
+        x = torch.randn(n, cin, h, w, generator=g).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        res = torch.randn(n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=g)
+        res = res.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            got, got_res = fused(x), fused(x, residual=res)
+        ref32 = conv.to(dtype)  # the rounded weights the layer holds
+        torch.testing.assert_close(got.double(), _conv_ref(ref32, x), **TOL[dtype])
+        torch.testing.assert_close(got_res.double(), _conv_ref(ref32, x, res), **TOL[dtype])
+    assert fused.__dict__.get("_packed") is not None  # the oneDNN path ran
+
+
+def test_packed_weights_follow_the_weights():
+    g = torch.Generator().manual_seed(11)
+    conv = _conv(g, 32, 64, 3)
+    fused = ConvAct(conv, relu=False).to(memory_format=torch.channels_last)
+    lin = LinearAct(torch.nn.Linear(300, 91), relu=False)
+    x = torch.randn(1, 32, 20, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = torch.randn(50, 300, generator=g)
+    with torch.no_grad():
+        fused(x), lin(rows)
+        conv.weight.mul_(-2.0)  # written in place
+        lin.weight.mul_(-2.0)
+        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+        torch.testing.assert_close(lin(rows).double(), F.linear(rows.double(), lin.weight.double(),
+                                                                 lin.bias.double()), **TOL[torch.float32])
+        conv.weight = torch.nn.Parameter(torch.randn(conv.weight.shape, generator=g) * 0.1)  # replaced
+        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+        new = torch.randn(conv.weight.shape, generator=g) * 0.1
+        conv.load_state_dict({"weight": new, "bias": conv.bias.detach().clone()})  # loaded
+        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+
+
+def test_packed_weights_stay_out_of_copies_pickles_and_state_dicts():
+    g = torch.Generator().manual_seed(12)
+    fused = ConvAct(_conv(g, 16, 32, 3), relu=True).to(memory_format=torch.channels_last)
+    lin = LinearAct(torch.nn.Linear(64, 10), relu=True)
+    x = torch.randn(1, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        want = fused(x), lin(rows)
+    keys = set(fused.state_dict()), set(lin.state_dict())
+    assert keys == ({"conv.weight", "conv.bias"}, {"weight", "bias"})
+    buf = io.BytesIO()
+    torch.save((fused, lin), buf)
+    buf.seek(0)
+    for f2, l2 in (copy.deepcopy((fused, lin)), pickle.loads(pickle.dumps((fused, lin))),
+                   torch.load(buf, weights_only=False)):
+        assert "_packed" not in f2.__dict__ and "_packed" not in l2.__dict__
+        with torch.no_grad():
+            assert torch.equal(f2(x), want[0]) and torch.equal(l2(rows), want[1])
+    assert "_packed" in fused.__dict__  # the originals keep theirs
+
+
+def test_packed_weights_of_inference_tensors():
+    # Copies made under inference_mode (as the model's fast path makes its rewritten parts)
+    # have no version counter; replacing the weight is still seen.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 8, 10, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv = _conv(g, 8, 16, 3)
+        fused = copy.deepcopy(ConvAct(conv, relu=True)).to(memory_format=torch.channels_last)
+        assert fused.conv.weight.is_inference()
+        torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
+        fused.conv.weight = torch.nn.Parameter(-fused.conv.weight)
+        torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
