@@ -71,6 +71,29 @@ def cases(quick: bool):
     scores = torch.rand(n * 4, generator=g)
     nb = torch.cat([pb, pb + 3]).repeat(2, 1)
     yield ("nms", lambda: maskops.nms(nb, scores, 0.7), lambda: torchvision.ops.nms(nb, scores, 0.7))
+    # What any op using every core loses, against the same work on one thread: the floor
+    # for a parallel op. With N cores, N op threads and the spinner share them fairly, so the
+    # op gets N * N / (N + 1) cores instead of N: a slow-down of (N + 1) / N at best (1.5x on
+    # 2 cores), while a one-thread op still finds a free core (1.0x at best).
+    threads = torch.get_num_threads()
+    if threads > 1:
+        m = 512 if quick else 1024
+        a, b2 = torch.randn(m, m, generator=g), torch.randn(m, m, generator=g)
+        yield (f"reference: torch.mm {m}x{m}, {threads} threads vs 1 thread",
+               lambda: torch.mm(a, b2), _one_thread(lambda: torch.mm(a, b2)))
+        yield (f"reference: maskops MultiScaleRoIAlign 7x7, {threads} threads vs 1 thread",
+               lambda: ours7(feats, boxes, shapes), _one_thread(lambda: ours7(feats, boxes, shapes)))
+
+
+def _one_thread(f):
+    def call():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return f()
+        finally:
+            torch.set_num_threads(n)
+    return call
 
 
 def run(quick: bool = False, reps: int = 15) -> dict:
@@ -88,8 +111,9 @@ def run(quick: bool = False, reps: int = 15) -> dict:
 
 def report(r: dict) -> str:
     lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cpu_threads']} threads; medians of "
-             f"{r['reps']} interleaved calls; busy = another process spinning on one core.", "",
-             "| op | maskops quiet ms | busy ms | slow-down | torchvision quiet ms | busy ms | "
+             f"{r['reps']} interleaved calls; busy = another process spinning on one core. The peer "
+             "is torchvision; in the reference rows, the same call on one thread.", "",
+             "| op | quiet ms | busy ms | slow-down | peer quiet ms | busy ms | "
              "slow-down | speed-up quiet | speed-up busy |", "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         (oq, tq), (ob, tb) = row["quiet_ms"], row["busy_ms"]

@@ -31,6 +31,7 @@ def test_under_load_quick_run():
         started.append(p)
         return p
 
+    threads = torch.get_num_threads()
     bench_under_load.subprocess.Popen = spy
     try:
         r = bench_under_load.run(quick=True, reps=2)
@@ -41,3 +42,6 @@ def test_under_load_quick_run():
         assert all(t > 0 for t in row["quiet_ms"] + row["busy_ms"])
     assert started and all(p.poll() is not None for p in started)  # no spinner left behind
     assert "slow-down" in bench_under_load.report(r)
+    assert torch.get_num_threads() == threads  # the one-thread reference puts it back
+    if threads > 1:
+        assert any(row["op"].startswith("reference: torch.mm") for row in r["rows"])
