@@ -3,6 +3,7 @@ run() with quick sizes, which includes each benchmark's correctness guard."""
 import importlib
 
 import pytest
+import torch
 
 from benchmarks.__main__ import SUITE
 
