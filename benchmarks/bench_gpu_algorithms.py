@@ -32,7 +32,7 @@ import math
 import torch
 
 from benchmarks.bench_multiscale_roi_align import workload as fpn_workload
-from benchmarks.common import Row, Timing, cli, measure
+from benchmarks.common import Row, Timing, cli, measure, on_one_thread
 
 ops = torch.ops.maskops
 
@@ -99,15 +99,6 @@ def paste(case, twin: bool):
     return op(m, boxes, h, w, 1, 0.5, False)
 
 
-def _one_thread(fn):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
-
-
 def measure_ratios(quick: bool = False) -> dict:
     """Times (ms) and the three ratios. quick: smaller problems, one repetition (smoke test)."""
     reps = 1 if quick else 3
@@ -140,9 +131,9 @@ def measure_ratios(quick: bool = False) -> dict:
         res["paste_cpu"] = measure(lambda: paste(case, False), "cpu", reps)
         res["paste_tiles"] = measure(lambda: paste(case, True), "cpu", reps)
 
-    _one_thread(roi)
-    _one_thread(proposals)
-    _one_thread(pastes)
+    on_one_thread(roi)
+    on_one_thread(proposals)
+    on_one_thread(pastes)
     res["roi_ratio"] = res["gather"].median_ms / res["scatter"].median_ms
     res["rpn_ratio"] = res["rpn_many"].median_ms / res["rpn_1"].median_ms
     res["paste_ratio"] = res["paste_tiles"].median_ms / res["paste_cpu"].median_ms

@@ -23,7 +23,7 @@ import torchvision
 
 import maskops
 from benchmarks.bench_multiscale_roi_align import workload as fpn_workload
-from benchmarks.common import machine
+from benchmarks.common import machine, on_one_thread
 
 _SPIN = "import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\n"
 
@@ -79,21 +79,12 @@ def cases(quick: bool):
     if threads > 1:
         m = 512 if quick else 1024
         a, b2 = torch.randn(m, m, generator=g), torch.randn(m, m, generator=g)
+        mm = lambda: torch.mm(a, b2)  # noqa: E731
+        pool = lambda: ours7(feats, boxes, shapes)  # noqa: E731
         yield (f"reference: torch.mm {m}x{m}, {threads} threads vs 1 thread",
-               lambda: torch.mm(a, b2), _one_thread(lambda: torch.mm(a, b2)))
+               mm, lambda: on_one_thread(mm))
         yield (f"reference: maskops MultiScaleRoIAlign 7x7, {threads} threads vs 1 thread",
-               lambda: ours7(feats, boxes, shapes), _one_thread(lambda: ours7(feats, boxes, shapes)))
-
-
-def _one_thread(f):
-    def call():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return f()
-        finally:
-            torch.set_num_threads(n)
-    return call
+               pool, lambda: on_one_thread(pool))
 
 
 def run(quick: bool = False, reps: int = 15) -> dict:

@@ -51,6 +51,16 @@ class Timing:
     samples_ms: list = field(default_factory=list, repr=False)
 
 
+def on_one_thread(fn):
+    """fn() with torch's intra-op threads set to one, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(fn, device: str = "cpu", reps: int = 7, warmup: int = 1) -> Timing:
     """Median and interquartile range of `reps` timed calls (after `warmup` untimed ones)."""
     for _ in range(warmup):
