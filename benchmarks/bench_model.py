@@ -275,7 +275,7 @@ def efficiency_table(r: dict) -> str:
              f"{p['float32'].get('at_start_gflops', p['float32']['gflops']):.0f} at the start), "
              f"bfloat16 {p['bfloat16']['gflops']:.0f} GFLOP/s ({p['bfloat16']['shape']}; "
              f"{p['bfloat16'].get('at_start_gflops', p['bfloat16']['gflops']):.0f} at the "
-             f"start).", "",
+             f"start; bfloat16 units: {r['machine'].get('cpu_bf16', 'not recorded')}).", "",
              "| model | ms | GFLOP/s | share of the practical peak |", "|---|---|---|---|"]
     for n, e in r["efficiency"].items():
         lines.append(f"| {n} | {r['end_to_end_ms'][n]:.0f} | {e['gflops']:.0f} | "

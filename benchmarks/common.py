@@ -28,6 +28,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_bf16": cpu_bf16_units(),
     }
     try:
         import torchvision
@@ -36,6 +37,19 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def cpu_bf16_units() -> str:
+    """What runs bfloat16 matrix products on this CPU (what oneDNN can dispatch to)."""
+    isa = getattr(torch, "cpu", None)
+    try:
+        if isa._is_amx_tile_supported():
+            return "AMX tiles"
+        if isa._is_avx512_bf16_supported():
+            return "AVX-512 BF16 dot products (no AMX)"
+    except AttributeError:
+        return "unknown"
+    return "none: bfloat16 is computed in float32"
 
 
 def _sync(device: str) -> None:
