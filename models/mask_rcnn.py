@@ -142,7 +142,9 @@ class MaskRCNN(nn.Module):
           convolution with the ReLU and residual/top-down add that follow it as one call:
           ResNet blocks, FPN laterals, RPN head and mask head; and runs the box head, the
           box predictor, the RPN head's 1x1 convolutions and the mask predictor's 2x2
-          transposed convolution as oneDNN matmuls (``models/fuse.py``);
+          transposed convolution as oneDNN matmuls (``models/fuse.py``), each weight kept
+          in oneDNN's blocked layout from its first call on (a second copy of the weights in
+          memory, never in the state_dict);
         - with ``channels_last``, stores the convolutions' weights and batches images
           channels-last, so that activations stay channels-last end to end, and reorders
           ``fc6`` so that the pooled box features flatten without a copy;
