@@ -210,7 +210,16 @@ class AnchorGenerator(nn.Module):
                                 device=device, cache=False)
 
     def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.cell_anchors = [a.to(dtype=dtype, device=device) for a in self.cell_anchors]
+        """Moves ``cell_anchors`` (torchvision's method). To a GPU, the host does not wait:
+        each is copied from pinned memory."""
+        device = torch.device(device)
+        moved = []
+        for a in self.cell_anchors:
+            a = a.to(dtype=dtype)
+            if device.type == "cuda" and a.device.type == "cpu":
+                a = a.pin_memory().to(device, non_blocking=True)
+            moved.append(a.to(device))
+        self.cell_anchors = moved
 
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]

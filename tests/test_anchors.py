@@ -257,3 +257,17 @@ def test_cuda_cache_miss_never_waits():
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(got.cpu(), expected)
     assert all(torch.equal(a.cpu(), expected) for a in per_image)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_set_cell_anchors_never_waits():
+    gen = maskops.AnchorGenerator(FPN_SIZES, FPN_RATIOS)
+    expected = [a.double() for a in gen.cell_anchors]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gen.set_cell_anchors(torch.float64, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(a.device.type == "cuda" and a.dtype == torch.float64 for a in gen.cell_anchors)
+    assert all(torch.equal(a.cpu(), e) for a, e in zip(gen.cell_anchors, expected))
