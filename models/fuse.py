@@ -77,25 +77,40 @@ class _PrepackedWeight:
 
     Given a plain weight, each oneDNN call reorders it into the blocked layout its kernel
     reads (for the bfloat16 model: ~40 ms a forward, 8 % of it). The copy is remade when the
-    weight is replaced, moved or written in place, and is left out of copies and pickles (not
-    a parameter or buffer: state_dicts are unchanged). Inference holds both copies in memory.
+    weight is replaced, moved, or written in place by an op that torch counts (its version
+    counter; not for inference tensors, nor for writes through ``.data``: after those, call
+    :func:`forget_packed_weights`). It is left out of copies and pickles, and is no parameter
+    or buffer (state_dicts are unchanged). Inference holds both copies in memory.
     """
 
     def _prepacked(self, weight: torch.Tensor, pack) -> torch.Tensor:
-        # Inference tensors (made under torch.inference_mode, like the fast path's copies)
-        # keep no version counter: for them, only replacing the weight is seen.
         version = None if weight.is_inference() else weight._version
         key = (weight, weight.data_ptr(), version, weight.dtype, weight.shape)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0][0] is not weight or cached[0][1:] != key[1:]:
-            cached = (key, pack(weight))
+            with torch.no_grad():
+                packed = pack(weight)
+            # The weight's memory is held with the copy, so that no later weight can take
+            # its address and pass for it.
+            cached = (key, packed, weight.detach())
             self.__dict__["_packed"] = cached
         return cached[1]
 
     def __getstate__(self):
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state.pop("_packed", None)
         return state
+
+
+def forget_packed_weights(module: nn.Module) -> int:
+    """Drops the packed weight copies held in ``module`` and its children (they are remade
+    on the next call); the number dropped. Needed only after writing weights through
+    ``.data``, which torch's version counter does not see."""
+    n = 0
+    for m in module.modules():
+        if m.__dict__.pop("_packed", None) is not None:
+            n += 1
+    return n
 
 
 class ConvAct(_PrepackedWeight, nn.Module):
@@ -244,9 +259,11 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # traced batch would be a data-dependent guard.
     if torch.compiler.is_compiling() or not onednn_available():
         return False
+    # oneDNN's fused ops have no autograd: gradients take the plain modules.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")
-            and not x.requires_grad and x.numel() > 0)
+            and not needs_grad and x.numel() > 0)
 
 
 def _pack_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

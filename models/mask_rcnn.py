@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from . import ops
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, ResNetFPN, resnet_fpn
-from .fuse import (FusedFPN, MatmulMaskPredictor, fold_batchnorms, fpn_fusable, fuse_conv_relu,
-                   fuse_heads, fuse_linears, fuse_rpn_predictors, onednn_available)
+from .fuse import (FusedFPN, MatmulMaskPredictor, fold_batchnorms, forget_packed_weights,
+                   fpn_fusable, fuse_conv_relu, fuse_heads, fuse_linears, fuse_rpn_predictors,
+                   onednn_available)
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -42,7 +43,8 @@ class MaskRCNN(nn.Module):
         fast_inference: inference without gradients (``eval()`` under ``torch.no_grad()``
             or ``torch.inference_mode()``) runs a rewritten copy of the backbone and heads
             (see :meth:`optimize_for_inference`), made on first use and again whenever a
-            weight or the device changes; the model itself, its state_dict and training are
+            weight or the device changes (writes through ``.data`` are not seen: see
+            :meth:`clear_inference_cache`); the model itself, its state_dict and training are
             untouched. ``False`` (or ``model.fast_inference = False``) runs the modules as
             they are.
 
@@ -144,7 +146,8 @@ class MaskRCNN(nn.Module):
           box predictor, the RPN head's 1x1 convolutions and the mask predictor's 2x2
           transposed convolution as oneDNN matmuls (``models/fuse.py``), each weight kept
           in oneDNN's blocked layout from its first call on (a second copy of the weights in
-          memory, never in the state_dict);
+          memory, never in the state_dict; after writing weights through ``.data``, call
+          :meth:`clear_inference_cache`);
         - with ``channels_last``, stores the convolutions' weights and batches images
           channels-last, so that activations stay channels-last end to end, and reorders
           ``fc6`` so that the pooled box features flatten without a copy;
@@ -187,9 +190,20 @@ class MaskRCNN(nn.Module):
         return p is not None and p.dtype == torch.float32
 
     def _weights_key(self) -> Tuple:
-        """Changes whenever a parameter or buffer is replaced, moved or written in place."""
+        """Changes whenever a parameter or buffer is replaced (``.data`` assignments too),
+        moved, or written in place by an op torch counts (not through ``.data``, nor in an
+        inference tensor: see :meth:`clear_inference_cache`)."""
         tensors = list(self.parameters()) + list(self.buffers())
-        return tuple((id(t), t.device, t._version) for t in tensors)
+        return tuple((id(t), t.device, t.data_ptr(), None if t.is_inference() else t._version)
+                     for t in tensors)
+
+    def clear_inference_cache(self) -> None:
+        """Drops what inference keeps between calls, remade on the next one: the fast path's
+        rewritten copy and the weights packed for oneDNN. Needed only after writing weights
+        in a way torch does not count as a change (through ``.data``, or in place in
+        tensors made under ``torch.inference_mode``)."""
+        self.__dict__["_fast_parts"] = None
+        forget_packed_weights(self)
 
     def _fast_view(self) -> "MaskRCNN":
         """This model with its backbone and heads swapped for rewritten copies (cached). The
@@ -208,7 +222,10 @@ class MaskRCNN(nn.Module):
                 parts["mask_head"], parts["mask_predictor"], heads.box_roi_pool.output_size,
                 True, True)
             parts.to(memory_format=torch.channels_last)
-            cached = (key, parts)
+            # The weights' memory is held with the copy, so that no later weight can take
+            # one's address and pass for it.
+            held = [t.detach() for t in list(self.parameters()) + list(self.buffers())]
+            cached = (key, parts, held)
             self.__dict__["_fast_parts"] = cached
         parts = cached[1]
         view = _shallow(self, backbone=parts["backbone"],

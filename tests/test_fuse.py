@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fuse import (ConvAct, LinearAct, MatmulMaskPredictor, PointwisePredictor,
-                         onednn_available)
+                         forget_packed_weights, onednn_available)
 from models.roi_heads import MaskPredictor
 from models.rpn import RPNHead
 
@@ -58,6 +58,20 @@ def test_linear_act_keeps_the_linear_parameters_and_falls_back_with_gradients():
     x2 = x.detach().clone().requires_grad_()
     F.relu(lin(x2)).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_fused_layers_give_weight_gradients_when_only_the_weight_needs_them():
+    # An input without requires_grad (an image) still needs the autograd path in grad mode
+    # when the weights train; the oneDNN ops would leave weight.grad empty.
+    g = torch.Generator().manual_seed(14)
+    lin = torch.nn.Linear(12, 5)
+    conv = _conv(g, 4, 6, 3)
+    fused_lin, fused_conv = LinearAct(lin, relu=False), ConvAct(conv, relu=False)
+    x, img = torch.randn(9, 12, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    (fused_lin(x).sum() + fused_conv(img).sum()).backward()
+    torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(5, 12))
+    assert conv.weight.grad is not None and conv.bias.grad is not None
+    torch.testing.assert_close(conv.bias.grad, torch.full((6,), 64.0))
 
 
 def _mask_predictor(g, cin, dim, classes):
@@ -191,6 +205,29 @@ def test_packed_weights_follow_the_weights():
         new = torch.randn(conv.weight.shape, generator=g) * 0.1
         conv.load_state_dict({"weight": new, "bias": conv.bias.detach().clone()})  # loaded
         torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+        for _ in range(3):  # .data replaced, again and again (old memory may be reused)
+            conv.weight.data = torch.randn(conv.weight.shape, generator=g) * 0.1
+            lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.1
+            torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False),
+                                       **TOL[torch.float32])
+            torch.testing.assert_close(lin(rows).double(), F.linear(
+                rows.double(), lin.weight.double(), lin.bias.double()), **TOL[torch.float32])
+
+
+def test_writes_through_data_need_forget_packed_weights():
+    # torch does not count in-place writes through .data as changes (documented): the packed
+    # copy is then the old weight until forget_packed_weights().
+    g = torch.Generator().manual_seed(15)
+    conv = _conv(g, 16, 16, 3)
+    fused = ConvAct(conv, relu=False).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = fused(x)
+        conv.weight.data.mul_(-1.0)
+        assert torch.equal(fused(x), before)  # the stale copy, as documented
+        assert forget_packed_weights(fused) == 1
+        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False),
+                                   **TOL[torch.float32])
 
 
 def test_packed_weights_stay_out_of_copies_pickles_and_state_dicts():
@@ -212,6 +249,9 @@ def test_packed_weights_stay_out_of_copies_pickles_and_state_dicts():
         with torch.no_grad():
             assert torch.equal(f2(x), want[0]) and torch.equal(l2(rows), want[1])
     assert "_packed" in fused.__dict__  # the originals keep theirs
+    compiled = LinearAct(torch.nn.Linear(4, 3), relu=True)
+    compiled.compile()  # nn.Module drops its compiled wrapper from pickles; so do these
+    assert "_compiled_call_impl" not in pickle.loads(pickle.dumps(compiled)).__dict__
 
 
 def test_packed_weights_of_inference_tensors():

@@ -229,6 +229,60 @@ def test_fast_inference_by_default_leaves_the_model_as_it_is(rng):
     assert model.backbone.fpn.inner_blocks[0][0].weight.grad is not None
 
 
+def _scores(model, image):
+    with torch.inference_mode():
+        return model([image])[0]["scores"]
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_inference_sees_weights_changed_every_way(rng, optimized):
+    # The fast path's rewritten copy and the weights packed for oneDNN follow the weights:
+    # replaced, assigned through .data, written in place; writes through .data after
+    # clear_inference_cache(), as documented.
+    image = torch.rand(3, 120, 160, generator=rng)
+    model = tiny_model(box_score_thresh=0.0).eval()
+    if optimized:
+        model.optimize_for_inference()
+    plain = copy.deepcopy(model)
+    plain.fast_inference = False
+    from models.fuse import _PrepackedWeight
+    for m in plain.modules():  # the reference reorders per call: nothing cached
+        if isinstance(m, _PrepackedWeight):
+            m._prepacked = lambda w, pack: w
+
+    def weight(mdl):
+        return mdl.roi_heads.box_predictor.cls_score.weight
+
+    def check():
+        got, want = _scores(model, image), _scores(plain, image)
+        assert got.shape == want.shape and got.numel() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        for w in (weight(model), weight(plain)):
+            w.mul_(0.5)  # in place, counted by torch
+    check()
+    new = torch.randn(weight(model).shape, generator=rng) * 0.1
+    weight(model).data, weight(plain).data = new.clone(), new.clone()  # .data replaced
+    check()
+    for w in (weight(model), weight(plain)):
+        w.data.mul_(-2.0)  # through .data: not counted
+    model.clear_inference_cache()
+    check()
+
+
+def test_model_built_under_inference_mode_runs_the_fast_path(rng):
+    image = torch.rand(3, 120, 160, generator=rng)
+    with torch.inference_mode():
+        model = tiny_model(box_score_thresh=0.0).eval()
+        plain = copy.deepcopy(model)
+        plain.fast_inference = False
+        got, want = model([image])[0], plain([image])[0]
+    assert model.__dict__["_fast_parts"] is not None
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+
+
 # ---- modes and options ----
 
 def test_training_returns_torchvision_loss_names_and_trains(rng):

@@ -112,8 +112,8 @@ class CachingCpuAllocator final : public c10::Allocator {
 #endif
   }
 
-  // For raw_allocate / raw_deallocate users (oneDNN's buffers, once the cache is torch's CPU
-  // allocator): release() hands blocks it does not own to the default allocator.
+  // For raw_allocate / raw_deallocate users (oneDNN's buffers, once routing is installed):
+  // release() hands blocks it does not own to the allocator torch had before routing.
   c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
