@@ -223,6 +223,12 @@ class CachingCpuAllocator final : public c10::Allocator {
   // Keeps a block freed by its tensor, dropping the oldest kept blocks to make room; a block
   // larger than the limit goes straight back to the system.
   void give_back(void* p) {
+    // Every block of the cache starts on a huge-page boundary: any other pointer (most of
+    // what oneDNN frees through the routing allocator) skips the lock.
+    if (reinterpret_cast<uintptr_t>(p) % kHugePage != 0) {
+      others()->raw_deallocate(p);
+      return;
+    }
     std::vector<Kept> drop;
     bool owned = true;
     {
