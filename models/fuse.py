@@ -3,7 +3,7 @@ them, and each convolution fused with the ReLU / residual add after it (CPU, one
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -134,11 +134,16 @@ class ConvAct(_PrepackedWeight, nn.Module):
         self.relu = relu
         self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        return _onednn_ok(x, self.conv.weight)
+    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
+        return _onednn_ok(x, self.conv.weight) and not (
+            residual is not None and torch.is_grad_enabled() and residual.requires_grad)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor = None) -> torch.Tensor:
-        if not self._fused(x):
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                overwrite_residual: bool = False) -> torch.Tensor:
+        """``overwrite_residual``: the caller no longer needs ``residual`` (a tensor of its
+        own), so the sum may be written into it: reading and writing the same memory costs
+        less than writing a new tensor (~4 % of the backbone's time)."""
+        if not self._fused(x, residual):
             y = self.conv(x)
             if residual is not None:
                 y = y + residual
@@ -147,20 +152,40 @@ class ConvAct(_PrepackedWeight, nn.Module):
         b = self.conv.bias
         w = self._prepacked(self.conv.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
             w, padding, stride, dilation, groups, list(x.shape)))
+        post = "relu" if self.relu else None
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, w, b, padding, stride, dilation, groups, "relu" if self.relu else "none", [], "")
+                x, w, b, padding, stride, dilation, groups, post or "none", [], "")
+        if overwrite_residual and _writable_output(self.conv, x, residual):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, w, b, padding, stride, dilation, groups, "add", 1.0, post, [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, w, b, padding, stride, dilation, groups, "add", 1.0,
-            "relu" if self.relu else None, [], "")
+            x, residual, w, b, padding, stride, dilation, groups, "add", 1.0, post, [], "")
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
 
 
+def _writable_output(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether ``residual`` can take ``conv(x)``'s output in place: its shape, dtype and
+    channels-last layout (an inference tensor only inside inference mode)."""
+    fmt = torch.channels_last
+    if not (residual.dtype == x.dtype and x.dim() == 4 and x.is_contiguous(memory_format=fmt)
+            and residual.is_contiguous(memory_format=fmt)
+            and (torch.is_inference_mode_enabled() or not residual.is_inference())):
+        return False
+    size = [x.shape[0], conv.out_channels]
+    for d in range(2):
+        k = conv.dilation[d] * (conv.kernel_size[d] - 1) + 1
+        size.append((x.shape[2 + d] + 2 * conv.padding[d] - k) // conv.stride[d] + 1)
+    return list(residual.shape) == size
+
+
 class FusedBlock(nn.Module):
     """A ResNet block (bottleneck or basic, batch norms folded) on :class:`ConvAct`:
-    each conv with its ReLU, the last one with the residual add and ReLU."""
+    each conv with its ReLU, the last one with the residual add and ReLU. The sum is written
+    into the shortcut's tensor when the block owns it: the projection's output, or the input
+    when the caller says it no longer needs it (``overwrite_input``, see :class:`FusedLayer`)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -168,11 +193,23 @@ class FusedBlock(nn.Module):
         self.convs = nn.ModuleList([ConvAct(c, relu=True) for c in convs])
         self.downsample = _as_conv_act(block.downsample)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        own = overwrite_input or self.downsample is not None
         for conv in self.convs[:-1]:
             x = conv(x)
-        return self.convs[-1](x, residual=identity)
+        return self.convs[-1](x, residual=identity, overwrite_residual=own)
+
+
+class FusedLayer(nn.Sequential):
+    """A ResNet layer (``nn.Sequential`` of blocks, same children and keys) whose blocks after
+    the first may write over their input: it is the previous block's output, which nothing
+    outside the layer sees (a forward hook on an inner block sees it overwritten later)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self):
+            x = block(x, overwrite_input=i > 0) if isinstance(block, FusedBlock) else block(x)
+        return x
 
 
 def _as_conv_act(downsample):
@@ -203,6 +240,8 @@ def fuse_conv_relu(body: nn.Module) -> int:
             if _norms_folded(layer[i]):
                 layer[i] = FusedBlock(layer[i])
                 n += 1
+        if isinstance(layer, nn.Sequential) and not isinstance(layer, FusedLayer):
+            setattr(body, name, FusedLayer(*layer))
     if _norms_folded(body):
         body.conv1 = ConvAct(body.conv1, relu=True)
         body.relu = nn.Identity()
@@ -235,7 +274,7 @@ class FusedFPN(nn.Module):
         results = [self.layer[-1](last)]
         for i in range(len(feats) - 2, -1, -1):
             top_down = F.interpolate(last, size=feats[i].shape[-2:], mode="nearest")
-            last = self.inner[i](feats[i], residual=top_down)
+            last = self.inner[i](feats[i], residual=top_down, overwrite_residual=True)
             results.insert(0, self.layer[i](last))
         # LastLevelMaxPool: P6 subsamples P5 (a 1x1 max pool with stride 2).
         results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from models.fuse import (ConvAct, LinearAct, MatmulMaskPredictor, PointwisePredictor,
-                         forget_packed_weights, onednn_available)
+                         fold_batchnorms, forget_packed_weights, fuse_conv_relu,
+                         onednn_available)
 from models.roi_heads import MaskPredictor
 from models.rpn import RPNHead
 
@@ -266,3 +267,64 @@ def test_packed_weights_of_inference_tensors():
         torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
         fused.conv.weight = torch.nn.Parameter(-fused.conv.weight)
         torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
+
+
+
+# ---- sums written into the residual's memory ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cin,cout,k,stride", [(16, 64, 1, 1), (32, 32, 3, 1), (16, 32, 1, 2)])
+def test_conv_act_writes_the_sum_into_the_residual(dtype, cin, cout, k, stride):
+    g = torch.Generator().manual_seed(cin + k + stride)
+    conv = _conv(g, cin, cout, k, stride)
+    fused = ConvAct(conv, relu=True).to(dtype).to(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    x = torch.randn(2, cin, 17, 23, generator=g).to(dtype).contiguous(memory_format=cl)
+    h, w = (17 - 1) // stride + 1, (23 - 1) // stride + 1
+    res = torch.randn(2, cout, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
+    with torch.no_grad():
+        want = fused(x, residual=res)
+        mine = res.clone(memory_format=cl)
+        got = fused(x, residual=mine, overwrite_residual=True)
+    assert got.data_ptr() == mine.data_ptr()  # written in place
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.double(), _conv_ref(conv.to(dtype), x, res), **TOL[dtype])
+    # Where it cannot take the output (layout, shape, an inference tensor outside inference
+    # mode), the sum goes to a new tensor and the residual is left alone.
+    with torch.inference_mode():
+        frozen = res.clone(memory_format=cl)
+    for other in (res.contiguous(), frozen):
+        keep = other.clone()
+        with torch.no_grad():
+            got = fused(x, residual=other, overwrite_residual=True)
+        assert got.data_ptr() != other.data_ptr() and torch.equal(other, keep)
+        torch.testing.assert_close(got.double(), want.double(), **TOL[dtype])
+
+
+def test_fused_resnet_body_keeps_its_input_and_its_layer_outputs():
+    # Blocks after the first write over the previous block's output; the body's input and
+    # the layer outputs it returns (C2-C5) must stay as the unfused body computes them.
+    import torchvision
+    from models.backbone import ResNetBody
+    g = torch.Generator().manual_seed(16)
+    body = ResNetBody(torchvision.models.resnet50(weights=None)).eval()
+    with torch.no_grad():
+        for m in body.modules():  # non-trivial folded norms
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.rand(1, 3, 96, 128, generator=g).contiguous(memory_format=torch.channels_last)
+    fused = copy.deepcopy(body)
+    with torch.no_grad():
+        want = copy.deepcopy(body).double()(x.double())
+        plain = body(x)  # float32 as it was: the measure of rounding
+        fold_batchnorms(fused)
+        assert fuse_conv_relu(fused) == 16
+        fused.to(memory_format=torch.channels_last)
+        keep = x.clone()
+        got = fused(x)
+    assert torch.equal(x, keep)
+    for key in want:
+        spread = (plain[key].double() - want[key]).abs().max().item()
+        err = (got[key].double() - want[key]).abs().max().item()
+        assert err <= 4 * spread + 1e-6, (key, err, spread)
