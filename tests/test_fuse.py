@@ -328,3 +328,36 @@ def test_fused_resnet_body_keeps_its_input_and_its_layer_outputs():
         spread = (plain[key].double() - want[key]).abs().max().item()
         err = (got[key].double() - want[key]).abs().max().item()
         assert err <= 4 * spread + 1e-6, (key, err, spread)
+
+
+def test_fused_layer_leaves_its_input_and_the_fpn_its_inputs_alone():
+    # resnet18's layer1 starts with a block without projection: its input is the shortcut,
+    # which only later blocks (inputs made inside the layer) may write over. The FPN writes
+    # its top-down sums into the upsampled maps, never into the C2-C5 it is given.
+    import torchvision
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+    from models.backbone import ResNetBody
+    from models.fuse import FusedFPN
+    g = torch.Generator().manual_seed(17)
+    cl = torch.channels_last
+    body = ResNetBody(torchvision.models.resnet18(weights=None)).eval()
+    fused = copy.deepcopy(body)
+    with torch.no_grad():
+        fold_batchnorms(fused)
+        fuse_conv_relu(fused)
+        fused.to(memory_format=cl)
+        x = torch.rand(1, 64, 24, 32, generator=g).contiguous(memory_format=cl)
+        keep = x.clone()
+        got, want = fused.layer1(x), body.layer1(x)
+        assert torch.equal(x, keep)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        fpn = FeaturePyramidNetwork([8, 16, 32], 16, extra_blocks=LastLevelMaxPool()).eval()
+        feats = {str(i): torch.randn(1, c, s, s, generator=g).contiguous(memory_format=cl)
+                 for i, (c, s) in enumerate([(8, 32), (16, 16), (32, 8)])}
+        kept = {k: v.clone() for k, v in feats.items()}
+        out = FusedFPN(fpn).to(memory_format=cl)(feats)
+        ref = fpn(kept)
+    assert all(torch.equal(feats[k], kept[k]) for k in feats)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
