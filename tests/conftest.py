@@ -1,4 +1,7 @@
 import importlib.util
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,23 @@ import torch
 NEEDS_PYCOCOTOOLS = ["test_data.py", "test_ddp.py", "test_evaluate.py", "test_train.py"]
 HAVE_PYCOCOTOOLS = importlib.util.find_spec("pycocotools") is not None
 collect_ignore = [] if HAVE_PYCOCOTOOLS else NEEDS_PYCOCOTOOLS
+
+
+def pytest_configure(config):
+    # torch.compile and AOTInductor write compiled code (~0.5 GB for this suite) to a cache
+    # that nothing prunes (/tmp/torchinductor_<user>): this run gets a folder of its own,
+    # subprocesses included, removed at the end. (Inductor's precompiled headers, ~0.3 GB a
+    # torch version, stay in the default folder: their path is fixed when torch is imported.)
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        config._inductor_cache = tempfile.mkdtemp(prefix="maskops-tests-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._inductor_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_inductor_cache", None)
+    if folder:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_report_header(config):
