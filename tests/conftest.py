@@ -32,8 +32,16 @@ def pytest_unconfigure(config):
 
 
 def pytest_report_header(config):
+    lines = []
     if not HAVE_PYCOCOTOOLS:
-        return f"pycocotools is not installed: left out {', '.join(NEEDS_PYCOCOTOOLS)}"
+        lines.append(f"pycocotools is not installed: left out {', '.join(NEEDS_PYCOCOTOOLS)}")
+    # A run needs ~1.5 GB at most in the temporary folder at once; "No space left on device"
+    # in a test is the machine's, and this line says so up front.
+    tmp = tempfile.gettempdir()
+    free_gb = shutil.disk_usage(tmp).free / 2**30
+    lines.append(f"free disk in {tmp}: {free_gb:.1f} GiB"
+                 + (" (less than the ~1.5 GiB this suite may need)" if free_gb < 1.5 else ""))
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):
