@@ -40,6 +40,11 @@ class TypeAttributeError(TypeError, AttributeError):
     """Not a tensor (or a dict) where torchvision calls a tensor (dict) method on it."""
 
 
+class TypeAttributeRuntimeError(TypeError, AttributeError, RuntimeError):
+    """Not a tensor where torchvision 0.29 calls a tensor method on it and 0.26 hands it to an
+    operator schema (RuntimeError)."""
+
+
 class TypeAssertionError(TypeError, AssertionError):
     """A wrong type where torchvision checks with ``torch._assert``."""
 
@@ -87,6 +92,7 @@ _COMPAT = {
     (TypeError, RuntimeError): TypeRuntimeError,
     (TypeError, NotImplementedError): TypeNotImplementedError,
     (TypeError, AttributeError): TypeAttributeError,
+    (TypeError, (AttributeError, RuntimeError)): TypeAttributeRuntimeError,
     (TypeError, AssertionError): TypeAssertionError,
     (TypeError, IndexError): TypeIndexError,
     (ValueError, RuntimeError): ValueRuntimeError,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._grad_rules import above, below
 from ._fx import leaf
 
 DEFAULT_CLAMP = math.log(1000.0 / 16)
@@ -112,7 +113,8 @@ def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
     Returns:
         ``Tensor[..., 4]`` in the boxes' dtype, x clamped to ``[0, width]`` and y to
         ``[0, height]`` (NaN stays NaN). Differentiable (the gradient passes where a coordinate
-        was inside the bounds). On CUDA neither the call nor its backward waits for the GPU.
+        was inside the bounds; at a bound itself as the installed torch's clamp does, so as
+        torchvision's: torch 2.11 passes it, 2.14 does not). On CUDA neither the call nor its backward waits for the GPU.
         A leaf of ``torch.fx`` tracing.
     """
     V.real(boxes, "boxes")
@@ -264,10 +266,11 @@ def _decode_backward(ctx, grad):
     ew, eh = dw.clamp(max=ctx.clamp).exp(), dh.clamp(max=ctx.clamp).exp()
     g_cx, g_cy = g[..., 0] + g[..., 2], g[..., 1] + g[..., 3]
     g_pw, g_ph = 0.5 * (g[..., 2] - g[..., 0]), 0.5 * (g[..., 3] - g[..., 1])
-    # torch.clamp's rule: the gradient passes where the input is within the bound.
+    # torch.clamp's rule: the gradient passes where the input is within the bound (at the
+    # bound itself as this torch does).
     g_codes = torch.stack([g_cx * w / wx, g_cy * h / wy,
-                           g_pw * ew * w * (dw <= ctx.clamp) / ww,
-                           g_ph * eh * h * (dh <= ctx.clamp) / wh], dim=-1)
+                           g_pw * ew * w * below(dw, ctx.clamp) / ww,
+                           g_ph * eh * h * below(dh, ctx.clamp) / wh], dim=-1)
     g_w = (g_cx * (d[..., 0] / wx) + g_pw * ew).sum(1)
     g_h = (g_cy * (d[..., 1] / wy) + g_ph * eh).sum(1)
     g_cx, g_cy = g_cx.sum(1), g_cy.sum(1)
@@ -312,12 +315,13 @@ def _clip_setup(ctx, inputs, output):
 
 def _clip_backward(ctx, grad):
     (boxes,) = ctx.saved_tensors
-    # The gradient passes where the coordinate is within [0, bound], bounds included. The
-    # bounds are Python scalars (converted to boxes' dtype, as a tensor of bounds would be),
-    # not a tensor built from host data, which on CUDA would be a copy the host waits for.
-    inside = boxes >= 0
-    inside[..., 0::2] &= boxes[..., 0::2] <= ctx.width
-    inside[..., 1::2] &= boxes[..., 1::2] <= ctx.height
+    # The gradient passes where the coordinate is within [0, bound], at a bound itself as this
+    # torch's clamp does. The bounds are Python scalars (converted to boxes' dtype, as a tensor
+    # of bounds would be), not a tensor built from host data, which on CUDA would be a copy
+    # the host waits for.
+    inside = above(boxes, 0)
+    inside[..., 0::2] &= below(boxes[..., 0::2], ctx.width)
+    inside[..., 1::2] &= below(boxes[..., 1::2], ctx.height)
     return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 

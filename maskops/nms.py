@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._grad_rules import above
 from ._fx import leaf
 
 
@@ -20,7 +21,7 @@ def _no_boxes(boxes, shapes, **per_box) -> bool:
     nothing to suppress, and torchvision returns no indices (``batched_nms`` on every device,
     ``nms`` on CUDA; its CPU ``nms`` refuses integer dtypes first). ``per_box``: name ->
     (tensor, torchvision's class for a non-tensor), each must then have shape [0]."""
-    V.tensor(boxes, "boxes")
+    V.tensor(boxes, "boxes", (AttributeError, RuntimeError))  # torchvision 0.29 / 0.26
     # Not while compiling: testing the number of boxes would guard on it.
     if V.is_traced(boxes) or boxes.numel() != 0 or tuple(boxes.shape) not in shapes:
         return False
@@ -190,7 +191,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     torchvision. Where the union of two boxes is 0 (e.g. two zero-area boxes) the IoU is 0,
     never NaN; torchvision's ``box_iou`` returns NaN there (0 / 0), and the gradient there
     is 0. A NaN coordinate gives NaN. Differentiable with respect to both (floating) inputs,
-    with torch's conventions at kinks (a tie in min/max splits the gradient in half).
+    with torch's conventions at kinks (a tie in min/max splits the gradient in half; touching
+    boxes pass it as the installed torch's clamp does at its bound: 2.11 yes, 2.14 no).
     ``fmt``: ``"xyxy"`` only. On CUDA it never waits for the GPU. A leaf of ``torch.fx``
     tracing.
     """
@@ -296,8 +298,8 @@ def _box_iou_backward(ctx, grad):
     u2 = torch.where(zero, 1.0, union).square()
     g_inter = torch.where(zero, 0.0, g * (union + inter) / u2)
     g_area = torch.where(zero, 0.0, -g * inter / u2)
-    g_w = g_inter * h * (w0 > 0)  # like torch's clamp: no gradient at exactly 0
-    g_h = g_inter * w * (h0 > 0)
+    g_w = g_inter * h * above(w0, 0)  # as this torch's clamp does at exactly 0
+    g_h = g_inter * w * above(h0, 0)
     # w = min(ax2, bx2) - max(ax1, bx1); the same for h.
     sa = {
         "x1": _share(ax1, bx1, ax1 > bx1), "x2": _share(ax2, bx2, ax2 < bx2),

@@ -55,8 +55,10 @@ def roi_align(
     torchvision raises for the same mistake (e.g. ``AssertionError`` for ``Tensor[K, 4]``
     boxes, ``RuntimeError`` for an integer input).
     """
-    V.floating(input, "input")
-    V.ndim(input, 4, "input", "[N, C, H, W]")
+    # torchvision 0.26 meets both mistakes in its operator (RuntimeError) or indexing
+    # (IndexError); 0.29 in Python (AttributeError, RuntimeError).
+    V.floating(input, "input", tensor_tv=(AttributeError, RuntimeError))
+    V.ndim(input, 4, "input", "[N, C, H, W]", tv=(IndexError, RuntimeError))
     rois = V.boxes_to_rois(boxes, input)
     pooled_h, pooled_w = V.pair(output_size, "output_size")
     spatial_scale = V.positive_float(spatial_scale, "spatial_scale")
@@ -194,9 +196,11 @@ def multiscale_roi_align(
         raise TypeError(f"features must be a non-empty list of Tensor[N, C, H, W], got {V._describe(features)}")
     if len(features) > 8:
         raise ValueError(f"features may hold at most 8 levels, got {len(features)}")
-    ref = V.ndim(V.floating(features[0], "features[0]"), 4, "features[0]", "[N, C, H, W]")
+    ref = V.ndim(V.floating(features[0], "features[0]"), 4, "features[0]", "[N, C, H, W]",
+                 tv=(IndexError, RuntimeError))
     for i, f in enumerate(features[1:], 1):
-        V.ndim(V.floating(f, f"features[{i}]"), 4, f"features[{i}]", "[N, C, H, W]")
+        V.ndim(V.floating(f, f"features[{i}]"), 4, f"features[{i}]", "[N, C, H, W]",
+               tv=(IndexError, RuntimeError))
         if f.dtype != ref.dtype or f.shape[:2] != ref.shape[:2]:
             # torchvision: RuntimeError from its kernel on a dtype mismatch.
             raise V.error(ValueError, f"features[{i}] must have the dtype, batch size and "

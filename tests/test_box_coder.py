@@ -230,10 +230,46 @@ def test_gradients():
         torch.testing.assert_close(x, y)
 
 
+def test_gradients_at_the_bounds_are_torchvisions():
+    """At a kink (a code at decode's clamp, a coordinate at the image's edge, touching boxes)
+    the gradient passes or not as autograd through torchvision's ops on this torch says:
+    torch 2.11's clamp passes it at its bound, 2.14's does not."""
+    g = gen(21)
+    w = (1.0, 1.0, 1.0, 1.0)
+    tv, mo = tv_utils.BoxCoder(w), maskops.BoxCoder(w)
+    boxes = random_boxes(4, g, dtype=torch.float64).requires_grad_()
+    codes = random_codes(4, 1, g, torch.float64)
+    codes[:2, 2:] = tv.bbox_xform_clip  # exactly at the clamp (weights 1: no rounding)
+    codes.requires_grad_()
+    grad = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    a = torch.autograd.grad(tv.decode_single(codes, boxes), (codes, boxes), grad)
+    b = torch.autograd.grad(mo.decode_single(codes, boxes), (codes, boxes), grad)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=0)
+    edge = torch.tensor([[0.0, 3, 40, 50], [-5, 0, 60, 30], [10, 10, 60, 50]], dtype=torch.float64)
+    leaf, leaf_tv = edge.clone().requires_grad_(), edge.clone().requires_grad_()
+    (got,) = torch.autograd.grad(maskops.clip_boxes(leaf, (50, 60)).sum(), leaf)
+    (exp,) = torch.autograd.grad(tv_boxes.clip_boxes_to_image(leaf_tv, (50, 60)).sum(), leaf_tv)
+    assert torch.equal(got, exp)
+    r = 1.0 if _clamp_passes_at_bound() else 0.0  # x1 = 0 and y2 = height are at the bounds
+    assert got[0].tolist() == [r, 1.0, 1.0, r]
+
+
+def _clamp_passes_at_bound():
+    """This torch's rule at a clamp's bound (2.11: the gradient passes there; 2.14: not)."""
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    return bool(torch.autograd.grad(x.clamp(min=0.0), x)[0] != 0)
+
+
 def _clip_backward_reference(boxes, grad, height, width):
-    """The clip gradient as a tensor of bounds in boxes' dtype computes it (bounds included)."""
+    """The clip gradient as a tensor of bounds in boxes' dtype computes it, at the bounds as
+    this torch's clamp does."""
     bound = torch.tensor([width, height] * 2, dtype=boxes.dtype)
-    return torch.where((boxes >= 0) & (boxes <= bound), grad, torch.zeros_like(grad))
+    if _clamp_passes_at_bound():
+        inside = (boxes >= 0) & (boxes <= bound)
+    else:
+        inside = (boxes > 0) & (boxes < bound)
+    return torch.where(inside, grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -260,13 +296,11 @@ def test_clip_gradient_is_the_bounds_rule(dtype, shape):
         (got,) = torch.autograd.grad(maskops.clip_boxes(leaf, (height, width)), leaf, grad)
         assert got.dtype == dtype
         assert torch.equal(got, _clip_backward_reference(boxes, grad, height, width))
-        if dtype in EXACT:  # autograd through torchvision's clamps agrees off the bounds
+        if dtype in EXACT:  # autograd through torchvision's clamps, bounds included
             leaf_tv = boxes.clone().requires_grad_()
             (tv,) = torch.autograd.grad(tv_boxes.clip_boxes_to_image(leaf_tv, (height, width)), leaf_tv,
                                         grad)
-            bound = torch.tensor([width, height] * 2, dtype=dtype)
-            off = (boxes != 0) & (boxes != bound)
-            assert torch.equal(got[off], tv[off])
+            assert torch.equal(got, tv)
 
 
 # ---- registration ----
