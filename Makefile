@@ -10,7 +10,7 @@ DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-
            hypothesis pycocotools setuptools wheel build matplotlib tqdm \
            onnxruntime==1.32.0 onnxscript==0.7.2
 
-.PHONY: test demo demo-ops bench build wheel clean venv sanitize
+.PHONY: test demo demo-ops bench build wheel clean venv sanitize test-oldest-torch
 
 venv: $(STAMP)
 $(STAMP):
@@ -45,8 +45,13 @@ bench: $(BUILT)
 sanitize: $(STAMP)
 	bash scripts/sanitize.sh
 
+# The test suite on torch 2.11.0 + torchvision 0.26.0 (own venv, ~5 GB downloaded once, and a
+# copy of the tree in build-oldest-torch/); not part of `make test`.
+test-oldest-torch:
+	bash scripts/test_oldest_torch.sh
+
 wheel: $(STAMP)
 	$(VPY) -m build --wheel --no-isolation
 
 clean:
-	rm -rf build build-sanitize dist *.egg-info maskops/_C*.so maskops/_build_info.py $(BUILT)
+	rm -rf build build-sanitize build-oldest-torch dist *.egg-info maskops/_C*.so maskops/_build_info.py $(BUILT)
