@@ -114,8 +114,8 @@ def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
         ``Tensor[..., 4]`` in the boxes' dtype, x clamped to ``[0, width]`` and y to
         ``[0, height]`` (NaN stays NaN). Differentiable (the gradient passes where a coordinate
         was inside the bounds; at a bound itself as the installed torch's clamp does, so as
-        torchvision's: torch 2.11 passes it, 2.14 does not). On CUDA neither the call nor its backward waits for the GPU.
-        A leaf of ``torch.fx`` tracing.
+        torchvision's: torch 2.11 passes it, 2.14 does not). On CUDA neither the call nor its
+        backward waits for the GPU. A leaf of ``torch.fx`` tracing.
     """
     V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
