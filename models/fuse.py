@@ -135,12 +135,14 @@ class ConvAct(_PrepackedWeight, nn.Module):
         self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
-        if residual is not None and (residual.dim() != 4 or residual.shape[2] * residual.shape[3] == 1
-                                     or (torch.is_grad_enabled() and residual.requires_grad)):
-            # torch 2.11's oneDNN sum convolution fails on a 1x1 output ("could not create a
-            # memory") with a packed or channels-last weight; a map that small costs nothing
-            # on the plain path.
-            return False
+        if residual is not None:
+            if torch.is_grad_enabled() and residual.requires_grad:
+                return False  # the sum's gradient needs autograd
+            if residual.dim() != 4 or residual.shape[2] * residual.shape[3] == 1:
+                # torch 2.11's oneDNN sum convolution fails on a 1x1 output ("could not create
+                # a memory") with a packed or channels-last weight; a map that small costs
+                # nothing on the plain path.
+                return False
         return _onednn_ok(x, self.conv.weight)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,

@@ -40,7 +40,7 @@ def pytest_report_header(config):
     tmp = tempfile.gettempdir()
     free_gb = shutil.disk_usage(tmp).free / 2**30
     lines.append(f"free disk in {tmp}: {free_gb:.1f} GiB"
-                 + (" (less than the ~1.5 GiB this suite may need)" if free_gb < 1.5 else ""))
+                 + (" (under 1.5 GiB: the suite holds up to ~1 GiB at once)" if free_gb < 1.5 else ""))
     return lines
 
 
