@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,21 +24,11 @@ from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import nms as tv_nms
 
 import maskops
+from maskops import cpu
 
 SIZES = (1000, 5000, 20000)
 CLASSES = 80
 IOU = 0.5
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_case(n: int, seed: int, overlap: bool = False):
@@ -136,7 +125,7 @@ def main(argv=None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"machine: {cpu.features().summary()}, {torch.get_num_threads()} threads"
           + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"maskops {maskops.__version__}; iou_threshold={IOU}; median of {args.reps} calls")

@@ -3,28 +3,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from maskops import cpu
+
 
 def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    """What the numbers were measured on: the CPU record of :mod:`maskops.cpu` (the SIMD
+    level maskops' kernels ran at, torch's, half-precision units), threads, versions, GPU."""
+    f = cpu.features()
     info = {
-        "cpu": cpu,
+        "cpu": f.name,
         "cpu_threads": torch.get_num_threads(),
+        "maskops_isa": f.isa,
+        "cpu_record": f.as_dict(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -41,15 +37,11 @@ def machine() -> dict:
 
 def cpu_bf16_units() -> str:
     """What runs bfloat16 matrix products on this CPU (what oneDNN can dispatch to)."""
-    isa = getattr(torch, "cpu", None)
-    try:
-        if isa._is_amx_tile_supported():
-            return "AMX tiles"
-        if isa._is_avx512_bf16_supported():
-            return "AVX-512 BF16 dot products (no AMX)"
-    except AttributeError:
-        return "unknown"
-    return "none: bfloat16 is computed in float32"
+    f = cpu.features()
+    if f.fast_bf16:
+        return "AMX tiles" if f.amx else "AVX-512 BF16 dot products (no AMX)"
+    why = f.missing_for(torch.bfloat16)
+    return f"none ({why}): bfloat16 is slower than float32"
 
 
 def _sync(device: str) -> None:

@@ -12,12 +12,44 @@
 #include <torch/library.h>
 
 #include "common/cpu_allocator.h"
+#include "common/cpu_isa.h"
 
-// The extension is imported as a Python module only so that loading it runs the
-// registrations below; it has no Python-level functions of its own.
+// The extension is imported as a Python module so that loading it runs the registrations
+// below. Its only Python functions tell and set the SIMD level of the CPU kernels
+// (common/cpu_isa.h), for maskops.cpu, the one Python module that asks about the CPU.
+namespace {
+
+PyObject* isa_name(maskops::CpuIsa isa) { return PyUnicode_FromString(maskops::cpu_isa_name(isa)); }
+
+PyObject* cpu_isa(PyObject*, PyObject*) { return isa_name(maskops::cpu_isa()); }
+
+PyObject* cpu_isa_supported(PyObject*, PyObject*) {
+  return isa_name(maskops::cpu_isa_supported());
+}
+
+// set_cpu_isa(name) -> the level now in force (the request clamped to the CPU's).
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8AndSize(arg, nullptr) : nullptr;
+  maskops::CpuIsa isa;
+  if (name == nullptr || !maskops::parse_cpu_isa(name, &isa)) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "expected 'avx512', 'avx2' or 'default'");
+    return nullptr;
+  }
+  return isa_name(maskops::set_cpu_isa(isa));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The SIMD level the CPU kernels dispatch to now."},
+    {"cpu_isa_supported", cpu_isa_supported, METH_NOARGS, "The CPU's own SIMD level."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Caps the kernels' SIMD level; returns the level."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

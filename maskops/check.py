@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import maskops
+from maskops import cpu
 
 F64 = torch.float64
 HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -97,6 +98,7 @@ class Report:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["failures"] = [f"{r.op} {r.check} ({r.device}, {r.dtype})" for r in self.failures]
+        d["cpu"] = cpu.features().as_dict()
         return d
 
 
@@ -1529,18 +1531,9 @@ def _resolve_devices(spec: Optional[str]) -> Tuple[List[str], List[Result]]:
     return seen, problems
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _device_label(dev: str) -> str:
     if dev == "cpu":
-        return f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu.features().summary()}; {torch.get_num_threads()} threads)"
     i = int(dev.split(":")[1])
     return f"{dev} ({torch.cuda.get_device_name(i)}, sm_%d%d)" % torch.cuda.get_device_capability(i)
 
@@ -1677,7 +1670,8 @@ def _header_lines(info: dict, devices: List[str], mode: str, seed: int) -> List[
              f"build: torch {info.get('torch')}, CUDA {info.get('cuda') or '-'}, arch list {arch}, "
              f"CUDA kernels {'yes' if info.get('has_cuda_kernels') else 'no'}",
              f"runtime: torch {info.get('runtime_torch')} (CUDA {info.get('runtime_cuda') or '-'}), "
-             f"python {platform.python_version()}"]
+             f"python {platform.python_version()}",
+             f"cpu: {cpu.features().summary()}; {torch.get_num_threads()} threads"]
     for g in info.get("gpus", []):
         lines.append(f"gpu: cuda:{g['index']} {g['name']}, compute capability {g['capability']}")
     lines.append("devices checked: " + (", ".join(devices) if devices else "none"))

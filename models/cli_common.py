@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from maskops import cpu
+
 from .backbone import RESNETS
 from .coco import COCO_CATEGORIES
 from .mask_rcnn import MaskRCNN, build_mask_rcnn
@@ -33,10 +35,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, default=None,
                    help="cap the longer side at this (default 1333, or the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16"], default=None,
                    help="run convolutions and linear layers in half precision: weights "
                         "converted by optimize_for_inference(dtype=...), or autocast with "
-                        "--no-optimize; boxes and scores stay float32")
+                        "--no-optimize; boxes and scores stay float32. auto: bf16 where it is "
+                        "faster than float32 on this machine (a warning says when the type "
+                        "asked for is slower)")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the modules as built: no optimize_for_inference() and no fast "
                         "inference (batch-norm folding, fusion, channels-last)")
@@ -83,11 +87,15 @@ def _from_checkpoint(a: argparse.Namespace, box_score_thresh: float):
 
 
 def _half(a: argparse.Namespace):
-    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
+    """The half type ``--amp`` asks for (None: float32)."""
+    dtype = cpu.resolve_dtype(a.amp, a.device)
+    return None if dtype == torch.float32 else dtype
 
 
 def autocast(a: argparse.Namespace):
     """Autocast for ``--amp`` with ``--no-optimize`` (an optimised model holds half weights)."""
-    if a.amp is None or not a.no_optimize:
+    dtype = _half(a)
+    if dtype is None or not a.no_optimize:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(a.device).type, dtype=_half(a))
+    cpu.warn_if_slow(dtype, a.device)
+    return torch.autocast(torch.device(a.device).type, dtype=dtype)

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--amp", default="none", choices=("none", "auto", "bf16", "fp16"),
+                   help="autocast; auto: bf16 where it is faster than float32 here")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)

@@ -11,6 +11,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from maskops import cpu
+
 
 def _is_bn(m) -> bool:
     return isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d))
@@ -307,9 +309,15 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     # oneDNN's fused ops have no autograd: gradients take the plain modules.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")
-            and not needs_grad and x.numel() > 0)
+    return (x.device.type == "cpu" and onednn_dtype(x.dtype) and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled("cpu") and not needs_grad and x.numel() > 0)
+
+
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused CPU ops take ``dtype`` here: float32 always; bfloat16 only on a
+    CPU where oneDNN computes it natively (elsewhere its weight reorder raises; the plain
+    modules then run bfloat16 on torch's portable kernels)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu.features().native_bf16)
 
 
 def _pack_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

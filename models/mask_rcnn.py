@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from maskops import cpu
+
 from . import ops
 from .anchors import AnchorGenerator
 from .backbone import RESNETS, ResNetFPN, resnet_fpn
@@ -81,6 +83,8 @@ class MaskRCNN(nn.Module):
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        if torch.is_autocast_enabled("cpu"):
+            cpu.warn_if_slow(torch.get_autocast_dtype("cpu"), stacklevel=3)
         if self._use_fast_path():
             with ops.cpu_cache_for_torch():
                 return self._fast_view()(images)
@@ -136,7 +140,7 @@ class MaskRCNN(nn.Module):
 
     @torch.no_grad()
     def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               dtype: Optional[torch.dtype] = None) -> "MaskRCNN":
+                               dtype: Union[torch.dtype, str, None] = None) -> "MaskRCNN":
         """Rewrites the model, in place, for fast inference, and returns it in eval mode.
 
         - folds the backbone's batch norms into the convolutions before them;
@@ -155,6 +159,11 @@ class MaskRCNN(nn.Module):
           batches images in it, so that every convolution and linear layer runs in half
           precision (on CPUs with AMX, far faster than float32). Unlike autocast, no weight
           is cast per call. Box coordinates, scores and mask probabilities stay float32.
+          On a CPU where that type is slower than float32 (no native bfloat16, or no
+          bfloat16 dot-product units: see :mod:`maskops.cpu`) it still runs, on torch's
+          portable kernels where oneDNN cannot take it, and a warning says so (once).
+          ``dtype="auto"`` takes bfloat16 only where it is native and faster (AMX, AVX-512
+          BF16; on a GPU, bfloat16 where supported), float32 elsewhere.
 
         In float32, detections are unchanged up to float rounding. Load weights first:
         afterwards the state_dict no longer has torchvision's layout.
@@ -162,6 +171,9 @@ class MaskRCNN(nn.Module):
         _check_dtype(dtype)
         if self.inference_optimized:
             return self
+        device = next(self.parameters()).device
+        dtype = cpu.resolve_dtype(dtype, device)
+        cpu.warn_if_slow(dtype, device, stacklevel=3)
         self.eval()
         self.__dict__["_fast_parts"] = None
         heads = self.roi_heads
@@ -251,8 +263,9 @@ class MaskRCNN(nn.Module):
 
 
 def _check_dtype(dtype) -> None:
-    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
+    if dtype not in (None, "auto", torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16, 'auto' or None, got "
+                         f"{dtype!r}")
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskops import cpu
+
 from . import distributed as dist_utils
 from .build import ModelConfig, build_model, count_parameters
 from .checkpoint import (CheckpointError, link_checkpoint, load_checkpoint,
@@ -210,15 +212,18 @@ class TrainingInterrupted(Exception):
 # ---- building blocks ----
 
 def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "none":
+    """The autocast dtype ``--amp`` asks for on ``device`` (None: no autocast). ``auto``:
+    bfloat16 where it is faster than float32 (:func:`maskops.cpu.inference_dtype`), else none.
+    Warns once where the type asked for is slower than float32 on this CPU."""
+    if amp not in ("none", "auto", "bf16", "fp16"):
+        raise ValueError(f"--amp must be none, auto, bf16 or fp16, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a GPU (use bf16 on the CPU)")
+    dtype = cpu.resolve_dtype(amp, device)
+    if dtype == torch.float32:
         return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("--amp fp16 needs a GPU (use bf16 on the CPU)")
-        return torch.float16
-    raise ValueError(f"--amp must be none, bf16 or fp16, got {amp!r}")
+    cpu.warn_if_slow(dtype, device)
+    return dtype
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -463,7 +468,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, make_schedule(cfg, iters))
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     history: List[Dict[str, Any]] = []
     best = -1.0
     start_epoch = 1
@@ -633,8 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-factor", type=float, default=d.warmup_factor)
     g.add_argument("--clip-grad", type=float, default=d.clip_grad,
                    help="max gradient norm (0: off)")
-    g.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"),
-                   help="autocast: bf16 (CPU or GPU) or fp16 with a gradient scaler (GPU)")
+    g.add_argument("--amp", default=d.amp, choices=("none", "auto", "bf16", "fp16"),
+                   help="autocast: bf16 (CPU or GPU) or fp16 with a gradient scaler (GPU); "
+                        "auto: bf16 where it is faster than float32 on this machine")
     g.add_argument("--flip-prob", type=float, default=d.flip_prob)
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("running")

@@ -32,7 +32,9 @@ def pytest_unconfigure(config):
 
 
 def pytest_report_header(config):
-    lines = []
+    from maskops import cpu
+
+    lines = [f"cpu: {cpu.features().summary()}"]
     if not HAVE_PYCOCOTOOLS:
         lines.append(f"pycocotools is not installed: left out {', '.join(NEEDS_PYCOCOTOOLS)}")
     # A run held at most ~0.7 GB in the temporary folder at once (~1 GB with Inductor's

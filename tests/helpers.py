@@ -1,5 +1,10 @@
-"""Input generators shared by the op tests."""
+"""Input generators shared by the op tests, and the CPU-dependent cases."""
+import contextlib
+
+import pytest
 import torch
+
+from maskops import cpu
 
 
 def random_boxes(n, image_size, generator=None, min_size=1.0, max_size=None, dtype=torch.float32):
@@ -47,3 +52,28 @@ def in_layout(x, kind):
     if kind == "expanded" and x.shape[0] > 0:
         return x[:1].expand(x.shape[0], *x.shape[1:]) if bool((x == x[:1]).all()) else x
     return x
+
+
+# ---- CPU-dependent paths (maskops.cpu) ----
+
+# The dtypes the fused CPU layers take, each with its path: bfloat16 on oneDNN (where this
+# CPU computes it natively) and bfloat16 on torch's portable kernels (native bfloat16
+# pretended missing here; really missing under `make test-cpu-kinds`' emulated CPUs).
+FUSED_CASES = ["float32", "bfloat16", "bfloat16-portable"]
+
+
+@contextlib.contextmanager
+def fused_case(case):
+    """Yields ``(dtype, onednn)`` for a :data:`FUSED_CASES` entry: the dtype, and whether the
+    fused layers run on oneDNN in it. Skips the native bfloat16 case on a CPU without it."""
+    if case == "float32":
+        yield torch.float32, True
+    elif case == "bfloat16":
+        if not cpu.features().native_bf16:
+            pytest.skip("no native bfloat16 on this CPU (the -portable case runs instead)")
+        yield torch.bfloat16, True
+    elif case == "bfloat16-portable":
+        with cpu.pretend(native_bf16=False):
+            yield torch.bfloat16, False
+    else:
+        raise ValueError(case)

@@ -18,7 +18,10 @@ from models.fuse import (ConvAct, LinearAct, MatmulMaskPredictor, PointwisePredi
 from models.roi_heads import MaskPredictor
 from models.rpn import RPNHead
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's fused ops")
+from helpers import FUSED_CASES, fused_case
+
+pytestmark = [pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's fused ops"),
+              pytest.mark.cpu_kinds]
 
 # float32 sums of a few hundred products against float64: ~1e-6 relative; bf16: ~1e-2.
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -29,10 +32,15 @@ def _double(module):
     return copy.deepcopy(module).double()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("rows,cin,cout,relu", [(0, 16, 8, True), (1, 7, 3, False),
                                                 (37, 300, 91, False), (200, 1024, 1024, True)])
-def test_linear_act_matches_float64(dtype, rows, cin, cout, relu):
+def test_linear_act_matches_float64(case, rows, cin, cout, relu):
+    with fused_case(case) as (dtype, onednn):
+        _linear_act_matches_float64(dtype, onednn, rows, cin, cout, relu)
+
+
+def _linear_act_matches_float64(dtype, onednn, rows, cin, cout, relu):
     g = torch.Generator().manual_seed(rows + cin)
     lin = torch.nn.Linear(cin, cout)
     with torch.no_grad():
@@ -46,6 +54,7 @@ def test_linear_act_matches_float64(dtype, rows, cin, cout, relu):
         got = fused(x.to(dtype))
     assert got.dtype == dtype and got.shape == (rows, cout)
     torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    assert ("_packed" in fused.__dict__) == (onednn and rows > 0)  # the path it took
 
 
 def test_linear_act_keeps_the_linear_parameters_and_falls_back_with_gradients():
@@ -83,12 +92,17 @@ def _mask_predictor(g, cin, dim, classes):
     return mp
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("k,cin,dim,classes,h,w", [(0, 16, 8, 5, 14, 14), (1, 8, 4, 3, 14, 14),
                                                    (7, 32, 16, 11, 5, 9), (20, 256, 256, 91, 14, 14)])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_matmul_mask_predictor_matches_the_transposed_conv(dtype, k, cin, dim, classes, h, w,
+def test_matmul_mask_predictor_matches_the_transposed_conv(case, k, cin, dim, classes, h, w,
                                                            channels_last):
+    with fused_case(case) as (dtype, onednn):
+        _matmul_mask_predictor_matches(dtype, onednn, k, cin, dim, classes, h, w, channels_last)
+
+
+def _matmul_mask_predictor_matches(dtype, onednn, k, cin, dim, classes, h, w, channels_last):
     g = torch.Generator().manual_seed(k * 31 + cin)
     mp = _mask_predictor(g, cin, dim, classes)
     x = torch.randn(k, cin, h, w, generator=g)
@@ -103,6 +117,7 @@ def test_matmul_mask_predictor_matches_the_transposed_conv(dtype, k, cin, dim, c
         got = fused(xin, labels)
     assert got.shape == (k, 1, 2 * h, 2 * w) and got.dtype == dtype
     torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    assert ("_packed" in fused.__dict__) == (onednn and k > 0)
 
 
 def test_matmul_mask_predictor_falls_back_and_refuses_other_upsamplings():
@@ -165,10 +180,15 @@ def _conv_ref(conv, x, residual=None, relu=True):
     return F.relu(y) if relu else y
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("cin,cout,k,stride", [(64, 256, 1, 1), (256, 64, 3, 1), (32, 48, 1, 2),
                                                (16, 16, 3, 2)])
-def test_conv_act_packed_once_serves_every_input_shape(dtype, cin, cout, k, stride):
+def test_conv_act_packed_once_serves_every_input_shape(case, cin, cout, k, stride):
+    with fused_case(case) as (dtype, onednn):
+        _conv_act_packed_once(dtype, onednn, cin, cout, k, stride)
+
+
+def _conv_act_packed_once(dtype, onednn, cin, cout, k, stride):
     # Packed for the first input's shape; later shapes (smaller, larger, other batch) may
     # want another layout and must still be right.
     g = torch.Generator().manual_seed(cin * 7 + k)
@@ -184,7 +204,7 @@ def test_conv_act_packed_once_serves_every_input_shape(dtype, cin, cout, k, stri
         ref32 = conv.to(dtype)  # the rounded weights the layer holds
         torch.testing.assert_close(got.double(), _conv_ref(ref32, x), **TOL[dtype])
         torch.testing.assert_close(got_res.double(), _conv_ref(ref32, x, res), **TOL[dtype])
-    assert fused.__dict__.get("_packed") is not None  # the oneDNN path ran
+    assert (fused.__dict__.get("_packed") is not None) == onednn  # the path it took
 
 
 def test_packed_weights_follow_the_weights():
@@ -272,9 +292,14 @@ def test_packed_weights_of_inference_tensors():
 
 # ---- sums written into the residual's memory ----
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("cin,cout,k,stride", [(16, 64, 1, 1), (32, 32, 3, 1), (16, 32, 1, 2)])
-def test_conv_act_writes_the_sum_into_the_residual(dtype, cin, cout, k, stride):
+def test_conv_act_writes_the_sum_into_the_residual(case, cin, cout, k, stride):
+    with fused_case(case) as (dtype, onednn):
+        _conv_act_writes_the_sum(dtype, onednn, cin, cout, k, stride)
+
+
+def _conv_act_writes_the_sum(dtype, onednn, cin, cout, k, stride):
     g = torch.Generator().manual_seed(cin + k + stride)
     conv = _conv(g, cin, cout, k, stride)
     fused = ConvAct(conv, relu=True).to(dtype).to(memory_format=torch.channels_last)
@@ -286,7 +311,8 @@ def test_conv_act_writes_the_sum_into_the_residual(dtype, cin, cout, k, stride):
         want = fused(x, residual=res)
         mine = res.clone(memory_format=cl)
         got = fused(x, residual=mine, overwrite_residual=True)
-    assert got.data_ptr() == mine.data_ptr()  # written in place
+    # Written in place on oneDNN's path (the portable path writes a new tensor).
+    assert (got.data_ptr() == mine.data_ptr()) == onednn
     assert torch.equal(got, want)
     torch.testing.assert_close(got.double(), _conv_ref(conv.to(dtype), x, res), **TOL[dtype])
     # Where it cannot take the output (layout, shape, an inference tensor outside inference

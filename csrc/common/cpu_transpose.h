@@ -4,9 +4,10 @@
 
 #include <cstdint>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#include "common/cpu_isa.h"
+
+#if defined(MASKOPS_X86)
 #include <immintrin.h>
-#define MASKOPS_X86 1
 #endif
 
 namespace maskops {
@@ -60,8 +61,7 @@ inline void transpose(const S* src, int64_t rows, int64_t cols, int64_t src_stri
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_stride,
                       float* dst, int64_t dst_stride) {
 #if defined(MASKOPS_X86)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) {
+  if (cpu_isa() != CpuIsa::kDefault) {
     detail::transpose_avx2(src, rows, cols, src_stride, dst, dst_stride);
     return;
   }

@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/host_device.h"
 #include "nms/nms_args.h"
 
@@ -59,8 +60,6 @@ constexpr int64_t kTile = 1024;
 constexpr int64_t kParallelPairs = int64_t(1) << 23;
 // Classes at least this large run one at a time with a parallel inner loop.
 constexpr int64_t kBigClass = 4096;
-
-#define MASKOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // 64-byte GCC vectors of T and a lane mask of the same width.
 template <typename T>
@@ -125,14 +124,15 @@ inline __attribute__((always_inline)) void suppress_impl(BoxArrays<T> lead, int6
   }
 }
 
-MASKOPS_CLONES void suppress(BoxArrays<float> lead, int64_t nk, BoxArrays<float> c,
-                             int64_t begin, int64_t end, float thr) {
-  suppress_impl(lead, nk, c, begin, end, thr);
-}
-MASKOPS_CLONES void suppress(BoxArrays<double> lead, int64_t nk, BoxArrays<double> c,
-                             int64_t begin, int64_t end, double thr) {
-  suppress_impl(lead, nk, c, begin, end, thr);
-}
+// Compiled for AVX-512, AVX2 and portable code; each call takes maskops::cpu_isa()'s.
+MASKOPS_ISA_VARIANTS(void, suppress,
+                     (BoxArrays<float> lead, int64_t nk, BoxArrays<float> c, int64_t begin,
+                      int64_t end, float thr),
+                     (lead, nk, c, begin, end, thr), suppress_impl)
+MASKOPS_ISA_VARIANTS(void, suppress,
+                     (BoxArrays<double> lead, int64_t nk, BoxArrays<double> c, int64_t begin,
+                      int64_t end, double thr),
+                     (lead, nk, c, begin, end, thr), suppress_impl)
 
 // The boxes of one class (or all boxes) in score order, compacted as they are suppressed.
 template <typename T>

@@ -27,6 +27,7 @@
 #include "common/checks.h"
 #include "common/cpu_allocator.h"
 #include "common/cpu_chunks.h"
+#include "common/cpu_isa.h"
 #include "common/cpu_transpose.h"
 #include "roi_align/roi_align.h"
 #include "roi_align/roi_align_args.h"
@@ -257,37 +258,34 @@ inline __attribute__((always_inline)) void backward_plane_impl(
   }
 }
 
-// Hot loops, cloned for AVX-512 and AVX2 with a portable fallback chosen at load time.
-#define MASKOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define MASKOPS_INSTANTIATE(T)                                                                 \
-  MASKOPS_CLONES void forward_tile(T* tile, const T* feat, int64_t W, int64_t C, int64_t cb,  \
-                                   const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,   \
-                                   int64_t PW) {                                               \
-    forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);                                   \
-  }                                                                                            \
-  MASKOPS_CLONES void backward_tile(T* acc, const T* tile, int64_t W, int64_t C, int64_t cb,  \
-                                    const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,  \
-                                    int64_t PW) {                                              \
-    backward_tile_impl(acc, tile, W, C, cb, ty, tx, PH, PW);                                   \
-  }                                                                                            \
-  MASKOPS_CLONES void forward_plane(T* out, int64_t out_stride, const T* plane, int64_t W,    \
-                                    const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH,  \
-                                    int64_t PW, T* rowbuf) {                                   \
-    forward_plane_impl(out, out_stride, plane, W, ty, tx, PH, PW, rowbuf);                     \
-  }                                                                                            \
-  MASKOPS_CLONES void backward_plane(T* plane, int64_t W, const T* g, const AxisTaps<T>& ty,  \
-                                     const AxisTaps<T>& tx, int64_t PH, int64_t PW,            \
-                                     T* rowbuf) {                                              \
-    backward_plane_impl(plane, W, g, ty, tx, PH, PW, rowbuf);                                  \
-  }
+// Hot loops, compiled for AVX-512, AVX2 and portable code; each call takes the variant of
+// maskops::cpu_isa() (common/cpu_isa.h).
+#define MASKOPS_INSTANTIATE(T)                                                              \
+  MASKOPS_ISA_VARIANTS(void, forward_tile,                                                  \
+                       (T * tile, const T* feat, int64_t W, int64_t C, int64_t cb,          \
+                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
+                       (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)           \
+  MASKOPS_ISA_VARIANTS(void, backward_tile,                                                 \
+                       (T * acc, const T* tile, int64_t W, int64_t C, int64_t cb,           \
+                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
+                       (acc, tile, W, C, cb, ty, tx, PH, PW), backward_tile_impl)           \
+  MASKOPS_ISA_VARIANTS(void, forward_plane,                                                 \
+                       (T * out, int64_t out_stride, const T* plane, int64_t W,             \
+                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW, \
+                        T* rowbuf),                                                         \
+                       (out, out_stride, plane, W, ty, tx, PH, PW, rowbuf), forward_plane_impl) \
+  MASKOPS_ISA_VARIANTS(void, backward_plane,                                                \
+                       (T * plane, int64_t W, const T* g, const AxisTaps<T>& ty,            \
+                        const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* rowbuf),          \
+                       (plane, W, g, ty, tx, PH, PW, rowbuf), backward_plane_impl)
 MASKOPS_INSTANTIATE(float)
 MASKOPS_INSTANTIATE(double)
 #undef MASKOPS_INSTANTIATE
-MASKOPS_CLONES void forward_tile(float* tile, const c10::BFloat16* feat, int64_t W, int64_t C,
-                                 int64_t cb, const AxisTaps<float>& ty,
-                                 const AxisTaps<float>& tx, int64_t PH, int64_t PW) {
-  forward_tile_impl(tile, feat, W, C, cb, ty, tx, PH, PW);
-}
+MASKOPS_ISA_VARIANTS(void, forward_tile,
+                     (float* tile, const c10::BFloat16* feat, int64_t W, int64_t C, int64_t cb,
+                      const AxisTaps<float>& ty, const AxisTaps<float>& tx, int64_t PH,
+                      int64_t PW),
+                     (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)
 
 // forward_tile over image[offset:] in T, or, where a level is read as stored in bfloat16
 // (bf != nullptr, float math only), over bf[offset:].
