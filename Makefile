@@ -10,7 +10,7 @@ DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-
            hypothesis pycocotools setuptools wheel build matplotlib tqdm \
            onnxruntime==1.32.0 onnxscript==0.7.2
 
-.PHONY: test demo demo-ops bench build wheel clean venv sanitize test-oldest-torch
+.PHONY: test demo demo-ops bench build wheel clean venv sanitize test-oldest-torch test-cpu-kinds
 
 venv: $(STAMP)
 $(STAMP):
@@ -29,6 +29,11 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(VPY) -m pytest -q tests benchmarks --benchmark-disable
+
+# The CPU-dependent tests on emulated CPUs (AVX2 without AVX-512 or native bf16; no AVX) and
+# the model-size equivalence tests under AVX2 and scalar numerics (scripts/test_cpu_kinds.sh).
+test-cpu-kinds: $(BUILT)
+	bash scripts/test_cpu_kinds.sh
 
 # The main job: synthetic data, CPU training, evaluation, a prediction image, the pipeline trace.
 demo: $(BUILT)

@@ -123,13 +123,15 @@ def batched_nms(
 
     On CUDA the call waits once for the GPU, to read how many boxes were kept, as :func:`nms`.
     Like torchvision, empty boxes (``Tensor[0, 4]`` or ``Tensor[0]``) give an empty result
-    whatever the dtypes of ``boxes``, ``scores`` and ``idxs``. A leaf of ``torch.fx`` tracing.
+    before any other argument is looked at. A leaf of ``torch.fx`` tracing.
     """
+    # As torchvision: empty boxes give no indices before any other argument is looked at
+    # (its own tests call batched_nms(empty, None, None, None)).
+    if _no_boxes(boxes, [(0,), (0, 4)]):
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     iou_threshold = V.number(iou_threshold, "iou_threshold")
     score_threshold = V.optional_number(score_threshold, "score_threshold")
     max_output = V.optional_non_negative_int(max_output, "max_output")
-    if _no_boxes(boxes, [(0,), (0, 4)], scores=(scores, RuntimeError), idxs=(idxs, AttributeError)):
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     # torchvision's checks of a wrong size or device differ with its input size (it takes
     # another path above 1,000 boxes on the CPU); these classes cover both paths.
     V.boxes_n4(boxes, "boxes", tv=RuntimeError)

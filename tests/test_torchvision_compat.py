@@ -571,6 +571,17 @@ def test_batched_nms_of_no_boxes_any_dtype(dtype, device):
         assert got.device == boxes.device
 
 
+def test_batched_nms_of_no_boxes_looks_at_nothing_else():
+    # torchvision's own test calls batched_nms(empty, None, None, None).
+    for boxes in (torch.empty(0, 4), torch.empty(0)):
+        expected = tv.batched_nms(boxes, None, None, None)
+        got = maskops.batched_nms(boxes, None, None, None)
+        assert got.dtype == expected.dtype == torch.int64 and got.shape == expected.shape == (0,)
+    with pytest.raises(TypeError, match="iou_threshold"):  # with boxes, every argument counts
+        maskops.batched_nms(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                            None)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", INT_DTYPES + [torch.float16, torch.bool])
 def test_nms_of_no_boxes_any_dtype(dtype, device):
