@@ -30,24 +30,36 @@ bool parse_cpu_isa(const char* name, CpuIsa* out);
 #define MASKOPS_X86 1
 // `ret name(params)` calling `body` (an always-inline template, so that it is compiled for
 // each target), in three variants and a dispatcher on cpu_isa(). `args` repeats the
-// parameters' names.
-#define MASKOPS_ISA_VARIANTS(ret, name, params, args, body)                        \
-  __attribute__((target("avx512f"))) static ret name##_avx512 params {             \
-    return body args;                                                              \
-  }                                                                                \
-  __attribute__((target("avx2"))) static ret name##_avx2 params { return body args; } \
-  static ret name##_default params { return body args; }                           \
-  ret name params {                                                                \
-    switch (::maskops::cpu_isa()) {                                                \
-      case ::maskops::CpuIsa::kAvx512:                                             \
-        return name##_avx512 args;                                                 \
-      case ::maskops::CpuIsa::kAvx2:                                               \
-        return name##_avx2 args;                                                   \
-      default:                                                                     \
-        return name##_default args;                                                \
-    }                                                                              \
+// parameters' names. MASKOPS_ISA_VARIANTS_WIDTH: the same where `body` takes its vector
+// width in bytes as its first template argument (64 for AVX-512, 32 for AVX2, 16 for the
+// portable variant: SSE2, x86-64's baseline), since GCC lowers vectors wider than the
+// target's registers lane by lane for some operations (selects, compares).
+#define MASKOPS_ISA_DISPATCH(ret, name, params, args) \
+  ret name params {                                   \
+    switch (::maskops::cpu_isa()) {                   \
+      case ::maskops::CpuIsa::kAvx512:                \
+        return name##_avx512 args;                    \
+      case ::maskops::CpuIsa::kAvx2:                  \
+        return name##_avx2 args;                      \
+      default:                                        \
+        return name##_default args;                   \
+    }                                                 \
   }
+#define MASKOPS_ISA_VARIANTS(ret, name, params, args, body)                              \
+  __attribute__((target("avx512f"))) static ret name##_avx512 params { return body args; } \
+  __attribute__((target("avx2"))) static ret name##_avx2 params { return body args; }      \
+  static ret name##_default params { return body args; }                                 \
+  MASKOPS_ISA_DISPATCH(ret, name, params, args)
+#define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body)                   \
+  __attribute__((target("avx512f"))) static ret name##_avx512 params {              \
+    return body<64> args;                                                           \
+  }                                                                                 \
+  __attribute__((target("avx2"))) static ret name##_avx2 params { return body<32> args; } \
+  static ret name##_default params { return body<16> args; }                        \
+  MASKOPS_ISA_DISPATCH(ret, name, params, args)
 #else
 #define MASKOPS_ISA_VARIANTS(ret, name, params, args, body) \
   ret name params { return body args; }
+#define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body) \
+  ret name params { return body<16> args; }
 #endif

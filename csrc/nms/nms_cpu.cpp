@@ -61,20 +61,22 @@ constexpr int64_t kParallelPairs = int64_t(1) << 23;
 // Classes at least this large run one at a time with a parallel inner loop.
 constexpr int64_t kBigClass = 4096;
 
-// 64-byte GCC vectors of T and a lane mask of the same width.
-template <typename T>
+// GCC vectors of `Bytes` bytes of T, and a lane mask of the same width. Each SIMD level
+// gets its register width (64 for AVX-512, 32 for AVX2, 16 for SSE2): wider vectors than the
+// target's registers are lowered lane by lane for the selects in nms_overlap().
+template <typename T, int Bytes = 64>
 struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
+template <int Bytes>
+struct Simd<float, Bytes> {
+  typedef float V __attribute__((vector_size(Bytes)));
   typedef int32_t M;
-  typedef int32_t VM __attribute__((vector_size(64)));
+  typedef int32_t VM __attribute__((vector_size(Bytes)));
 };
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
+template <int Bytes>
+struct Simd<double, Bytes> {
+  typedef double V __attribute__((vector_size(Bytes)));
   typedef int64_t M;
-  typedef int64_t VM __attribute__((vector_size(64)));
+  typedef int64_t VM __attribute__((vector_size(Bytes)));
 };
 
 template <typename X>
@@ -96,13 +98,13 @@ struct BoxArrays {
 };
 
 // alive[j] = 0 for j in [begin, end) when one of the kept boxes `lead[0, nk)` suppresses j.
-template <typename T>
+template <int Bytes, typename T>
 inline __attribute__((always_inline)) void suppress_impl(BoxArrays<T> lead, int64_t nk,
                                                          BoxArrays<T> c, int64_t begin,
                                                          int64_t end, T thr) {
-  using V = typename Simd<T>::V;
-  using VM = typename Simd<T>::VM;
-  constexpr int64_t L = 64 / sizeof(T);
+  using V = typename Simd<T, Bytes>::V;
+  using VM = typename Simd<T, Bytes>::VM;
+  constexpr int64_t L = Bytes / sizeof(T);
   const V vthr = V{} + thr;
   for (int64_t k = 0; k < nk; ++k) {
     const V ax1 = V{} + lead.x1[k], ay1 = V{} + lead.y1[k];
@@ -124,15 +126,16 @@ inline __attribute__((always_inline)) void suppress_impl(BoxArrays<T> lead, int6
   }
 }
 
-// Compiled for AVX-512, AVX2 and portable code; each call takes maskops::cpu_isa()'s.
-MASKOPS_ISA_VARIANTS(void, suppress,
-                     (BoxArrays<float> lead, int64_t nk, BoxArrays<float> c, int64_t begin,
-                      int64_t end, float thr),
-                     (lead, nk, c, begin, end, thr), suppress_impl)
-MASKOPS_ISA_VARIANTS(void, suppress,
-                     (BoxArrays<double> lead, int64_t nk, BoxArrays<double> c, int64_t begin,
-                      int64_t end, double thr),
-                     (lead, nk, c, begin, end, thr), suppress_impl)
+// Compiled for AVX-512, AVX2 and portable code, each with its register width; each call
+// takes maskops::cpu_isa()'s.
+MASKOPS_ISA_VARIANTS_WIDTH(void, suppress,
+                           (BoxArrays<float> lead, int64_t nk, BoxArrays<float> c,
+                            int64_t begin, int64_t end, float thr),
+                           (lead, nk, c, begin, end, thr), suppress_impl)
+MASKOPS_ISA_VARIANTS_WIDTH(void, suppress,
+                           (BoxArrays<double> lead, int64_t nk, BoxArrays<double> c,
+                            int64_t begin, int64_t end, double thr),
+                           (lead, nk, c, begin, end, thr), suppress_impl)
 
 // The boxes of one class (or all boxes) in score order, compacted as they are suppressed.
 template <typename T>

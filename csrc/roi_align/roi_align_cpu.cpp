@@ -70,45 +70,46 @@ struct AxisTaps {
   }
 };
 
-// A 64-byte vector of T (GCC vector extension): one zmm register under AVX-512, two ymm under
-// AVX2, four xmm otherwise. Written out explicitly because the auto-vectoriser turned the
+// A vector of `Bytes` bytes of T (GCC vector extension): each SIMD level uses its register
+// width (64 for AVX-512, 32 for AVX2, 16 for SSE2), since GCC lowers wider vectors lane by
+// lane for some operations. Written out explicitly because the auto-vectoriser turned the
 // channel loops below into scalar code.
-template <typename T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / sizeof(T);
   static type load(const T* p) {
     type v;
-    __builtin_memcpy(&v, p, 64);
+    __builtin_memcpy(&v, p, Bytes);
     return v;
   }
-  static void store(T* p, type v) { __builtin_memcpy(p, &v, 64); }
+  static void store(T* p, type v) { __builtin_memcpy(p, &v, Bytes); }
   static type splat(T s) { return type{} + s; }
 };
 
-// 64 bytes of T read from S storage: the same type, or bfloat16 widened to float (its bits are
+// A vector of T read from S storage: the same type, or bfloat16 widened to float (its bits are
 // float's upper half: a shift, exact), so that bfloat16 features are read as they are stored
 // instead of converted to a float copy of the whole pyramid first.
-template <typename T>
-inline __attribute__((always_inline)) typename Vec64<T>::type load_as(const T* p) {
-  return Vec64<T>::load(p);
-}
-
-inline __attribute__((always_inline)) Vec64<float>::type load_as(const c10::BFloat16* p) {
-  typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  typedef uint32_t u32x16 __attribute__((vector_size(64)));
-  u16x16 h;
-  __builtin_memcpy(&h, p, 32);
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  Vec64<float>::type f;
-  __builtin_memcpy(&f, &w, 64);
-  return f;
+template <int Bytes, typename T, typename S>
+inline __attribute__((always_inline)) typename Vec<T, Bytes>::type load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vec<T, Bytes>::load(p);
+  } else {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<S, c10::BFloat16>);
+    typename Vec<uint16_t, Bytes / 2>::type h;
+    __builtin_memcpy(&h, p, Bytes / 2);
+    using u32s = typename Vec<uint32_t, Bytes>::type;
+    const u32s w = __builtin_convertvector(h, u32s) << 16;
+    typename Vec<float, Bytes>::type f;
+    __builtin_memcpy(&f, &w, Bytes);
+    return f;
+  }
 }
 
 // dst[0:n] += w * src[0:n]
-template <typename T>
+template <int Bytes, typename T>
 inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64_t n) {
-  using V = Vec64<T>;
+  using V = Vec<T, Bytes>;
   const int64_t nv = n - n % V::lanes;
   const typename V::type wv = V::splat(w);
   for (int64_t c = 0; c < nv; c += V::lanes) V::store(dst + c, V::load(dst + c) + wv * V::load(src + c));
@@ -120,11 +121,11 @@ inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64
 // tile[bin][0:cb] = sum over taps of wy * wx * feat[row][col][0:cb] for every bin of a RoI.
 // `feat` points at channel c0 of one image; rows are W x C. Full blocks keep the accumulator
 // in vector registers.
-template <typename T, typename S>
+template <int Bytes, typename T, typename S>
 inline __attribute__((always_inline)) void forward_tile_impl(
     T* __restrict tile, const S* __restrict feat, int64_t W, int64_t C, int64_t cb,
     const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW) {
-  using V = Vec64<T>;
+  using V = Vec<T, Bytes>;
   constexpr int NV = kChannelBlock / V::lanes;
   const bool full = cb == kChannelBlock;
   for (int64_t ph = 0; ph < PH; ++ph) {
@@ -144,7 +145,7 @@ inline __attribute__((always_inline)) void forward_tile_impl(
           for (int e = 0; e < nx; ++e) {
             const S* src = row + xi[e] * C;
             const typename V::type wt = V::splat(yw[a] * xw[e]);
-            for (int v = 0; v < NV; ++v) acc[v] += wt * load_as(src + v * V::lanes);
+            for (int v = 0; v < NV; ++v) acc[v] += wt * load_as<Bytes, T>(src + v * V::lanes);
           }
         }
         for (int v = 0; v < NV; ++v) V::store(out + v * V::lanes, acc[v]);
@@ -156,7 +157,7 @@ inline __attribute__((always_inline)) void forward_tile_impl(
             const S* src = row + xi[e] * C;
             const T wt = yw[a] * xw[e];
             if constexpr (std::is_same_v<S, T>) {
-              axpy(out, src, wt, cb);
+              axpy<Bytes>(out, src, wt, cb);
             } else {
               for (int64_t c = 0; c < cb; ++c) out[c] += wt * static_cast<T>(src[c]);
             }
@@ -168,11 +169,11 @@ inline __attribute__((always_inline)) void forward_tile_impl(
 }
 
 // acc[row][col][0:cb] += wy * wx * tile[bin][0:cb] for every bin of a RoI.
-template <typename T>
+template <int Bytes, typename T>
 inline __attribute__((always_inline)) void backward_tile_impl(
     T* __restrict acc, const T* __restrict tile, int64_t W, int64_t C, int64_t cb,
     const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW) {
-  using V = Vec64<T>;
+  using V = Vec<T, Bytes>;
   constexpr int NV = kChannelBlock / V::lanes;
   const bool full = cb == kChannelBlock;
   for (int64_t ph = 0; ph < PH; ++ph) {
@@ -197,7 +198,7 @@ inline __attribute__((always_inline)) void backward_tile_impl(
             for (int v = 0; v < NV; ++v)
               V::store(dst + v * V::lanes, V::load(dst + v * V::lanes) + w * gv[v]);
           } else {
-            axpy(dst, g, wt, cb);
+            axpy<Bytes>(dst, g, wt, cb);
           }
         }
       }
@@ -209,7 +210,7 @@ inline __attribute__((always_inline)) void backward_tile_impl(
 
 // out[bin * out_stride] for every bin of one RoI and one channel plane ([H, W]); `rowbuf`
 // holds one combined row over the RoI's column span.
-template <typename T, typename O>
+template <int Bytes, typename T, typename O>
 inline __attribute__((always_inline)) void forward_plane_impl(
     O* out, int64_t out_stride, const T* __restrict plane, int64_t W, const AxisTaps<T>& ty,
     const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* __restrict rowbuf) {
@@ -224,7 +225,7 @@ inline __attribute__((always_inline)) void forward_plane_impl(
       continue;
     }
     for (int64_t x = 0; x < span; ++x) rowbuf[x] = T(0);
-    for (int a = 0; a < ny; ++a) axpy(rowbuf, plane + yi[a] * W + tx.lo, yw[a], span);
+    for (int a = 0; a < ny; ++a) axpy<Bytes>(rowbuf, plane + yi[a] * W + tx.lo, yw[a], span);
     for (int64_t pw = 0; pw < PW; ++pw) {
       const int64_t* xi = tx.idx.data() + pw * tx.stride;
       const T* xw = tx.w.data() + pw * tx.stride;
@@ -236,7 +237,7 @@ inline __attribute__((always_inline)) void forward_plane_impl(
 }
 
 // plane[H, W] += the bins' gradient g[bin] spread over their taps (one RoI, one channel).
-template <typename T>
+template <int Bytes, typename T>
 inline __attribute__((always_inline)) void backward_plane_impl(
     T* plane, int64_t W, const T* __restrict g, const AxisTaps<T>& ty, const AxisTaps<T>& tx,
     int64_t PH, int64_t PW, T* __restrict rowbuf) {
@@ -254,34 +255,34 @@ inline __attribute__((always_inline)) void backward_plane_impl(
     }
     const int64_t* yi = ty.idx.data() + ph * ty.stride;
     const T* yw = ty.w.data() + ph * ty.stride;
-    for (int a = 0; a < ny; ++a) axpy(plane + yi[a] * W + tx.lo, rowbuf, yw[a], span);
+    for (int a = 0; a < ny; ++a) axpy<Bytes>(plane + yi[a] * W + tx.lo, rowbuf, yw[a], span);
   }
 }
 
-// Hot loops, compiled for AVX-512, AVX2 and portable code; each call takes the variant of
-// maskops::cpu_isa() (common/cpu_isa.h).
+// Hot loops, compiled for AVX-512, AVX2 and portable code, each with its register width; each
+// call takes the variant of maskops::cpu_isa() (common/cpu_isa.h).
 #define MASKOPS_INSTANTIATE(T)                                                              \
-  MASKOPS_ISA_VARIANTS(void, forward_tile,                                                  \
+  MASKOPS_ISA_VARIANTS_WIDTH(void, forward_tile,                                                  \
                        (T * tile, const T* feat, int64_t W, int64_t C, int64_t cb,          \
                         const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
                        (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)           \
-  MASKOPS_ISA_VARIANTS(void, backward_tile,                                                 \
+  MASKOPS_ISA_VARIANTS_WIDTH(void, backward_tile,                                                 \
                        (T * acc, const T* tile, int64_t W, int64_t C, int64_t cb,           \
                         const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
                        (acc, tile, W, C, cb, ty, tx, PH, PW), backward_tile_impl)           \
-  MASKOPS_ISA_VARIANTS(void, forward_plane,                                                 \
+  MASKOPS_ISA_VARIANTS_WIDTH(void, forward_plane,                                                 \
                        (T * out, int64_t out_stride, const T* plane, int64_t W,             \
                         const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW, \
                         T* rowbuf),                                                         \
                        (out, out_stride, plane, W, ty, tx, PH, PW, rowbuf), forward_plane_impl) \
-  MASKOPS_ISA_VARIANTS(void, backward_plane,                                                \
+  MASKOPS_ISA_VARIANTS_WIDTH(void, backward_plane,                                                \
                        (T * plane, int64_t W, const T* g, const AxisTaps<T>& ty,            \
                         const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* rowbuf),          \
                        (plane, W, g, ty, tx, PH, PW, rowbuf), backward_plane_impl)
 MASKOPS_INSTANTIATE(float)
 MASKOPS_INSTANTIATE(double)
 #undef MASKOPS_INSTANTIATE
-MASKOPS_ISA_VARIANTS(void, forward_tile,
+MASKOPS_ISA_VARIANTS_WIDTH(void, forward_tile,
                      (float* tile, const c10::BFloat16* feat, int64_t W, int64_t C, int64_t cb,
                       const AxisTaps<float>& ty, const AxisTaps<float>& tx, int64_t PH,
                       int64_t PW),
