@@ -24,13 +24,14 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torchvision
 
 import maskops
 from benchmarks.common import machine
+from maskops import cpu
 from benchmarks.efficiency import PeakProbe, conv_peak_gflops, forward_gflops, share
 from benchmarks.onnxruntime_peer import load_peer
 from models.compare import compare_detections
@@ -92,9 +93,25 @@ BF16 = "maskops model, bfloat16 weights"
 ORT = "onnxruntime, torchvision's ONNX export"
 
 
+def bf16_plan(device: str, bf16: Optional[bool] = None):
+    """``(time bfloat16 weights?, why or why not)``; None: where bfloat16 is faster than
+    float32 (a GPU, or a CPU with bfloat16 dot-product units)."""
+    if bf16 is False:
+        return False, "not asked for"
+    why = cpu.features().missing_for(torch.bfloat16) if device == "cpu" else None
+    if bf16 is None and why:
+        return False, (f"not timed: {why} on this CPU, so bfloat16 is slower than float32 "
+                       f"here (torch's portable kernels)")
+    return True, "measured" if why is None else f"measured, though slower than float32 ({why})"
+
+
 def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int = 0,
-              device: str = "cpu", bf16: bool = True, onnxruntime: bool = True,
+              device: str = "cpu", bf16: Optional[bool] = None, onnxruntime: bool = True,
               quick_peak: bool = False) -> dict:
+    """``bf16``: also time bfloat16 weights (None: where bfloat16 is faster than float32,
+    i.e. on a GPU or a CPU with bfloat16 dot-product units; the result's ``bf16`` then says
+    why not)."""
+    bf16, bf16_note = bf16_plan(device, bf16)
     torch.manual_seed(seed)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     tv.eval()
@@ -135,8 +152,10 @@ def run_model(size: int = 800, reps: int = 5, variants: bool = False, seed: int 
     cache_limit = maskops.cpu_cache_info()["limit_bytes"]
     maskops.set_cpu_cache_limit(max(cache_limit, 3 << 30))
     try:
-        return _timed(models, tv, image, call, device, reps, variants, size, quick_peak,
-                      peer_note)
+        result = _timed(models, tv, image, call, device, reps, variants, size, quick_peak,
+                        peer_note)
+        result["bf16"] = bf16_note
+        return result
     finally:
         maskops.set_cpu_cache_limit(cache_limit)
 
@@ -177,10 +196,11 @@ def _timed(models, tv, image, call, device, reps, variants, size, quick_peak, pe
         del truth, spread
 
         # The best probe shape now; the peak itself sampled between the reps (PeakProbe).
-        peaks = {"float32": conv_peak_gflops(device, torch.float32, quick_peak),
-                 "bfloat16": conv_peak_gflops(device, torch.bfloat16, quick_peak)}
-        probes = {k: PeakProbe(device, dt, peaks[k]["shape"])
-                  for k, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+        kinds = {"float32": torch.float32}
+        if BF16 in models:
+            kinds["bfloat16"] = torch.bfloat16
+        peaks = {k: conv_peak_gflops(device, dt, quick_peak) for k, dt in kinds.items()}
+        probes = {k: PeakProbe(device, dt, peaks[k]["shape"]) for k, dt in kinds.items()}
         tv_stages = TorchvisionStages(tv)
         if variants:
             tvcl_stages = TorchvisionStages(models["torchvision channels_last"])
@@ -255,10 +275,13 @@ def run(device: str = "cpu", quick: bool = False):
     case = f"{r['image']}, same weights, {r['gflop']['total']:.0f} GFLOP"
     rows = [Row("Mask R-CNN R50-FPN inference", device, case + ", float32",
                 timing["maskops model"], timing["torchvision"],
-                note="checked stage by stage; " + note("maskops model"), flops=flops),
-            Row("Mask R-CNN R50-FPN inference", device, case + ", bfloat16 weights vs "
-                "torchvision float32", timing[BF16], timing["torchvision"], note=note(BF16),
-                flops=flops)]
+                note="checked stage by stage; " + note("maskops model"), flops=flops)]
+    if BF16 in timing:
+        rows.append(Row("Mask R-CNN R50-FPN inference", device, case + ", bfloat16 weights vs "
+                        "torchvision float32", timing[BF16], timing["torchvision"],
+                        note=note(BF16), flops=flops))
+    else:
+        rows[0].note += f"; no bfloat16 row: {r['bf16']}"
     if ORT in timing:  # the peer column holds onnxruntime here
         rows.append(Row("Mask R-CNN R50-FPN inference", device, case + ", float32, vs "
                         "onnxruntime on torchvision's ONNX export (same threads)",
@@ -279,9 +302,10 @@ def efficiency_table(r: dict) -> str:
              f"{p['float32'].get('samples', 1)} samples taken between the timed reps): float32 "
              f"{p['float32']['gflops']:.0f} GFLOP/s ({p['float32']['shape']}; "
              f"{p['float32'].get('at_start_gflops', p['float32']['gflops']):.0f} at the start), "
-             f"bfloat16 {p['bfloat16']['gflops']:.0f} GFLOP/s ({p['bfloat16']['shape']}; "
-             f"{p['bfloat16'].get('at_start_gflops', p['bfloat16']['gflops']):.0f} at the "
-             f"start; bfloat16 units: {r['machine'].get('cpu_bf16', 'not recorded')}).", "",
+             + (f"bfloat16 {p['bfloat16']['gflops']:.0f} GFLOP/s ({p['bfloat16']['shape']}; "
+                f"{p['bfloat16'].get('at_start_gflops', p['bfloat16']['gflops']):.0f} at the "
+                f"start; " if "bfloat16" in p else "bfloat16 not measured (")
+             + f"bfloat16 units: {r['machine'].get('cpu_bf16', 'not recorded')}).", "",
              "| model | ms | GFLOP/s | share of the practical peak | best rep / best peak sample |",
              "|---|---|---|---|---|"]
     for n, e in r["efficiency"].items():

@@ -46,3 +46,22 @@ def test_under_load_quick_run():
     assert torch.get_num_threads() == threads  # the one-thread reference puts it back
     if threads > 1:
         assert any(row["op"].startswith("reference: torch.mm") for row in r["rows"])
+
+
+@pytest.mark.cpu_kinds
+def test_model_bf16_row_only_where_bfloat16_is_faster():
+    from benchmarks.bench_model import bf16_plan
+    from maskops import cpu
+
+    with cpu.pretend(native_bf16=False):
+        timed, why = bf16_plan("cpu")
+        assert not timed and "no native bfloat16" in why and "slower than float32" in why
+        timed, why = bf16_plan("cpu", True)  # asked for: timed, and said to be slower
+        assert timed and "slower than float32" in why
+        assert bf16_plan("cuda") == (True, "measured")
+    with cpu.pretend(native_bf16=True, avx512_bf16=True):
+        assert bf16_plan("cpu") == (True, "measured")
+    with cpu.pretend(native_bf16=True, avx512_bf16=False, amx=False):
+        timed, why = bf16_plan("cpu")
+        assert not timed and "dot-product units" in why
+    assert bf16_plan("cpu", False) == (False, "not asked for")
