@@ -19,7 +19,7 @@ import torchvision
 
 import maskops
 from maskops import cpu
-from models import build_mask_rcnn
+from models.build import ModelConfig, build_model
 from models.fuse import _onednn_ok
 
 from helpers import random_boxes, random_rois
@@ -133,15 +133,20 @@ def _slow_warnings(record):
             and "float32 is faster here" in str(w.message)]
 
 
-def _tiny(**kw):
+def _tiny():
+    # Small enough for an emulated CPU (make test-cpu-kinds): narrow pyramid and heads, a
+    # 96-pixel image, 20 detections.
     torch.manual_seed(0)
-    return build_mask_rcnn("resnet18", min_size=128, max_size=160, box_score_thresh=0.0,
-                           rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, **kw)
+    return build_model(ModelConfig(
+        backbone="resnet18", num_classes=5, fpn_channels=32, representation_size=64,
+        mask_head_channels=16, mask_head_convs=1, min_size=96, max_size=96,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_score_thresh=0.0,
+        box_detections_per_img=20)).eval()
 
 
 @pytest.fixture(scope="module")
 def float32_detections():
-    image = torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(3))
+    image = torch.rand(3, 80, 96, generator=torch.Generator().manual_seed(3))
     model = _tiny().optimize_for_inference()
     with torch.inference_mode():
         return image, model([image])[0]
@@ -181,13 +186,16 @@ def test_bfloat16_model_runs_warns_once_and_agrees(float32_detections, pretend_n
     assert next(model.backbone.parameters()).dtype == torch.bfloat16
     assert got["boxes"].dtype == torch.float32 and got["masks"].dtype == torch.bool
     _agree(ref, got)
+    moved = dict(got, boxes=got["boxes"] + (got["boxes"][:, 2:] - got["boxes"][:, :2]).repeat(1, 2))
+    with pytest.raises(AssertionError):  # the agreement check fails on boxes a width off
+        _agree(ref, moved)
     if not f.native_bf16:  # nothing was packed for oneDNN
         assert not any("_packed" in m.__dict__ for m in model.modules())
 
 
 def test_autocast_around_the_model_warns_once_where_slow(float32_detections):
     image, ref = float32_detections
-    model = _tiny().eval()
+    model = _tiny()
     with cpu.pretend(native_bf16=False), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
