@@ -22,7 +22,7 @@ from maskops import cpu
 from models.build import ModelConfig, build_model
 from models.fuse import _onednn_ok
 
-from helpers import random_boxes, random_rois
+from helpers import in_layout, random_boxes, random_rois
 
 pytestmark = pytest.mark.cpu_kinds
 
@@ -54,26 +54,44 @@ def test_pretend_changes_the_answers_inside_only():
             pass
 
 
+LAYOUTS = [("nchw", torch.float32), ("channels_last", torch.float32),
+           ("channels_last", torch.bfloat16), ("nchw", torch.float64)]
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_kernel_level_matches_torchvision(level, rng):
-    # The kernels' SIMD variants (AVX-512, AVX2, portable), each against torchvision.
+    # The kernels' SIMD variants (AVX-512, AVX2, portable), each against torchvision: NMS in
+    # float32 and float64, RoIAlign forward and backward in each layout's loops (NCHW planes
+    # with the transposed store, channels-last tiles, bfloat16 read as stored).
     boxes = random_boxes(3000, (800, 800), rng)
     scores = torch.rand(3000, generator=rng)
-    feats = torch.randn(2, 32, 40, 48, generator=rng)
-    rois = random_rois(300, 2, (640, 768), rng)
-    grad = torch.randn(300, 32, 7, 7, generator=rng)
+    feats = torch.randn(2, 72, 40, 48, generator=rng)  # 72: a full and a partial channel block
+    rois = random_rois(300, 2, (640, 768), rng, outside=True)
+    grad = torch.randn(300, 72, 7, 7, generator=rng)
+    got = []
     with cpu.use_isa(level) as now:
         assert now == level == cpu.isa() == cpu.features().isa
-        keep = maskops.nms(boxes, scores, 0.5)
-        x = feats.clone().requires_grad_()
-        out = maskops.roi_align(x, rois, 7, 1 / 16, 2, True)
-        out.backward(grad)
-    assert torch.equal(keep, torchvision.ops.nms(boxes, scores, 0.5))
-    x_tv = feats.clone().requires_grad_()
-    want = torchvision.ops.roi_align(x_tv, rois, 7, 1 / 16, 2, True)
-    want.backward(grad)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, x_tv.grad, atol=1e-4, rtol=1e-5)
+        keep = [maskops.nms(boxes.to(dt), scores.to(dt), 0.5) for dt in (torch.float32,
+                                                                         torch.float64)]
+        for layout, dtype in LAYOUTS:
+            x = in_layout(feats.to(dtype), layout).detach().clone(
+                memory_format=torch.preserve_format).requires_grad_()
+            # (float32 boxes with bfloat16 features: bfloat16 coordinates lose whole pixels)
+            box_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+            out = maskops.roi_align(x, rois.to(box_dtype), 7, 1 / 16, 2, True)
+            out.backward(grad.to(dtype))
+            got.append((out, x.grad))
+    for k in keep:
+        assert torch.equal(k, torchvision.ops.nms(boxes, scores, 0.5))
+    for (layout, dtype), (out, dx) in zip(LAYOUTS, got):
+        # float64 reference on the same (rounded) features and gradient
+        x_tv = feats.to(dtype).double().requires_grad_()
+        want = torchvision.ops.roi_align(x_tv, rois.double(), 7, 1 / 16, 2, True)
+        want.backward(grad.to(dtype).double())
+        tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-4,
+                                                                            rtol=1e-5)
+        torch.testing.assert_close(out.double(), want, **tol, msg=f"{layout} {dtype}")
+        torch.testing.assert_close(dx.double(), x_tv.grad, **tol, msg=f"{layout} {dtype}")
     assert cpu.isa() == cpu.features().isa_supported or "MASKOPS_CPU_ISA" in os.environ
 
 
