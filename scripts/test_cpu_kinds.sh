@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `make test-cpu-kinds`: the tests that depend on the CPU, on CPU kinds this machine is not.
 #
-#   1. Emulated AVX2 CPU without AVX-512 or native bfloat16 (qemu-x86_64 -cpu Haswell): the
-#      cpu_kinds tests (maskops.cpu, the kernels' SIMD levels, the fused layers' bfloat16
-#      paths, the bfloat16 model) and `python -m maskops.check --quick`.
-#   2. Emulated CPU without AVX (qemu-x86_64 -cpu Nehalem, the portable kernels): the same,
-#      fewer (emulation is 10-30x slower than the host).
+#   1. Emulated AVX2 CPU without AVX-512 or native bfloat16 (qemu-x86_64 -cpu Haswell):
+#      `python -m maskops.check --quick`, tests/test_cpu_kinds.py (maskops.cpu, the kernels'
+#      SIMD levels, the bfloat16 model, --amp, autocast), the benchmark's bfloat16 plan and
+#      the fused layers' bfloat16 cases (tests/test_fuse.py, but its largest shapes).
+#   2. Emulated CPU without AVX (qemu-x86_64 -cpu Nehalem, the portable kernels): the check
+#      of NMS and RoIAlign, and tests/test_cpu_kinds.py. (Emulation runs 10-30x slower than
+#      the host: small models and shapes only.)
 #   3. AVX2 numerics at full speed on this CPU (ONEDNN_MAX_CPU_ISA=AVX2,
 #      ATEN_CPU_CAPABILITY=avx2, MASKOPS_CPU_ISA=avx2), then scalar numerics
 #      (ONEDNN_MAX_CPU_ISA=SSE41, ATEN_CPU_CAPABILITY=default, MASKOPS_CPU_ISA=default): the
@@ -42,11 +44,12 @@ emulated() {
 
 start=$SECONDS
 emulated Haswell -m maskops.check --quick --device cpu
-emulated Haswell -m pytest -q -p no:cacheprovider -m cpu_kinds tests/test_cpu_kinds.py \
-  tests/test_fuse.py -k "not 1024 and not 256"
+emulated Haswell -m pytest -q -p no:cacheprovider --benchmark-disable tests/test_cpu_kinds.py \
+  benchmarks/test_bench_suite.py::test_model_bf16_row_only_where_bfloat16_is_faster
+emulated Haswell -m pytest -q -p no:cacheprovider tests/test_fuse.py -k "bfloat16 and not 256"
 emulated Nehalem -m maskops.check --quick --device cpu --ops nms,roi_align
-emulated Nehalem -m pytest -q -p no:cacheprovider tests/test_cpu_kinds.py \
-  -k "features or pretend or every_kernel_level or clamped or fused_path"
+emulated Nehalem -m pytest -q -p no:cacheprovider tests/test_cpu_kinds.py
+echo "test-cpu-kinds: emulated CPUs done in $(( (SECONDS - start) / 60 )) min"
 
 echo "== AVX2 numerics (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MASKOPS_CPU_ISA=avx2)"
 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MASKOPS_CPU_ISA=avx2 \
