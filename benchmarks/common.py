@@ -187,6 +187,9 @@ def device_slug(device: str) -> str:
 
     m = machine()
     name = m["gpu"] if device.startswith("cuda") and m["gpu"] else f"cpu-{m['cpu']}-{m['cpu_threads']}threads"
+    f = cpu.features()
+    if not device.startswith("cuda") and f.isa != f.isa_supported:
+        name += f"-{f.isa}"  # maskops' kernels capped (MASKOPS_CPU_ISA): a file of its own
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
