@@ -7,21 +7,38 @@ amplifies that. So neither final detections nor any tolerance fixed in advance m
 machine-independent test. Instead, every model is run on the same images and its stages are
 recorded (:func:`record_stages`):
 
-    batch, features, RPN objectness and deltas, proposals, box logits and deltas,
-    detections, mask logits, pasted masks
+    batch, backbone stem and residual blocks, features, RPN objectness and deltas,
+    proposals, box logits and deltas, detections, mask logits, pasted masks
 
 and compared with a float64 run of the reference (the *truth*). Two kinds of check:
 
 - **Continuous stages** (tensors): the tested model's largest error against the truth must
   stay within ``factor`` times the largest error of the reference's own float32 run (the
-  *spread*, measured on the same machine in the same process) plus a tiny floor.
+  *spread*, measured on the same machine in the same process) plus a tiny floor. Each stage
+  is run on the truth's input to it (``forced_by``), so that it is judged on its own error,
+  not on what the stages before it passed on. The backbone is judged as a whole (the
+  features) and part by part: its stem and each residual block (``layer2.0``...). Why:
+  float32 rounding enters at every layer and a random-weight network carries it on, so a
+  stage spanning the ~50 layers of a ResNet-50 + FPN gathers all their rounding, while a
+  wrong weight enters at one layer. For one output channel of ``layer2.0.conv1`` 1 % off,
+  the whole backbone's error (level 1) is 31x the float32 reference's with AVX-512 kernels
+  but 11x with AVX2 ones, under factor 16 (an AVX2-only AMD Zen 1 passed it); in its own
+  block it is 370x-470x with AVX-512, AVX2 and scalar kernels alike (22x-27x the bound).
+  Statistics that average rounding out (RMS, per-channel mean signed error, pooled errors)
+  do not separate the two over the whole backbone: rounding carried through a deep network
+  is a spatially and per-channel correlated signal too, as the bug's error is (those
+  ratios were lower than the max's, 7x with AVX2). So the max stays, taken where errors
+  enter.
 - **Decisions** (top-k, score thresholds, NMS): the truth's candidates are classified as
   robustly kept, robustly dropped or *fragile*: within the tested model's measured deviation
   of a threshold, of a top-k cutoff, of a tie with a competing box, or of the NMS IoU
   threshold, or depending on another fragile candidate. Each of the tested model's outputs
   must map to one of its own candidates that is kept or fragile in the truth, and every
   robustly kept candidate must be there. A detection present on one side only is therefore
-  accepted exactly when it sits at a decision boundary.
+  accepted exactly when it sits at a decision boundary. Pasted masks likewise: a pixel may
+  differ from a float64 paste of the model's own probabilities into its own boxes only
+  where the probability is at the threshold, or where the mask's grown box has an edge at
+  a pixel boundary (which float32 may truncate either way).
 
 Candidates carry keys that survive from stage to stage: an RPN candidate is its anchor, a
 detection candidate is (proposal's anchor, class). Later stages compare only what both sides
@@ -30,6 +47,7 @@ have (a proposal on one side only is fragile by the RPN check, and so are its de
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,12 +55,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .rpn import to_float32
 
 # torchvision's own paste, taken before anything (maskops.patch_torchvision) can replace it.
-from torchvision.models.detection.roi_heads import paste_masks_in_image as _torchvision_paste
+from torchvision.models.detection.roi_heads import (expand_boxes as _expand_boxes,
+                                                    expand_masks as _expand_masks,
+                                                    paste_mask_in_image as _paste_one,
+                                                    paste_masks_in_image as _torchvision_paste)
 
 DROPPED, KEPT, FRAGILE = 0, 1, 2
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # the largest decoded log-scale, as in torchvision
@@ -68,6 +89,11 @@ class StageRecord:
     mask_logits: List[Tensor]          # [D_i, M, M], the detection's class
     final: List[Dict[str, Tensor]]     # the model's output (input-image pixels, pasted masks)
     forced: Optional[Dict[str, object]] = None  # stages run on the truth's inputs
+    # The backbone body's parts (see _Stages.parts): "stem", then each residual block
+    # ("layer1.0", ...), empty where the body has no such parts; and their outputs, kept
+    # only in a record made without forced_by (a truth: the inputs that forced runs take).
+    body_names: List[str] = field(default_factory=list)
+    body: List[Tensor] = field(default_factory=list)
 
     def to(self, device) -> "StageRecord":
         """A copy with every tensor on ``device`` (records compare on the CPU)."""
@@ -108,6 +134,54 @@ class _Stages:
 
     def backbone(self, tensors: Tensor) -> Dict[str, Tensor]:
         return self.model.backbone(tensors)
+
+    def parts(self) -> Optional[Tuple[List[nn.Module], List[Tuple[str, nn.Module]]]]:
+        """The backbone body's stem (its modules before ``layer1``, which the body applies
+        one after another) and its residual blocks ``[("layer1.0", block), ...]``; None for
+        a backbone without a ResNet body (``backbone.body.layer1``...)."""
+        body = getattr(self.model.backbone, "body", None)
+        if not isinstance(body, nn.Module):
+            return None
+        children = list(body.named_children())
+        names = [n for n, _ in children]
+        if "layer1" not in names:
+            return None
+        first = names.index("layer1")
+        blocks = []
+        for name, layer in children[first:]:
+            if not (name.startswith("layer") and isinstance(layer, nn.Sequential) and len(layer)):
+                return None
+            blocks += [(f"{name}.{i}", block) for i, block in enumerate(layer)]
+        return [m for _, m in children[:first]], blocks
+
+    def backbone_recorded(self, tensors: Tensor
+                          ) -> Tuple[Dict[str, Tensor], List[str], List[Tensor]]:
+        """The backbone's forward on ``tensors``, and the names and outputs of its body's
+        parts (``"stem"``: the input of the first block; then each block), recorded by hooks
+        on that forward (empty where :meth:`parts` is None, or where the forward does not
+        run each part once)."""
+        parts = self.parts()
+        if parts is None:
+            return self.backbone(tensors), [], []
+        blocks = parts[1]
+        seen: Dict[str, List[Tensor]] = {}
+
+        def keep(name: str, x: Tensor) -> None:
+            # A copy: a fused layer's next block may write its sum over this output.
+            seen.setdefault(name, []).append(x.detach().clone())
+
+        handles = [blocks[0][1].register_forward_pre_hook(lambda m, args: keep("stem", args[0]))]
+        handles += [block.register_forward_hook(lambda m, args, out, name=name: keep(name, out))
+                    for name, block in blocks]
+        try:
+            features = self.backbone(tensors)
+        finally:
+            for h in handles:
+                h.remove()
+        names = ["stem"] + [name for name, _ in blocks]
+        if sorted(seen) != sorted(names) or any(len(v) != 1 for v in seen.values()):
+            return features, [], []
+        return features, names, [seen[n][0] for n in names]
 
     def rpn_head(self, levels: List[Tensor]) -> Tuple[Tensor, Tensor]:
         """Objectness ``[N, A]`` and deltas ``[N, A, 4]``, per level (y, x, anchor)."""
@@ -162,7 +236,7 @@ def record_stages(model, images: List[Tensor], forced_by: Optional[StageRecord] 
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, sizes = run.transform(images)
     tensors = batch.tensors
-    features = run.backbone(tensors)
+    features, body_names, body = run.backbone_recorded(tensors)
     levels = list(features.values())
     n = tensors.shape[0]
     rpn, heads = model.rpn, model.roi_heads
@@ -199,9 +273,10 @@ def record_stages(model, images: List[Tensor], forced_by: Optional[StageRecord] 
         proposal_scores=list(proposal_scores),
         class_logits=list(class_logits.split(k_counts)),
         box_regression=list(box_regression.split(k_counts)),
-        detections=detections, mask_logits=list(mask_logits.split(counts_d)), final=final)
+        detections=detections, mask_logits=list(mask_logits.split(counts_d)), final=final,
+        body_names=body_names, body=body if forced_by is None else [])
     if forced_by is not None:
-        rec.forced = _forced(run, forced_by, tensors, features, boxes)
+        rec.forced = _forced(run, forced_by, rec, body, features, boxes)
     return rec
 
 
@@ -210,10 +285,13 @@ def _level_counts(levels: List[Tensor], rpn) -> List[int]:
     return [int(f.shape[-2] * f.shape[-1]) * a for f, a in zip(levels, per_location)]
 
 
-def _forced(run: _Stages, truth: StageRecord, tensors: Tensor, features: Dict[str, Tensor],
-            boxes: List[Tensor]) -> Dict[str, object]:
+def _forced(run: _Stages, truth: StageRecord, own: StageRecord, own_body: List[Tensor],
+            features: Dict[str, Tensor], boxes: List[Tensor]) -> Dict[str, object]:
     """Each stage of ``run``'s model on the truth's input to it, cast to the model's dtype
-    and memory format."""
+    and memory format (those of the model's own record ``own`` at that stage; ``own_body``:
+    its body's parts' outputs). The body's parts too, each on the truth's input to it: the
+    stem on the truth's batch, each block on the truth's output of the part before it."""
+    tensors = own.batch
     t_features = {k: run.like(f, features[k]) for k, f in zip(features, truth.features)}
     example = boxes[0] if boxes else truth.proposals[0].float()
     proposals = [p.to(example.dtype) for p in truth.proposals]
@@ -222,7 +300,18 @@ def _forced(run: _Stages, truth: StageRecord, tensors: Tensor, features: Dict[st
     logits, regression = run.box_head(t_features, proposals, sizes)
     k_counts = [len(p) for p in proposals]
     objectness, deltas = run.rpn_head(list(t_features.values()))
+    parts = run.parts()
+    body = []
+    if (parts is not None and own.body_names and own.body_names == truth.body_names
+            and len(truth.body) == len(truth.body_names)):
+        stem, blocks = parts
+        x = run.like(truth.batch, tensors)
+        for module in stem:
+            x = module(x)
+        body = [x] + [block(run.like(truth.body[j], own_body[j]))
+                      for j, (_, block) in enumerate(blocks)]
     return dict(
+        body_names=list(own.body_names) if body else [], body=body,
         features=list(run.backbone(run.like(truth.batch, tensors)).values()),
         objectness=objectness, rpn_deltas=deltas,
         class_logits=list(logits.split(k_counts)),
@@ -503,6 +592,8 @@ class StageCheck:
     stage: str
     ok: bool
     detail: str
+    error: Optional[float] = None  # a continuous stage's max error, and the bound on it
+    bound: Optional[float] = None
 
 
 @dataclass
@@ -517,8 +608,16 @@ class Report:
     def failed(self) -> List[StageCheck]:
         return [c for c in self.checks if not c.ok]
 
-    def add(self, stage: str, ok: bool, detail: str) -> None:
-        self.checks.append(StageCheck(stage, bool(ok), detail))
+    def add(self, stage: str, ok: bool, detail: str, error: Optional[float] = None,
+            bound: Optional[float] = None) -> None:
+        self.checks.append(StageCheck(stage, bool(ok), detail, error, bound))
+
+    def check(self, stage: str) -> StageCheck:
+        """The (first) check of ``stage``."""
+        for c in self.checks:
+            if c.stage == stage:
+                return c
+        raise KeyError(stage)
 
     def brief(self) -> str:
         """One line: how many checks passed, and the detections' verdict."""
@@ -534,7 +633,9 @@ class Report:
 def _max_err(a: Tensor, b: Tensor) -> float:
     if a.numel() == 0:
         return 0.0
-    return float((a.double() - b.double()).abs().max())
+    if a.dtype != torch.float64 and b.dtype != torch.float64:
+        a = a.double()
+    return float(torch.sub(a, b).abs_().max())  # in float64: the other side is promoted
 
 
 def _continuous(report: Report, stage: str, truth_vs_spread: Tuple[Tensor, Tensor],
@@ -546,7 +647,8 @@ def _continuous(report: Report, stage: str, truth_vs_spread: Tuple[Tensor, Tenso
     scale = float(truth_vs_tested[0].abs().max()) if truth_vs_tested[0].numel() else 0.0
     bound = factor * e_spread + rel_floor * scale
     report.add(stage, e_tested <= bound,
-               f"max err {e_tested:.3g} (float32 reference: {e_spread:.3g}, bound {bound:.3g})")
+               f"max err {e_tested:.3g} (float32 reference: {e_spread:.3g}, bound {bound:.3g})",
+               e_tested, bound)
     return e_tested
 
 
@@ -627,20 +729,24 @@ def _check_decision(report: Report, stage: str, truth: Candidates, tested_keys: 
 def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
                    factor: float = 16.0, rel_floor: float = 1e-6,
                    box_floor: float = 2e-3, score_floor: float = 1e-6,
-                   prob_tol: float = 1e-4) -> Report:
+                   prob_tol: float = 1e-4, paste_box_tol: float = 1e-3) -> Report:
     """Compares ``tested`` with ``truth`` (the reference in float64) stage by stage, with
     ``spread`` (the reference in float32) as the measure of honest float rounding.
 
     Args:
         factor: how many times the float32 reference's error a tested stage may have.
             Correct reorderings measured here (folded batch norms, fused channels-last
-            convolutions, other CPUs' oneDNN kernels) stay within 4x; a real bug (a weight
-            1 % off in one channel, a half-pixel RoIAlign shift) is 1000x off.
+            convolutions, other CPUs' oneDNN kernels) stay within 4x; a real bug is far
+            above: a weight 1 % off in one channel, 400x in its residual block; a
+            half-pixel RoIAlign shift, 10^5x in the box head's logits.
         rel_floor: the smallest bound, relative to the truth's magnitude.
         box_floor, score_floor: added to the measured deviations when classifying decisions
             (a model's own float32 decoding of the same raw outputs).
         prob_tol: pasted masks may differ from a float64 paste of the same probabilities
             where those are this close to the threshold.
+        paste_box_tol: and may be pasted onto either whole-pixel truncation of a grown box
+            whose edge is this close (px) to a pixel boundary (a model's float32 arithmetic
+            on the same box: a few 1e-4 px at most for coordinates up to 2000).
     """
     report = Report()
     truth, spread, tested = truth.to("cpu"), spread.to("cpu"), tested.to("cpu")
@@ -658,6 +764,17 @@ def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
         _continuous(report, stage, (t, s), (t, g), factor, rel_floor)
 
     continuous("transform: batch", truth.batch, spread.batch, tested.batch)
+    if truth.body_names and len(truth.body) == len(truth.body_names):
+        # Each part of the backbone body on the truth's input to it (module docstring).
+        same = True
+        for f, name in ((fs, "float32 reference"), (ft, "tested model")):
+            if f.get("body_names") != truth.body_names:
+                same = False
+                report.add("backbone: parts", False, f"the {name}'s backbone parts "
+                           f"{f.get('body_names')} are not the truth's {truth.body_names}")
+        if same:
+            for j, part in enumerate(truth.body_names):
+                continuous(f"backbone: {part}", truth.body[j], fs["body"][j], ft["body"][j])
     for lvl, t in enumerate(truth.features):
         continuous(f"backbone: level {lvl}", t, fs["features"][lvl], ft["features"][lvl])
     continuous("rpn head: objectness", truth.objectness, fs["objectness"], ft["objectness"])
@@ -707,7 +824,8 @@ def compare_stages(truth: StageRecord, spread: StageRecord, tested: StageRecord,
 
         if name == "tested":
             for i in range(n):
-                _check_paste(report, f"paste: masks, image {i}", tested, i, prob_tol)
+                _check_paste(report, f"paste: masks, image {i}", tested, i, prob_tol,
+                             paste_box_tol)
     return report
 
 
@@ -733,20 +851,43 @@ def _binary(masks: Tensor) -> Tensor:
     return masks if masks.dtype == torch.bool else masks >= 0.5
 
 
-def _check_paste(report: Report, stage: str, rec: StageRecord, i: int, prob_tol: float) -> None:
+def _check_paste(report: Report, stage: str, rec: StageRecord, i: int, prob_tol: float,
+                 box_tol: float) -> None:
     """The paste of the model's own mask probabilities into its own final boxes, against
     torchvision's paste of the same in float64: thresholded pixels must agree except where
-    the float64 probability is within ``prob_tol`` of the threshold."""
+    the float64 probability is within ``prob_tol`` of the threshold. A paste truncates each
+    mask's grown box to whole pixels; where a grown box's edge lies within ``box_tol`` px of
+    a pixel boundary, float32 and float64 may truncate it differently (and then resample
+    the whole mask onto a box a pixel larger or smaller), so such a mask's pixels must agree
+    with the float64 paste onto either truncation."""
     det = rec.final[i]
     got = _binary(det["masks"])
     if len(got) == 0:
         report.add(stage, True, "no masks")
         return
+    size = tuple(got.shape[-2:])
     probs = rec.mask_logits[i].double().sigmoid()[:, None]
-    ref = _torchvision_paste(probs, det["boxes"].double(), tuple(got.shape[-2:]), padding=1)
+    boxes = det["boxes"].double()
+    ref = _torchvision_paste(probs, boxes, size, padding=1)
     differ = got != (ref >= 0.5)
-    bad = int((differ & ((ref - 0.5).abs() > prob_tol)).sum())
-    report.add(stage, bad == 0, f"{len(got)} masks, {int(differ.sum())} pixels differ from the "
-               f"float64 paste, {bad} of them farther than {prob_tol:g} from the threshold")
-
-
+    bad = differ & ((ref - 0.5).abs() > prob_tol)
+    padded, scale = _expand_masks(probs, padding=1)
+    grown = _expand_boxes(boxes, scale)
+    either_way = 0
+    for d in torch.where(bad.flatten(1).any(1))[0].tolist():
+        # The boxes that truncating the grown box, each edge moved by up to box_tol, gives.
+        options = [sorted({int((v - box_tol).trunc()), int((v + box_tol).trunc())})
+                   for v in grown[d]]
+        if all(len(o) == 1 for o in options):
+            continue
+        either_way += 1
+        for box in itertools.product(*options):  # the mask as a whole fits one of them
+            alt = _paste_one(padded[d, 0], torch.tensor(box), *size)
+            off = (got[d, 0] != (alt >= 0.5)) & ((alt - 0.5).abs() > prob_tol)
+            if off.sum() < bad[d, 0].sum():
+                bad[d, 0] = off
+    n_bad = int(bad.sum())
+    report.add(stage, n_bad == 0, f"{len(got)} masks, {int(differ.sum())} pixels differ from the "
+               f"float64 paste, {n_bad} of them farther than {prob_tol:g} from the threshold"
+               + (f" (in {either_way} masks whose grown box may truncate either way, judged "
+                  f"against both pastes)" if either_way else ""))
