@@ -1,6 +1,6 @@
 // The SIMD level of maskops' own CPU kernels: the one place in csrc/ that asks the CPU.
 //
-// Hot loops are compiled three times (AVX-512, AVX2, portable; MASKOPS_ISA_VARIANTS below)
+// Hot loops are compiled three times (AVX-512, AVX2, portable; MASKOPS_ISA_VARIANTS_WIDTH below)
 // and each call takes the variant of cpu_isa(): the widest level the CPU supports, lowered
 // by the environment variable MASKOPS_CPU_ISA=avx512|avx2|default (read once, at load) or by
 // set_cpu_isa() (maskops.cpu's test seam). A cap lets the AVX2 and portable paths be run,
@@ -28,38 +28,29 @@ bool parse_cpu_isa(const char* name, CpuIsa* out);
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define MASKOPS_X86 1
-// `ret name(params)` calling `body` (an always-inline template, so that it is compiled for
-// each target), in three variants and a dispatcher on cpu_isa(). `args` repeats the
-// parameters' names. MASKOPS_ISA_VARIANTS_WIDTH: the same where `body` takes its vector
-// width in bytes as its first template argument (64 for AVX-512, 32 for AVX2, 16 for the
-// portable variant: SSE2, x86-64's baseline), since GCC lowers vectors wider than the
-// target's registers lane by lane for some operations (selects, compares).
-#define MASKOPS_ISA_DISPATCH(ret, name, params, args) \
-  ret name params {                                   \
-    switch (::maskops::cpu_isa()) {                   \
-      case ::maskops::CpuIsa::kAvx512:                \
-        return name##_avx512 args;                    \
-      case ::maskops::CpuIsa::kAvx2:                  \
-        return name##_avx2 args;                      \
-      default:                                        \
-        return name##_default args;                   \
-    }                                                 \
-  }
-#define MASKOPS_ISA_VARIANTS(ret, name, params, args, body)                              \
-  __attribute__((target("avx512f"))) static ret name##_avx512 params { return body args; } \
-  __attribute__((target("avx2"))) static ret name##_avx2 params { return body args; }      \
-  static ret name##_default params { return body args; }                                 \
-  MASKOPS_ISA_DISPATCH(ret, name, params, args)
+// `ret name(params)` calling `body<Bytes>` (an always-inline template whose first template
+// argument is its vector width in bytes, so that it is compiled for each target) in three
+// variants, 64 bytes for AVX-512, 32 for AVX2 and 16 for the portable one (SSE2, x86-64's
+// baseline), and a dispatcher on cpu_isa(). `args` repeats the parameters' names. Each
+// target gets its own register width because GCC lowers vectors wider than the target's
+// registers lane by lane for some operations (selects, compares).
 #define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body)                   \
   __attribute__((target("avx512f"))) static ret name##_avx512 params {              \
     return body<64> args;                                                           \
   }                                                                                 \
   __attribute__((target("avx2"))) static ret name##_avx2 params { return body<32> args; } \
   static ret name##_default params { return body<16> args; }                        \
-  MASKOPS_ISA_DISPATCH(ret, name, params, args)
+  ret name params {                                                                 \
+    switch (::maskops::cpu_isa()) {                                                 \
+      case ::maskops::CpuIsa::kAvx512:                                              \
+        return name##_avx512 args;                                                  \
+      case ::maskops::CpuIsa::kAvx2:                                                \
+        return name##_avx2 args;                                                    \
+      default:                                                                      \
+        return name##_default args;                                                 \
+    }                                                                               \
+  }
 #else
-#define MASKOPS_ISA_VARIANTS(ret, name, params, args, body) \
-  ret name params { return body args; }
 #define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body) \
   ret name params { return body<16> args; }
 #endif
