@@ -121,7 +121,8 @@ def extensions():
 
     with_cuda = cuda_home is not None
     write_build_info(with_cuda, cuda_home)
-    sources = (["csrc/maskops.cpp"] + sorted(glob.glob("csrc/common/*.cpp"))
+    sources = (["csrc/maskops.cpp", "csrc/maskops_testing.cpp"]
+               + sorted(glob.glob("csrc/common/*.cpp"))
                + sorted(glob.glob("csrc/*/*_cpu.cpp")))
     # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
     # on one thread.

@@ -7,7 +7,8 @@
 //   - per-element math: csrc/<op>/<op>.h, HOST_DEVICE, shared by both;
 //   - Python front: maskops/<op>.py validates, documents, and registers the fake kernel and
 //     autograd formula.
-// Ops whose name starts with "_" are private: backward passes and test-only ops.
+// Ops whose name starts with "_" are private: backward passes and internals. The test-only
+// ops (the CUDA algorithms run on the CPU) are a library of their own, maskops_testing.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -76,17 +77,6 @@ TORCH_LIBRARY(maskops, m) {
       "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, "
       "SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
       "float canonical_scale, float canonical_level, int k_min) -> Tensor[]");
-  // Test-only: the CUDA kernels' functors run on the CPU, for CPU tests of GPU algorithms.
-  m.def(
-      "_multiscale_roi_align_forward_elementwise(Tensor[] features, Tensor rois, "
-      "float[] spatial_scales, int pooled_height, int pooled_width, int sampling_ratio, "
-      "bool aligned, float canonical_scale, float canonical_level, int k_min) -> Tensor");
-  m.def(
-      "_multiscale_roi_align_backward_cuda_algo(Tensor grad, Tensor rois, "
-      "float[] spatial_scales, int pooled_height, int pooled_width, SymInt batch_size, "
-      "SymInt channels, SymInt[] heights, SymInt[] widths, int sampling_ratio, bool aligned, "
-      "float canonical_scale, float canonical_level, int k_min, bool deterministic) "
-      "-> Tensor[]");
 
   // ---- Mask paste (csrc/paste_masks) ----
   // masks: [N, C, M, M]; boxes: [N, 4] (x1, y1, x2, y2) pixels; output [N, C, height, width],
@@ -94,10 +84,6 @@ TORCH_LIBRARY(maskops, m) {
   m.def(
       "paste_masks(Tensor masks, Tensor boxes, int height, int width, int padding, "
       "float? threshold, bool as_uint8) -> Tensor");
-  // Test-only: the CUDA kernel's tiles run on the CPU; index64 forces its 64-bit index path.
-  m.def(
-      "_paste_masks_elementwise(Tensor masks, Tensor boxes, int height, int width, int padding, "
-      "float? threshold, bool as_uint8, bool index64=False) -> Tensor");
   // Binary masks [N, H, W] to COCO RLE strings: (concatenated characters, length per mask).
   // A host-side op: its output is for Python, so CUDA inputs are encoded from a CPU copy.
   m.def("_masks_to_rle(Tensor masks) -> (Tensor, Tensor)");
@@ -114,22 +100,6 @@ TORCH_LIBRARY(maskops, m) {
       "float? score_threshold=None, int? max_output=None) -> Tensor");
   m.def("box_area(Tensor boxes) -> Tensor");
   m.def("box_iou(Tensor boxes1, Tensor boxes2) -> Tensor");
-  // Test-only: the CUDA NMS algorithm (IoU bitmask, then the blockwise gather) on the CPU.
-  // removed_shared_words: the most words of removed bits a walk keeps in shared memory before
-  // it uses global memory (None: the GPU's limit, 5632), so a test can run that layout.
-  m.def(
-      "_nms_bitmask(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, "
-      "float? score_threshold=None, int? max_output=None, int? removed_shared_words=None) "
-      "-> Tensor");
-  // Test-only: the segmented NMS of rpn_proposals' CUDA algorithm on the CPU. S = valid.size(0)
-  // segments of seg_len rows of boxes [S * seg_len, 4], each sorted by decreasing score; the
-  // first valid[s] rows of segment s take part; classes (int64, optional) per row; order
-  // (int64) is the index output for each row. Returns (index [S * seg_len]: segment s's kept
-  // order values from s * seg_len, then -1; count [S]), at most max_output per segment (< 0:
-  // no limit).
-  m.def(
-      "_segmented_nms(Tensor boxes, Tensor? classes, Tensor order, Tensor valid, int seg_len, "
-      "float iou_threshold, int max_output, int? removed_shared_words=None) -> (Tensor, Tensor)");
 
   // ---- Anchors (csrc/anchors) ----
   // Every FPN level's anchors in one launch, torchvision AnchorGenerator's values and order.
@@ -152,13 +122,6 @@ TORCH_LIBRARY(maskops, m) {
   m.def("clip_boxes(Tensor boxes, int height, int width) -> Tensor");
   // boxes [N, 4]: int64 indices of the boxes whose width and height are both >= min_size.
   m.def("remove_small_boxes(Tensor boxes, float min_size) -> Tensor");
-  // Test-only: the CUDA kernels' one-pass functors (device-style exp / log) on the CPU.
-  m.def(
-      "_decode_boxes_elementwise(Tensor rel_codes, Tensor boxes, float[] weights, float clamp) "
-      "-> Tensor");
-  m.def(
-      "_encode_boxes_elementwise(Tensor reference_boxes, Tensor proposals, float[] weights) "
-      "-> Tensor");
 
   // ---- RPN proposals (csrc/rpn) ----
   // torchvision RegionProposalNetwork's decode + filter_proposals for a batch: objectness
@@ -170,12 +133,6 @@ TORCH_LIBRARY(maskops, m) {
       "rpn_proposals(Tensor objectness, Tensor deltas, Tensor anchors, int[] image_sizes, "
       "int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
       "float min_size, int[] num_anchors_per_level) -> (Tensor[], Tensor[])");
-  // Test-only: the CUDA algorithm (one pass per candidate, one NMS for the batch) on the CPU.
-  m.def(
-      "_rpn_proposals_elementwise(Tensor objectness, Tensor deltas, Tensor anchors, "
-      "int[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, "
-      "float score_thresh, float min_size, int[] num_anchors_per_level) "
-      "-> (Tensor[], Tensor[])");
 
   // ---- The CPU buffer cache (csrc/common/cpu_allocator.h); no tensors, so one kernel ----
   m.def("_cpu_cache_release() -> int", &maskops::cpu_cache_release);

@@ -215,20 +215,10 @@ def _decode_fake(rel_codes, boxes, weights, clamp):
     return rel_codes.new_empty((rel_codes.size(0), rel_codes.size(1) // 4, 4))
 
 
-@torch.library.register_fake("maskops::_decode_boxes_elementwise")
-def _decode_elementwise_fake(rel_codes, boxes, weights, clamp):
-    return _decode_fake(rel_codes, boxes, weights, clamp)
-
-
 @torch.library.register_fake("maskops::encode_boxes")
 def _encode_fake(reference_boxes, proposals, weights):
     torch._check(reference_boxes.dtype == proposals.dtype, lambda: "dtypes must match")
     return reference_boxes.new_empty((reference_boxes.size(0), 4))
-
-
-@torch.library.register_fake("maskops::_encode_boxes_elementwise")
-def _encode_elementwise_fake(reference_boxes, proposals, weights):
-    return _encode_fake(reference_boxes, proposals, weights)
 
 
 @torch.library.register_fake("maskops::clip_boxes")

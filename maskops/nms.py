@@ -237,19 +237,6 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, score_threshold=None,
     return _kept_indices_fake(boxes)
 
 
-@torch.library.register_fake("maskops::_nms_bitmask")
-def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, score_threshold=None,
-                      max_output=None, removed_shared_words=None):
-    return _kept_indices_fake(boxes)
-
-
-@torch.library.register_fake("maskops::_segmented_nms")
-def _segmented_nms_fake(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
-                        removed_shared_words=None):
-    return (boxes.new_empty((valid.size(0) * seg_len,), dtype=torch.int64),
-            boxes.new_empty((valid.size(0),), dtype=torch.int64))
-
-
 @torch.library.register_fake("maskops::box_area")
 def _box_area_fake(boxes):
     return boxes.new_empty((boxes.size(0),))

@@ -150,4 +150,3 @@ def _rpn_fake(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_
 
 
 torch.library.register_fake("maskops::rpn_proposals")(_rpn_fake)
-torch.library.register_fake("maskops::_rpn_proposals_elementwise")(_rpn_fake)

@@ -11,6 +11,7 @@
 
 #include "anchors/anchors.h"
 #include "anchors/anchors_args.h"
+#include "anchors/anchors_host.h"
 #include "common/launch_cuda.cuh"
 
 namespace maskops {
@@ -21,10 +22,10 @@ at::Tensor generate_anchors_cuda(const at::Tensor& sizes, const at::Tensor& aspe
                                  at::IntArrayRef sizes_per_level,
                                  at::IntArrayRef ratios_per_level, at::IntArrayRef grid_sizes,
                                  at::IntArrayRef strides, at::ScalarType dtype) {
-  check_dtype(dtype);
+  check_args(sizes, aspect_ratios, sizes_per_level, ratios_per_level, grid_sizes, strides, dtype);
   int64_t total = 0, cells = 0;
-  const at::Tensor table = level_table(sizes, aspect_ratios, sizes_per_level, ratios_per_level,
-                                       grid_sizes, strides, &total, &cells);
+  const at::Tensor table =
+      level_table(sizes_per_level, ratios_per_level, grid_sizes, strides, &total, &cells);
   c10::cuda::CUDAGuard guard(sizes.device());
   at::Tensor out = at::empty({total, 4}, sizes.options().dtype(dtype));
   if (total == 0) return out;

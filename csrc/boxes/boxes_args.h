@@ -12,10 +12,6 @@
 namespace maskops {
 namespace boxes {
 
-inline at::ScalarType math_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_n4(const at::Tensor& t, const char* name) {
   check_floating(t, name);
   TORCH_CHECK(t.dim() == 2 && t.size(1) == 4, name,

@@ -13,12 +13,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-// No fused multiply-adds: every operation rounds separately, as torch's do.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// From here on no fused multiply-adds: the op's math rounds as torch's (see the header).
+#include "common/no_fp_contract.h"
 
 #include "boxes/box_coder.h"
 #include "boxes/boxes_args.h"
@@ -169,6 +165,9 @@ TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("encode_boxes", &encode_cpu);
   m.impl("clip_boxes", &clip_cpu);
   m.impl("remove_small_boxes", &remove_small_cpu);
+}
+
+TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
   m.impl("_decode_boxes_elementwise", &decode_elementwise_cpu);
   m.impl("_encode_boxes_elementwise", &encode_elementwise_cpu);
 }

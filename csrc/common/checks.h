@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA wrappers. The Python front (maskops/_validate.py)
 // checks the same things first with friendlier messages; these guard direct torch.ops callers.
+// Also the two rules every wrapper follows: the output layout and the math type.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,12 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
           t.is_contiguous(at::MemoryFormat::ChannelsLast))
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
+}
+
+// The dtype kernels compute in: float64 for float64 inputs, float32 for every other floating
+// type (half types compute and accumulate in float32).
+inline at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Tensors whose element count does not fit 31 bits on one axis are fine; only the total

@@ -12,8 +12,8 @@
 // with std::max / std::min operand order (so NaN coordinates behave the same) and every
 // operation rounded separately: a fused multiply-add here would round once instead of twice
 // and could flip a decision that lies within an ulp of the threshold. On the GPU the *_rn
-// intrinsics below are never fused; host files that include this header are compiled with
-// -ffp-contract=off (see nms_cpu.cpp). A pair whose union is 0 gives 0/0 = NaN, which never
+// intrinsics below are never fused; host files that include this header are compiled without
+// contraction (common/no_fp_contract.h). A pair whose union is 0 gives 0/0 = NaN, which never
 // suppresses: for thresholds >= 0 that is the same as calling its IoU 0.
 //
 // The GPU algorithm (run on the CPU too by the test-only op _nms_bitmask):

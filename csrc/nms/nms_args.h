@@ -18,6 +18,15 @@ inline void check_boxes(const at::Tensor& boxes, const char* name) {
               " must have shape [N, 4] (x1, y1, x2, y2), got ", boxes.sizes());
 }
 
+inline void check_box_iou_args(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  check_boxes(boxes1, "boxes1");
+  check_boxes(boxes2, "boxes2");
+  check_same_device(boxes1, boxes2, "boxes1", "boxes2");
+  TORCH_CHECK(boxes1.scalar_type() == boxes2.scalar_type(),
+              "boxes1 and boxes2 must have the same dtype, got ", boxes1.scalar_type(), " and ",
+              boxes2.scalar_type());
+}
+
 inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
                            const c10::optional<at::Tensor>& idxs, double iou_threshold,
                            c10::optional<double> score_threshold,
@@ -41,10 +50,6 @@ inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores,
               "score_threshold must be a number or None, got NaN");
   TORCH_CHECK(!max_output.has_value() || *max_output >= 0,
               "max_output must be non-negative or None, got ", max_output.value_or(0));
-}
-
-inline at::ScalarType math_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace nms

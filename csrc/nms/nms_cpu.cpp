@@ -33,13 +33,8 @@
 #include "common/host_device.h"
 #include "nms/nms_args.h"
 
-// IoU decisions must round exactly as torchvision's do: no fused multiply-adds in the code
-// below (the AVX-512 clone would otherwise fuse `(area_a + area_b) - w * h`).
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// From here on no fused multiply-adds: the op's math rounds as torch's (see the header).
+#include "common/no_fp_contract.h"
 
 #include "nms/nms.h"
 #include "nms/nms_host.h"
@@ -467,12 +462,7 @@ at::Tensor box_area_cpu(const at::Tensor& boxes) {
 }
 
 at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
-  check_boxes(boxes1, "boxes1");
-  check_boxes(boxes2, "boxes2");
-  check_same_device(boxes1, boxes2, "boxes1", "boxes2");
-  TORCH_CHECK(boxes1.scalar_type() == boxes2.scalar_type(),
-              "boxes1 and boxes2 must have the same dtype, got ", boxes1.scalar_type(), " and ",
-              boxes2.scalar_type());
+  check_box_iou_args(boxes1, boxes2);
   const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
   const int64_t n = a.size(0), m = b.size(0);
   at::Tensor out = at::empty({n, m}, a.options());
@@ -550,6 +540,9 @@ TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("batched_nms", &batched_nms_cpu);
   m.impl("box_area", &box_area_cpu);
   m.impl("box_iou", &box_iou_cpu);
+}
+
+TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
   m.impl("_nms_bitmask", &nms_bitmask_cpu);
   m.impl("_segmented_nms", &segmented_nms_op);
 }

@@ -179,12 +179,7 @@ at::Tensor box_area_cuda(const at::Tensor& boxes) {
 }
 
 at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
-  check_boxes(boxes1, "boxes1");
-  check_boxes(boxes2, "boxes2");
-  check_same_device(boxes1, boxes2, "boxes1", "boxes2");
-  TORCH_CHECK(boxes1.scalar_type() == boxes2.scalar_type(),
-              "boxes1 and boxes2 must have the same dtype, got ", boxes1.scalar_type(), " and ",
-              boxes2.scalar_type());
+  check_box_iou_args(boxes1, boxes2);
   c10::cuda::CUDAGuard guard(boxes1.device());
   const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());

@@ -21,29 +21,11 @@
 #include "common/checks.h"
 #include "common/cpu_allocator.h"
 #include "paste_masks/paste_masks.h"
+#include "paste_masks/paste_masks_args.h"
 
 namespace maskops {
 namespace paste_masks {
 namespace {
-
-void check_args(const at::Tensor& masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                int64_t padding) {
-  check_floating(masks, "masks");
-  check_dim(masks, 4, "masks");
-  TORCH_CHECK(masks.size(2) == masks.size(3), "masks must be square ([N, C, M, M]), got ",
-              masks.sizes());
-  check_floating(boxes, "boxes");
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "boxes must have shape [N, 4], got ",
-              boxes.sizes());
-  TORCH_CHECK(boxes.size(0) == masks.size(0), "boxes must have one row per mask (",
-              masks.size(0), "), got ", boxes.size(0));
-  check_same_device(masks, boxes, "masks", "boxes");
-  TORCH_CHECK(height >= 0 && width >= 0, "image_size must be non-negative, got (", height, ", ",
-              width, ")");
-  TORCH_CHECK(padding >= 0, "padding must be non-negative, got ", padding);
-  TORCH_CHECK(masks.size(2) > 0 || masks.size(0) == 0 || masks.size(1) == 0,
-              "masks must have a positive size M");
-}
 
 at::ScalarType out_type(const at::Tensor& masks, bool thresholded, bool as_uint8) {
   if (!thresholded) return masks.scalar_type();
@@ -183,7 +165,7 @@ struct TileBody {
 
 // Boxes are read in float32, or float64 when given as float64 (half boxes lose pixels).
 at::Tensor boxes_for_math(const at::Tensor& boxes) {
-  return boxes.to(boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  return boxes.to(math_type(boxes.scalar_type())).contiguous();
 }
 
 template <template <typename, typename, typename, typename> class Body>
@@ -288,8 +270,11 @@ std::tuple<at::Tensor, at::Tensor> masks_to_rle_cpu(const at::Tensor& masks) {
 
 TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("paste_masks", &paste_masks_cpu);
-  m.impl("_paste_masks_elementwise", &paste_masks_elementwise_cpu);
   m.impl("_masks_to_rle", &masks_to_rle_cpu);
+}
+
+TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
+  m.impl("_paste_masks_elementwise", &paste_masks_elementwise_cpu);
 }
 
 }  // namespace paste_masks

@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "paste_masks/paste_masks.h"
+#include "paste_masks/paste_masks_args.h"
 
 namespace maskops {
 namespace paste_masks {
@@ -62,24 +63,14 @@ void launch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, i
 at::Tensor paste_masks_cuda(const at::Tensor& masks, const at::Tensor& boxes, int64_t height,
                             int64_t width, int64_t padding, std::optional<double> threshold,
                             bool as_uint8) {
-  check_floating(masks, "masks");
-  check_dim(masks, 4, "masks");
-  TORCH_CHECK(masks.size(2) == masks.size(3), "masks must be square ([N, C, M, M]), got ",
-              masks.sizes());
-  check_floating(boxes, "boxes");
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && boxes.size(0) == masks.size(0),
-              "boxes must have shape [N, 4] with one row per mask, got ", boxes.sizes());
-  check_same_device(masks, boxes, "masks", "boxes");
-  TORCH_CHECK(height >= 0 && width >= 0 && padding >= 0,
-              "image_size and padding must be non-negative");
+  check_args(masks, boxes, height, width, padding);
   c10::cuda::CUDAGuard guard(masks.device());
   const bool thresholded = threshold.has_value();
   const at::ScalarType ot = !thresholded ? masks.scalar_type() : (as_uint8 ? at::kByte : at::kBool);
   at::Tensor out = at::empty({masks.size(0), masks.size(1), height, width}, masks.options().dtype(ot));
   if (out.numel() == 0) return out;
   const at::Tensor m = masks.contiguous();
-  const at::Tensor b =
-      boxes.to(boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor b = boxes.to(math_type(boxes.scalar_type())).contiguous();
   const double thr = threshold.value_or(0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks_cuda", [&] {
     using T = at::opmath_type<scalar_t>;

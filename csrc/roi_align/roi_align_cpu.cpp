@@ -31,6 +31,7 @@
 #include "common/cpu_transpose.h"
 #include "roi_align/roi_align.h"
 #include "roi_align/roi_align_args.h"
+#include "roi_align/roi_align_host.h"
 
 namespace maskops {
 namespace roi_align {
@@ -498,12 +499,10 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
                                          int64_t sampling_ratio, bool aligned,
                                          double canonical_scale, double canonical_level,
                                          int64_t k_min) {
-  check_backward_args(grad, rois, scales, pooled_h, pooled_w, channels, heights, widths);
+  check_backward_args(grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights,
+                      widths);
   const int L = static_cast<int>(scales.size());
   const int64_t K = rois.size(0), N = batch_size, C = channels;
-  TORCH_CHECK(N >= 0 && C >= 0, "batch_size and channels must be non-negative");
-  for (int l = 0; l < L; ++l)
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, "heights and widths must be non-negative");
   const at::ScalarType mt = math_type(grad.scalar_type());
   const auto fmt = output_memory_format(grad);
   // Each level accumulates channels-last ([N, H, W, C]) or as NCHW planes (see
@@ -611,8 +610,7 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                                  double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                  int64_t sampling_ratio, bool aligned) {
-  check_floating(input, "input");  // the single-level op names its argument "input"
-  check_dim(input, 4, "input");
+  check_input(input);
   return pyramid_forward({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio,
                          aligned, 224.0, 4.0, 0);
 }
@@ -679,6 +677,9 @@ TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("_roi_align_backward", &roi_align_backward_cpu);
   m.impl("multiscale_roi_align", &pyramid_forward);
   m.impl("_multiscale_roi_align_backward", &pyramid_backward);
+}
+
+TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
   m.impl("_multiscale_roi_align_forward_elementwise", &forward_elementwise_cpu);
   m.impl("_multiscale_roi_align_backward_cuda_algo", &backward_cuda_algo_cpu);
 }

@@ -4,7 +4,7 @@
 //
 // Forward: one thread per output element, in the output's memory order (consecutive threads
 // write consecutive addresses; with channels-last inputs they also read consecutive channels),
-// all pyramid levels in one launch. Backward (backward_gpu_algo, roi_align_args.h, which the
+// all pyramid levels in one launch. Backward (backward_gpu_algo, roi_align_host.h, which the
 // CPU test-only op runs too): atomics into the gradients (float accumulators for half types)
 // by default; with torch.use_deterministic_algorithms(True), a gather in fixed order (same
 // bits every run): one thread per spatial position of the pyramid, all channels
@@ -23,6 +23,7 @@
 #include "common/launch_cuda.cuh"
 #include "roi_align/roi_align.h"
 #include "roi_align/roi_align_args.h"
+#include "roi_align/roi_align_host.h"
 
 namespace maskops {
 namespace roi_align {
@@ -76,8 +77,7 @@ std::vector<at::Tensor> pyramid_backward_cuda(
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t sampling_ratio, bool aligned) {
-  check_floating(input, "input");  // the single-level op names its argument "input"
-  check_dim(input, 4, "input");
+  check_input(input);
   return pyramid_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w,
                               sampling_ratio, aligned, 224.0, 4.0, 0);
 }

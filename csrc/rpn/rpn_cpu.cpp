@@ -18,16 +18,13 @@
 #include <ATen/ops/sigmoid.h>
 #include <torch/library.h>
 
-// No fused multiply-adds: every operation rounds separately, as torch's do.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// From here on no fused multiply-adds: the op's math rounds as torch's (see the header).
+#include "common/no_fp_contract.h"
 
 #include "common/cpu_chunks.h"
 #include "common/host_device.h"
 #include "rpn/rpn.h"
+#include "rpn/rpn_args.h"
 #include "rpn/rpn_host.h"
 #include "rpn/rpn_topk.h"
 
@@ -126,6 +123,9 @@ Proposals rpn_proposals_elementwise_cpu(const at::Tensor& objectness, const at::
 
 TORCH_LIBRARY_IMPL(maskops, CPU, m) {
   m.impl("rpn_proposals", &rpn_proposals_cpu);
+}
+
+TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
   m.impl("_rpn_proposals_elementwise", &rpn_proposals_elementwise_cpu);
 }
 

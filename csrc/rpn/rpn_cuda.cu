@@ -8,6 +8,7 @@
 
 #include "common/launch_cuda.cuh"
 #include "rpn/rpn.h"
+#include "rpn/rpn_args.h"
 #include "rpn/rpn_host.h"
 
 namespace maskops {
