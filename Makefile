@@ -5,12 +5,17 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.maskops-built
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+CSRC    := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py $(CSRC)
 DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
            hypothesis pycocotools setuptools wheel build matplotlib tqdm \
            onnxruntime==1.32.0 onnxscript==0.7.2
+# The linters, pinned: a new release may flag or reformat code the pinned one accepts.
+LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
+LINT_STAMP := $(VENV)/.lint-installed
 
-.PHONY: test demo demo-ops bench build wheel clean venv sanitize test-oldest-torch test-cpu-kinds
+.PHONY: test demo demo-ops bench build wheel clean venv sanitize test-oldest-torch test-cpu-kinds \
+        lint format
 
 venv: $(STAMP)
 $(STAMP):
@@ -27,6 +32,25 @@ $(BUILT): $(STAMP) $(SOURCES)
 
 build: $(BUILT)
 
+# Lint needs neither torch nor the build: its own stamp, so that it runs first and fast.
+$(LINT_STAMP):
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q $(LINT_DEPS)
+	touch $@
+
+# Python: ruff's lint rules and format (pyproject.toml); csrc/: .clang-format. Fails on any
+# finding, changes nothing.
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+# Applies what `make lint` checks: ruff's safe fixes (import order, ...), then both formatters.
+format: $(LINT_STAMP)
+	$(VENV)/bin/ruff check --fix-only .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC)
+
 test: $(BUILT)
 	$(VPY) -m pytest -q tests benchmarks --benchmark-disable
 
@@ -37,7 +61,7 @@ test-cpu-kinds: $(BUILT)
 
 # The main job: synthetic data, CPU training, evaluation, a prediction image, the pipeline trace.
 demo: $(BUILT)
-	$(VPY) -m models.demo --out demo_out
+	$(VPY) -m tools.demo --out demo_out
 
 # maskops and torchvision RoIAlign side by side (same result, the speed-up).
 demo-ops: $(BUILT)

@@ -25,6 +25,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 import maskops
 from benchmarks.common import Row, check_same, machine, measure, nbytes, save_json, table
+from maskops.check.inputs import random_boxes
 
 SIZES = ((32,), (64,), (128,), (256,), (512,))
 RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -84,8 +85,7 @@ def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
     # ---- decode ----
     n = 20_000 if quick else 200_000
     g = torch.Generator().manual_seed(1)
-    xy = torch.rand(n, 2, generator=g) * 800
-    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 300 + 1], dim=1).to(device)
+    boxes = random_boxes(g, n, 800, 1, 301, margin=0, dtype=torch.float32).to(device)
     codes = torch.randn(n, 4, generator=g).to(device)
     tv_coder, mo_coder = TVBoxCoder((10.0, 10.0, 5.0, 5.0)), maskops.BoxCoder((10.0, 10.0, 5.0, 5.0))
     ref = tv_coder.decode_single(codes, boxes)

@@ -27,10 +27,10 @@ from benchmarks.common import machine
 def trained_model(out: Path):
     """The demo's best checkpoint under ``out``, trained first if missing."""
     from models.build import ModelConfig, build_model
-    from models.checkpoint import load_checkpoint
+    from models.engine.checkpoint import load_checkpoint
     from models.data.shapes import generate
-    from models.demo import DATA, demo_config
-    from models.train import train
+    from models.engine.demo import DEMO_DATA as DATA, demo_config
+    from models.engine import train
 
     best = out / "run" / "best.pt"
     if not best.exists():
@@ -47,7 +47,7 @@ def trained_model(out: Path):
 def main(argv=None) -> int:
     from models.data import CocoDataset, collate
     from models.evaluation import evaluate
-    from models.train import ShardSampler
+    from models.engine import ShardSampler
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

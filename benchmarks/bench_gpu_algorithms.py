@@ -32,6 +32,7 @@ import math
 import torch
 
 from benchmarks.bench_multiscale_roi_align import workload as fpn_workload
+from maskops.testing import ops as testing_ops
 from benchmarks.common import Row, Timing, cli, measure, on_one_thread
 
 ops = torch.ops.maskops
@@ -54,7 +55,7 @@ def roi_backward_case(images: int, rois: int, channels: int = 8, image: int = 80
 
 
 def roi_backward(args, deterministic: bool):
-    return ops._multiscale_roi_align_backward_cuda_algo(*args, deterministic)
+    return testing_ops._multiscale_roi_align_backward_cuda_algo(*args, deterministic)
 
 
 def rpn_case(batch: int, image: int = 800, pre: int = 1000, post: int = 1000, seed: int = 0):
@@ -80,7 +81,7 @@ def rpn_case(batch: int, image: int = 800, pre: int = 1000, post: int = 1000, se
 
 
 def rpn(args):
-    return ops._rpn_proposals_elementwise(*args)
+    return testing_ops._rpn_proposals_elementwise(*args)
 
 
 def paste_case(masks: int = 100, image=(800, 1216), seed: int = 0):
@@ -95,7 +96,7 @@ def paste_case(masks: int = 100, image=(800, 1216), seed: int = 0):
 
 def paste(case, twin: bool):
     m, boxes, h, w = case
-    op = ops._paste_masks_elementwise if twin else ops.paste_masks
+    op = testing_ops._paste_masks_elementwise if twin else ops.paste_masks
     return op(m, boxes, h, w, 1, 0.5, False)
 
 

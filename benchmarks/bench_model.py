@@ -30,13 +30,13 @@ import torch
 import torchvision
 
 import maskops
-from benchmarks.common import machine
-from maskops import cpu
+from benchmarks.common import machine, measure_interleaved
 from benchmarks.efficiency import PeakProbe, conv_peak_gflops, forward_gflops, share
 from benchmarks.onnxruntime_peer import load_peer
-from models.compare import compare_detections
+from maskops import cpu
 from models import build_mask_rcnn
-from models.equivalence import compare_stages, record_stages
+from models.evaluation import compare_detections
+from models.testing.equivalence import compare_stages, record_stages
 
 STAGE_NAMES = {"transform": "1 input (normalise, resize, batch)", "backbone": "2 backbone (ResNet-FPN)",
                "rpn": "3 region proposal network", "roi_align": "4 RoI Align (box + mask)",
@@ -204,24 +204,31 @@ def _timed(models, tv, image, call, device, reps, variants, size, quick_peak, pe
         tv_stages = TorchvisionStages(tv)
         if variants:
             tvcl_stages = TorchvisionStages(models["torchvision channels_last"])
-        totals, stages = defaultdict(list), defaultdict(lambda: defaultdict(list))
-        for _ in range(reps):
-            for name, m in models.items():
+        stages = defaultdict(lambda: defaultdict(list))
+
+        def timed(name, m):
+            def once():
                 recorder = None
-                start = time.perf_counter()
                 if name.startswith("maskops"):
                     with m.record_stages() as recorder:
                         call(name, m)
                 else:
                     call(name, m)
-                totals[name].append(time.perf_counter() - start)
                 st = (recorder.times if recorder is not None else {} if name == ORT else
                       (tvcl_stages if "channels_last" in name else tv_stages).take())
                 for k, v in st.items():
                     stages[name][k].append(v)
+            return once
+
+        def sample_peaks():
             for probe in probes.values():
                 for _ in range(2):  # (the first after a model run may find caches cold)
                     probe.sample()
+
+        # the outputs above were the warm-up
+        timings = measure_interleaved([timed(n, m) for n, m in models.items()], device, reps,
+                                      warmup=0, between=sample_peaks)
+        totals = {n: [v / 1e3 for v in t.samples_ms] for n, t in zip(models, timings)}
     med = {n: statistics.median(v) * 1e3 for n, v in totals.items()}
     # Work and the machine's practical peak, measured in the same run (benchmarks/efficiency.py).
     gflop = forward_gflops(tv, [image])

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
@@ -24,7 +22,9 @@ from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import nms as tv_nms
 
 import maskops
-from maskops import cpu
+from maskops.check.inputs import random_boxes
+from maskops.check.machine import cpu_summary
+from maskops.check.timing import measure
 
 SIZES = (1000, 5000, 20000)
 CLASSES = 80
@@ -34,29 +34,14 @@ IOU = 0.5
 def make_case(n: int, seed: int, overlap: bool = False):
     g = torch.Generator().manual_seed(seed)
     scale = 50.0 if overlap else 800.0
-    xy = torch.rand(n, 2, generator=g) * scale
-    wh = torch.rand(n, 2, generator=g) * 100 + 1
-    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes = random_boxes(g, n, scale, 1.0, 101.0, margin=0, dtype=torch.float32)
     scores = torch.rand(n, generator=g)
     distinct = torch.randperm(n, generator=g).float() / n
     idxs = torch.randint(0, CLASSES, (n,), generator=g)
     return boxes, scores, distinct, idxs
 
 
-def median_time(fn, reps: int, sync) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def cases_table(device: str, reps: int):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     cases = []
     for n in SIZES:
@@ -82,8 +67,8 @@ def cases_table(device: str, reps: int):
             continue
         # torchvision's slow cases get fewer repetitions (a 20,000-box CPU call takes ~1 s).
         r_theirs = max(3, reps // 2) if device == "cpu" and n >= 20000 else reps
-        t_theirs = median_time(theirs, r_theirs, sync)
-        t_ours = median_time(ours, reps, sync)
+        t_theirs = measure(theirs, device, r_theirs).median_ms / 1e3
+        t_ours = measure(ours, device, reps).median_ms / 1e3
         rows.append((device, name, n, len(expected), t_theirs, t_ours))
     return rows
 
@@ -125,7 +110,7 @@ def main(argv=None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    print(f"machine: {cpu.features().summary()}, {torch.get_num_threads()} threads"
+    print(f"machine: {cpu_summary()}"
           + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"maskops {maskops.__version__}; iou_threshold={IOU}; median of {args.reps} calls")

@@ -8,19 +8,19 @@ and thresholded straight to bool (what a user keeps); torchvision's time is its 
 """
 from __future__ import annotations
 
-
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import maskops
 from benchmarks.common import Row, check_same, cli, measure, measure_uncached, nbytes
+from maskops.check.inputs import random_boxes
 
 
 def workload(device: str, n: int, image: int = 800, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, 1, 28, 28, generator=g)
-    xy = torch.rand(n, 2, generator=g) * (image - 300)
-    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 299 + 1], dim=1)
+    # sides in [1, 300), every box inside the image
+    boxes = random_boxes(g, n, image, 1, 300, margin=300, dtype=torch.float32)
     return masks.to(device), boxes.to(device), (image, image)
 
 

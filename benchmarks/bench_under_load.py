@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ import torchvision
 
 import maskops
 from benchmarks.bench_multiscale_roi_align import workload as fpn_workload
-from benchmarks.common import machine, on_one_thread
+from benchmarks.common import machine, measure_interleaved, on_one_thread
+from maskops.check.inputs import random_boxes
 
 _SPIN = "import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\n"
 
@@ -42,15 +42,7 @@ def one_core_busy(seconds: float = 600.0):
 
 def _interleaved(fns, reps: int):
     """Median ms of each function, calls interleaved so that all see the same conditions."""
-    for f in fns:
-        f()
-    samples = [[] for _ in fns]
-    for _ in range(reps):
-        for s, f in zip(samples, fns):
-            t = time.perf_counter()
-            f()
-            s.append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(s) for s in samples]
+    return [t.median_ms for t in measure_interleaved(fns, "cpu", reps)]
 
 
 def cases(quick: bool):
@@ -62,8 +54,7 @@ def cases(quick: bool):
            lambda: theirs7(feats, boxes, shapes))
     g = torch.Generator().manual_seed(1)
     n = 100 if quick else 1000
-    b = torch.rand(n, 2, generator=g) * 700
-    pb = torch.cat([b, b + torch.rand(n, 2, generator=g) * 200 + 4], 1)
+    pb = random_boxes(g, n, 700, 4, 204, margin=0, dtype=torch.float32)
     masks = torch.rand(n, 1, 28, 28, generator=g)
     from torchvision.models.detection.roi_heads import paste_masks_in_image
     yield ("paste_masks (to bool)", lambda: maskops.paste_masks(masks, pb, (800, 800)),

@@ -3,58 +3,20 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from maskops import cpu
 
+# The one timing loop and machine record, shared with `python -m maskops.check --bench`;
+# the bench_*.py files take them from here.
+from maskops.check.machine import machine
+from maskops.check.timing import Timing, measure, measure_interleaved
 
-def machine() -> dict:
-    """What the numbers were measured on: the CPU record of :mod:`maskops.cpu` (the SIMD
-    level maskops' kernels ran at, torch's, half-precision units), threads, versions, GPU."""
-    f = cpu.features()
-    info = {
-        "cpu": f.name,
-        "cpu_threads": torch.get_num_threads(),
-        "maskops_isa": f.isa,
-        "cpu_record": f.as_dict(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu_bf16": cpu_bf16_units(),
-    }
-    try:
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    return info
-
-
-def cpu_bf16_units() -> str:
-    """What runs bfloat16 matrix products on this CPU (what oneDNN can dispatch to)."""
-    f = cpu.features()
-    if f.fast_bf16:
-        return "AMX tiles" if f.amx else "AVX-512 BF16 dot products (no AMX)"
-    why = f.missing_for(torch.bfloat16)
-    return f"none ({why}): bfloat16 is slower than float32"
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    iqr_ms: float
-    reps: int
-    samples_ms: list = field(default_factory=list, repr=False)
+__all__ = ["machine", "Timing", "measure", "measure_interleaved", "on_one_thread",
+           "measure_uncached", "Row", "check_same", "table", "save_json", "nbytes",
+           "copy_bandwidth_GBps", "roofline_table", "device_slug", "markdown_report", "cli"]
 
 
 def on_one_thread(fn):
@@ -65,21 +27,6 @@ def on_one_thread(fn):
         return fn()
     finally:
         torch.set_num_threads(before)
-
-
-def measure(fn, device: str = "cpu", reps: int = 7, warmup: int = 1) -> Timing:
-    """Median and interquartile range of `reps` timed calls (after `warmup` untimed ones)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return Timing(statistics.median(samples), q[2] - q[0], reps, samples)
 
 
 def measure_uncached(fn, device: str = "cpu", reps: int = 7, warmup: int = 1) -> Timing:

@@ -10,20 +10,16 @@ run's share of that peak is ``FLOPs / time / peak``.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
+from maskops.check.timing import measure
+
 # (channels, height, width) of the probe convolutions (3x3, stride 1, channels in = out):
 # FPN- and ResNet-stage-like shapes of an 800x800 image.
 PROBES = [(256, 100, 100), (128, 200, 200), (512, 50, 50)]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -40,15 +36,9 @@ def conv_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32,
         weight = (torch.randn(c, c, 3, 3, generator=g) * 0.02).to(device, dtype).contiguous(
             memory_format=torch.channels_last)
         flops = 2.0 * c * c * 9 * h * w
-        F.conv2d(x, weight, padding=1)  # warm-up: oneDNN picks and caches its kernel
-        _sync(device)
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            F.conv2d(x, weight, padding=1)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        rate = flops / statistics.median(times) / 1e9
+        # (the warm-up call: oneDNN picks and caches its kernel)
+        t = measure(lambda: F.conv2d(x, weight, padding=1), device, reps, warmup=1)
+        rate = flops / (t.median_ms / 1e3) / 1e9
         if rate > best:
             best, best_shape = rate, f"{c}x{h}x{w}"
     return {"gflops": best, "shape": best_shape}
@@ -75,10 +65,8 @@ class PeakProbe:
 
     @torch.inference_mode()
     def sample(self) -> None:
-        start = time.perf_counter()
-        F.conv2d(self.x, self.weight, padding=1)
-        _sync(self.device)
-        self.rates.append(self.flops / (time.perf_counter() - start) / 1e9)
+        t = measure(lambda: F.conv2d(self.x, self.weight, padding=1), self.device, 1, warmup=0)
+        self.rates.append(self.flops / (t.median_ms / 1e3) / 1e9)
 
     def gflops(self) -> float:
         return statistics.median(self.rates) if self.rates else 0.0

@@ -20,6 +20,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 import maskops
 from benchmarks import bench_multiscale_roi_align, bench_paste_masks, bench_roi_align
 from benchmarks.common import device_slug, measure
+from maskops.check.inputs import random_boxes
 
 BUDGET_MS = 4000.0  # stop timing a library once one point costs more than this
 
@@ -70,8 +71,7 @@ def studies(device: str, quick: bool):
 
         def boxes(n):
             g = torch.Generator().manual_seed(n)
-            xy = torch.rand(n, 2, generator=g) * 800
-            b = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 100 + 1], dim=1)
+            b = random_boxes(g, n, 800, 1, 101, margin=0, dtype=torch.float32)
             return b.to(device), torch.rand(n, generator=g).to(device)
 
         res["nms (boxes; IoU 0.5)"] = _sweep(

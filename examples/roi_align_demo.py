@@ -1,20 +1,15 @@
 """A short RoIAlign demonstration: maskops and torchvision on the same Mask R-CNN-sized
 input give the same result; maskops is faster. Run with `make demo`."""
-import time
-
 import torch
 import torchvision
 
 import maskops
+from maskops.check.timing import measure
 
 
 def median_ms(fn, reps=5):
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    # no warm-up call: torchvision's backward alone takes seconds here
+    return measure(fn, "cpu", reps, warmup=0).median_ms
 
 
 def main():

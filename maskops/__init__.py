@@ -17,11 +17,11 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
         f"or `make build`. Original error: {e}") from e
 
 from .anchors import AnchorGenerator, clear_anchor_cache, generate_anchors
-from .memory import cpu_cache_for_torch, cpu_cache_info, empty_cache, set_cpu_cache_limit
 from .boxes import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
+from .memory import cpu_cache_for_torch, cpu_cache_info, empty_cache, set_cpu_cache_limit
 from .nms import batched_nms, box_area, box_iou, nms
-from .patch import is_patched, patch_torchvision, torchvision_patched, unpatch_torchvision
 from .paste_masks import masks_to_rle, paste_masks, paste_masks_in_image
+from .patch import is_patched, patch_torchvision, torchvision_patched, unpatch_torchvision
 from .roi_align import MultiScaleRoIAlign, RoIAlign, multiscale_roi_align, roi_align
 from .rpn import rpn_proposals
 
@@ -62,3 +62,12 @@ def build_info() -> dict:
                      "capability": "%d.%d" % torch.cuda.get_device_capability(i)}
                     for i in range(torch.cuda.device_count())] if info["cuda_available"] else []
     return info
+
+
+def __getattr__(name: str):
+    # Submodules whose dependencies are optional or heavy load on first access (PEP 562), so
+    # that `import maskops` stays cheap: `maskops.onnx` imports onnxscript.
+    if name == "onnx":
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

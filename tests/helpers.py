@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from maskops import cpu
+from maskops.check import inputs
 
 
 def random_boxes(n, image_size, generator=None, min_size=1.0, max_size=None, dtype=torch.float32):
-    """Tensor[n, 4] of (x1, y1, x2, y2) boxes inside an image of `image_size` (h, w)."""
-    h, w = image_size
-    max_size = max_size or max(h, w) / 2
-    xy = torch.rand(n, 2, generator=generator) * torch.tensor([w, h])
-    wh = torch.rand(n, 2, generator=generator) * (max_size - min_size) + min_size
-    return torch.cat([xy, xy + wh], dim=1).to(dtype)
+    """Tensor[n, 4] of (x1, y1, x2, y2) boxes starting inside an image of `image_size` (h, w),
+    drawn in float32."""
+    max_size = max_size or max(image_size) / 2
+    return inputs.random_boxes(generator, n, image_size, min_size, max_size, margin=0,
+                               dtype=torch.float32).to(dtype)
 
 
 def random_rois(k, batch, image_size, generator=None, dtype=torch.float32, outside=False):

@@ -14,6 +14,8 @@ from torchvision.models.detection import _utils as tv_utils
 from torchvision.ops import boxes as tv_boxes
 
 import maskops
+from maskops.check import inputs
+from maskops.testing import ops as testing_ops
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -27,9 +29,8 @@ def gen(seed):
 
 
 def random_boxes(n, g, scale=800.0, max_wh=300.0, dtype=torch.float32):
-    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * scale
-    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * max_wh + 0.5
-    return torch.cat([xy, xy + wh], dim=1).to(dtype)
+    """Tensor[n, 4]: corners uniform in [0, scale), sides in [0.5, max_wh + 0.5)."""
+    return inputs.random_boxes(g, n, scale, 0.5, max_wh + 0.5, margin=0).to(dtype)
 
 
 def random_codes(n, k, g, dtype=torch.float32):
@@ -160,14 +161,14 @@ def test_elementwise_functors_agree(dtype):
     boxes, codes = random_boxes(4000, g, dtype=dtype), random_codes(4000, 2, g, dtype)
     w = [10.0, 10.0, 5.0, 5.0]
     ref = maskops.decode_boxes(codes, boxes, w)
-    got = torch.ops.maskops._decode_boxes_elementwise(codes, boxes, w, CLIP)
+    got = testing_ops._decode_boxes_elementwise(codes, boxes, w, CLIP)
     # exp may differ by an ulp: relative to the box size, and the half types' own rounding.
     rtol = 1e-6 if dtype in EXACT else 1e-2
     scale = (boxes[:, 2:] - boxes[:, :2]).double().abs().max() * 1000 / 16 + 800
     assert (got.double() - ref.double()).abs().max() <= rtol * scale
     gt = random_boxes(4000, g, dtype=dtype)
     ref = maskops.encode_boxes(gt, boxes, w)
-    got = torch.ops.maskops._encode_boxes_elementwise(gt, boxes, w)
+    got = testing_ops._encode_boxes_elementwise(gt, boxes, w)
     torch.testing.assert_close(got, ref, rtol=1e-6 if dtype in EXACT else 1e-2, atol=1e-6)
 
 
@@ -315,10 +316,10 @@ def _opcheck_samples():
         (ops.decode_boxes.default, (codes, boxes, w, CLIP)),
         (ops.decode_boxes.default, (codes.double().requires_grad_(), boxes.double().requires_grad_(), w, CLIP)),
         (ops.decode_boxes.default, (codes.half(), boxes, w, 2.0)),
-        (ops._decode_boxes_elementwise.default, (codes, boxes, w, CLIP)),
+        (testing_ops._decode_boxes_elementwise.default, (codes, boxes, w, CLIP)),
         (ops.encode_boxes.default, (gt, boxes, w)),
         (ops.encode_boxes.default, (gt.double().requires_grad_(), boxes.double().requires_grad_(), w)),
-        (ops._encode_boxes_elementwise.default, (gt, boxes, w)),
+        (testing_ops._encode_boxes_elementwise.default, (gt, boxes, w)),
         (ops.clip_boxes.default, ((boxes - 100).reshape(5, 10, 4), 300, 400)),
         (ops.clip_boxes.default, ((boxes - 100).double().requires_grad_(), 300, 400)),
         (ops.remove_small_boxes.default, (boxes, 100.0)),
@@ -384,7 +385,7 @@ BAD_DIRECT = [
     (lambda: torch.ops.maskops.clip_boxes(B4, -1, 4), "image_size"),
     (lambda: torch.ops.maskops.clip_boxes(B4.long(), 1, 4), "boxes"),
     (lambda: torch.ops.maskops.remove_small_boxes(B4[:, :2], 1.0), "boxes"),
-    (lambda: torch.ops.maskops._decode_boxes_elementwise(C4, B4, [0.0] * 4, 1.0), "weights"),
+    (lambda: testing_ops._decode_boxes_elementwise(C4, B4, [0.0] * 4, 1.0), "weights"),
 ]
 
 
@@ -407,10 +408,10 @@ def test_cuda_matches_cpu_functors(dtype):
     w = [10.0, 10.0, 5.0, 5.0]
     rtol = 1e-6 if dtype in EXACT else 1e-2
     torch.testing.assert_close(maskops.decode_boxes(codes.cuda(), boxes.cuda(), w).cpu(),
-                               torch.ops.maskops._decode_boxes_elementwise(codes, boxes, w, CLIP),
+                               testing_ops._decode_boxes_elementwise(codes, boxes, w, CLIP),
                                rtol=rtol, atol=1e-3)
     torch.testing.assert_close(maskops.encode_boxes(gt.cuda(), boxes.cuda(), w).cpu(),
-                               torch.ops.maskops._encode_boxes_elementwise(gt, boxes, w),
+                               testing_ops._encode_boxes_elementwise(gt, boxes, w),
                                rtol=rtol, atol=1e-5)
     wide = boxes - 300
     assert torch.equal(maskops.clip_boxes(wide.cuda(), (500, 600)).cpu(), maskops.clip_boxes(wide, (500, 600)))

@@ -86,7 +86,7 @@ def test_gpu_only_paths_run_on_the_cpu():
     """What runs only on a GPU (comparisons with the CPU kernel, deterministic gradcheck),
     driven on the CPU: the code runs and CPU-vs-CPU agrees."""
     rows = []
-    checker = check._Checker(torch.device("cpu"), full=False, gen=torch.Generator().manual_seed(5),
+    checker = check.Checker(torch.device("cpu"), full=False, gen=torch.Generator().manual_seed(5),
                              emit=rows.append)
     checker.cuda = True  # as on a GPU; every "CUDA" call lands on the CPU kernels
     for group, (method, _) in check.GROUPS.items():
@@ -203,10 +203,14 @@ def _sources_copy(dest):
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy2(os.path.join(ROOT, name), dest)
     shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(dest, "csrc"))
-    os.makedirs(os.path.join(dest, "maskops"))
-    for name in os.listdir(os.path.join(ROOT, "maskops")):
-        if name.endswith(".py") and name != "_build_info.py":
-            shutil.copy2(os.path.join(ROOT, "maskops", name), os.path.join(dest, "maskops"))
+    for folder, _, names in os.walk(os.path.join(ROOT, "maskops")):
+        if "__pycache__" in folder:
+            continue
+        to = os.path.join(dest, os.path.relpath(folder, ROOT))
+        os.makedirs(to, exist_ok=True)
+        for name in names:
+            if name.endswith(".py") and name != "_build_info.py":
+                shutil.copy2(os.path.join(folder, name), to)
 
 
 def _build_env():

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import maskops
+from maskops.check.references import ref_iou
+from maskops.testing import ops as testing_ops
 from helpers import in_layout
 
 ops = torch.ops.maskops
@@ -75,7 +77,8 @@ def test_roi_align_never_crashes_and_stays_finite(case):
     out = ops.roi_align(x, case["rois"], *args)
     assert torch.isfinite(out).all()
     # The GPU algorithm's body agrees with the CPU loops on any input.
-    el = ops._multiscale_roi_align_forward_elementwise([x], case["rois"], [args[0]], *args[1:], 224.0, 4.0, 0)
+    el = testing_ops._multiscale_roi_align_forward_elementwise([x], case["rois"], [args[0]],
+                                                               *args[1:], 224.0, 4.0, 0)
     torch.testing.assert_close(el, out, rtol=1e-5, atol=1e-5)
 
 
@@ -94,7 +97,8 @@ def nms_case(draw, finite):
 def test_nms_equals_torchvision(case):
     boxes, scores, thr = case
     assert torch.equal(maskops.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
-    assert torch.equal(ops._nms_bitmask(boxes, scores, None, thr), torchvision.ops.nms(boxes, scores, thr))
+    assert torch.equal(testing_ops._nms_bitmask(boxes, scores, None, thr),
+                       torchvision.ops.nms(boxes, scores, thr))
 
 
 @SETTINGS
@@ -120,12 +124,7 @@ def test_box_iou_matches_float64_reference(n, m, seed):
         return torch.cat([xy, xy + wh], dim=1)
 
     a, b = boxes(n), boxes(m)
-    area = lambda t: (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])  # noqa: E731
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    ref = torch.where(union > 0, inter / union.where(union > 0, torch.ones_like(union)), torch.zeros_like(union))
+    ref = ref_iou(a, b)
     got = maskops.box_iou(a.float(), b.float())
     assert not got.isnan().any()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
@@ -165,5 +164,6 @@ def test_paste_never_crashes(case):
     masks = torch.rand(case["n"], 1, case["m"], case["m"], generator=torch.Generator().manual_seed(case["seed"]))
     out = maskops.paste_masks(masks, case["boxes"], case["size"], None, case["padding"])
     assert out.shape == (case["n"], 1, *case["size"]) and torch.isfinite(out).all()
-    el = ops._paste_masks_elementwise(masks, case["boxes"], *case["size"], case["padding"], None, False)
+    el = testing_ops._paste_masks_elementwise(masks, case["boxes"], *case["size"], case["padding"],
+                                              None, False)
     torch.testing.assert_close(el, out, rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 import maskops
+from maskops.testing import ops as testing_ops
 
 ops = torch.ops.maskops
 NAMES = ["0", "1", "2", "3"]
@@ -78,13 +79,13 @@ def test_cuda_algorithms_on_cpu(rng):
     theirs = torchvision.ops.MultiScaleRoIAlign(NAMES, 5, 2)
     leaves = OrderedDict((k, v.clone().requires_grad_()) for k, v in feats.items())
     expected = theirs(leaves, boxes, shapes)
-    got = ops._multiscale_roi_align_forward_elementwise(levels, rois, *args)
+    got = testing_ops._multiscale_roi_align_forward_elementwise(levels, rois, *args)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     g = torch.randn(expected.shape, generator=rng, dtype=torch.float64)
     ref = torch.autograd.grad(expected, [leaves[k] for k in NAMES], g, allow_unused=True)
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
     for deterministic in (False, True):
-        got = ops._multiscale_roi_align_backward_cuda_algo(
+        got = testing_ops._multiscale_roi_align_backward_cuda_algo(
             g, rois, scales, ph, pw, 2, 3, [f.shape[2] for f in levels], [f.shape[3] for f in levels],
             sr, aligned, cs, cl, kmin, deterministic)
         for a, b in zip(got, ref):
@@ -215,8 +216,8 @@ def test_cuda_backward_algorithms_skip_rois_that_give_nothing(rng):
     expected = ops._multiscale_roi_align_backward(g[3:3 + len(rois)], rois, scales, ph, pw, 3, 2,
                                                   *sizes, sr, aligned, cs, cl, kmin)
     for deterministic in (True, False):
-        got = ops._multiscale_roi_align_backward_cuda_algo(g, mixed, scales, ph, pw, 3, 2, *sizes,
-                                                           sr, aligned, cs, cl, kmin, deterministic)
+        got = testing_ops._multiscale_roi_align_backward_cuda_algo(
+            g, mixed, scales, ph, pw, 3, 2, *sizes, sr, aligned, cs, cl, kmin, deterministic)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
@@ -241,7 +242,7 @@ def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
         grad = g.contiguous(memory_format=torch.channels_last) if channels_last else g
         assert grad.is_contiguous() != channels_last
         for det in (True, False):
-            got = ops._multiscale_roi_align_backward_cuda_algo(
+            got = testing_ops._multiscale_roi_align_backward_cuda_algo(
                 grad, rois, scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
             assert len({t.untyped_storage().data_ptr() for t in got}) == len(got)
             for a, e in zip(got, expected):
@@ -255,7 +256,7 @@ def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
         assert torch.equal(a, b)
     # No RoI: zeros of every level, in grad's dtype.
     for det in (True, False):
-        got = ops._multiscale_roi_align_backward_cuda_algo(
+        got = testing_ops._multiscale_roi_align_backward_cuda_algo(
             g[:0], rois[:0], scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
         for a, e in zip(got, expected):
             assert a.dtype == dtype and a.shape == e.shape and not a.any()
@@ -279,7 +280,7 @@ def test_cuda_deterministic_gather_tiles_and_term_batches(rng, aligned, sampling
     scales, ph, pw, sr, _, cs, cl, kmin = args
     sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
     g = torch.randn(len(rois), 3, ph, pw, generator=rng, dtype=torch.float64)
-    call = lambda det: ops._multiscale_roi_align_backward_cuda_algo(  # noqa: E731
+    call = lambda det: testing_ops._multiscale_roi_align_backward_cuda_algo(  # noqa: E731
         g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned, cs, cl, kmin, det)
     scatter, gather, again = call(False), call(True), call(True)
     expected = ops._multiscale_roi_align_backward(g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned,

@@ -13,6 +13,9 @@ from torchvision.ops import boxes as tv_boxes
 from torchvision.ops import nms as tv_nms
 
 import maskops
+from maskops.check import inputs
+from maskops.check.references import ref_iou
+from maskops.testing import ops as testing_ops
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -26,9 +29,7 @@ def gen(seed):
 
 def random_boxes(n, g, scale=800.0, max_wh=100.0, dtype=torch.float32):
     """Tensor[n, 4] (x1, y1, x2, y2): corners uniform in [0, scale), sides in [1, max_wh + 1)."""
-    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * scale
-    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * max_wh + 1
-    return torch.cat([xy, xy + wh], dim=1).to(dtype)
+    return inputs.random_boxes(g, n, scale, 1.0, max_wh + 1, margin=0).to(dtype)
 
 
 def heavy_overlap_boxes(n, g, dtype=torch.float32):
@@ -79,19 +80,6 @@ def filtered(keep, scores, score_threshold, max_output):
     return keep
 
 
-def reference_iou(a, b):
-    """float64 IoU with 0 where the union is 0 (torchvision gives 0 / 0 = NaN there)."""
-    a, b = a.double(), b.double()
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union == 0, torch.zeros_like(inter), inter / union)
-
-
 def assert_same(actual, expected):
     assert actual.dtype == torch.int64
     assert torch.equal(actual, expected), (
@@ -102,8 +90,8 @@ def assert_same(actual, expected):
 def all_nms(boxes, scores, thr, **kw):
     """maskops.nms and the GPU algorithm on the CPU (the test-only op)."""
     return (maskops.nms(boxes, scores, thr, **kw),
-            torch.ops.maskops._nms_bitmask(boxes, scores, None, thr, kw.get("score_threshold"),
-                                           kw.get("max_output")))
+            testing_ops._nms_bitmask(boxes, scores, None, thr, kw.get("score_threshold"),
+                                     kw.get("max_output")))
 
 
 # ---- nms against torchvision ----
@@ -230,7 +218,7 @@ def test_batched_matches_torchvision(n):
     for thr in (0.0, 0.5, 1.0):
         expected = tv_batched_nms(boxes, scores, idxs, thr)
         assert_same(maskops.batched_nms(boxes, scores, idxs, thr), expected)
-        assert_same(torch.ops.maskops._nms_bitmask(boxes, scores, idxs, thr), expected)
+        assert_same(testing_ops._nms_bitmask(boxes, scores, idxs, thr), expected)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -242,7 +230,7 @@ def test_batched_ties_heavy_overlap(seed):
     for thr in (0.3, 0.5):
         expected = reference_batched(boxes, scores, idxs, thr)
         assert_same(maskops.batched_nms(boxes, scores, idxs, thr), expected)
-        assert_same(torch.ops.maskops._nms_bitmask(boxes, scores, idxs, thr), expected)
+        assert_same(testing_ops._nms_bitmask(boxes, scores, idxs, thr), expected)
         # torchvision (vanilla path here) orders equal scores of different classes by an
         # unstable sort: same kept set, same score sequence.
         tv = tv_batched_nms(boxes, scores, idxs, thr)
@@ -260,7 +248,7 @@ def test_batched_class_id_values(idx_dtype):
            torch.int64: small * 1_000_000_007 - 5_000_000_000}[idx_dtype].to(idx_dtype)
     expected = reference_batched(boxes, scores, small, 0.5)
     assert_same(maskops.batched_nms(boxes, scores, ids, 0.5), expected)
-    assert_same(torch.ops.maskops._nms_bitmask(boxes, scores, ids, 0.5), expected)
+    assert_same(testing_ops._nms_bitmask(boxes, scores, ids, 0.5), expected)
 
 
 def test_batched_big_and_small_classes():
@@ -294,8 +282,8 @@ def test_score_threshold_and_max_output(score_threshold, max_output):
     expected = filtered(reference_batched(boxes, scores.double(), idxs, 0.5), scores,
                         score_threshold, max_output)
     assert_same(maskops.batched_nms(boxes, scores, idxs, 0.5, **kw), expected)
-    assert_same(torch.ops.maskops._nms_bitmask(boxes, scores, idxs, 0.5, score_threshold,
-                                               max_output), expected)
+    assert_same(testing_ops._nms_bitmask(boxes, scores, idxs, 0.5, score_threshold,
+                                         max_output), expected)
 
 
 def test_score_threshold_is_exact_for_half_scores():
@@ -324,7 +312,7 @@ def test_box_iou(dtype, shape):
     assert not got.isnan().any()
     atol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3,
             torch.bfloat16: 8e-3}[dtype]
-    torch.testing.assert_close(got.double(), reference_iou(a, b), atol=atol, rtol=0)
+    torch.testing.assert_close(got.double(), ref_iou(a, b), atol=atol, rtol=0)
 
 
 def test_box_iou_matches_torchvision_away_from_zero_area():
@@ -369,7 +357,7 @@ def test_box_ops_gradients():
     assert torch.autograd.gradcheck(maskops.box_area, (a,))
     go = torch.rand(9, 6, generator=g, dtype=torch.float64)
     for got, expected in zip(torch.autograd.grad(maskops.box_iou(a, b), (a, b), go),
-                             torch.autograd.grad(reference_iou(a, b), (a, b), go)):
+                             torch.autograd.grad(ref_iou(a, b), (a, b), go)):
         torch.testing.assert_close(got, expected)
     # Ties (identical boxes), touching boxes, zero-area pairs: torch's conventions, no NaN.
     a = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 3], [5, 5, 5, 5]], requires_grad=True)
@@ -423,7 +411,7 @@ def test_bitmask_removed_bits_in_global_memory(n, kind):
     paths = set()
     for limit in (0, 1, 3, None):
         paths.add(in_global_memory(n, SHARED_LIMIT if limit is None else limit))
-        op = torch.ops.maskops._nms_bitmask
+        op = testing_ops._nms_bitmask
         assert_same(op(boxes, scores, None, thr, None, None, limit), plain)
         assert_same(op(boxes, scores, idxs, thr, None, None, limit), batched)
         assert_same(op(boxes, scores, idxs, thr, 0.3, 7, limit), filtered(batched, scores, 0.3, 7))
@@ -475,7 +463,7 @@ def test_segmented_nms_removed_bits_in_global_memory(segments, seg_len, kind):
             expected = reference_segments(boxes, scores, classes, order, valid, seg_len, 0.5,
                                           max_output)
             for limit in (0, 1, None):
-                index, count = torch.ops.maskops._segmented_nms(
+                index, count = testing_ops._segmented_nms(
                     boxes, classes, order, valid, seg_len, 0.5, max_output, limit)
                 assert index.shape == (segments * seg_len,) and count.shape == (segments,)
                 for s in range(segments):
@@ -487,19 +475,19 @@ def test_segmented_nms_removed_bits_in_global_memory(segments, seg_len, kind):
 def test_removed_shared_words_is_checked():
     for bad in (-1, SHARED_LIMIT + 1):
         with pytest.raises(RuntimeError, match="removed_shared_words"):
-            torch.ops.maskops._nms_bitmask(B, S, None, 0.5, None, None, bad)
+            testing_ops._nms_bitmask(B, S, None, 0.5, None, None, bad)
         with pytest.raises(RuntimeError, match="removed_shared_words"):
-            torch.ops.maskops._segmented_nms(B, None, torch.arange(10), torch.tensor([10]), 10,
-                                             0.5, -1, bad)
+            testing_ops._segmented_nms(B, None, torch.arange(10), torch.tensor([10]), 10,
+                                       0.5, -1, bad)
 
 
 def test_bitmask_and_segmented_opcheck():
     g = gen(21)
     boxes, scores = random_boxes(150, g, scale=200.0), torch.rand(150, generator=g)
-    torch.library.opcheck(torch.ops.maskops._nms_bitmask.default,
+    torch.library.opcheck(testing_ops._nms_bitmask.default,
                           (boxes, scores, None, 0.5, None, None, 0))
     b, _, cls, order, valid = segmented_case(g, 3, 50, "overlap_ties")
-    torch.library.opcheck(torch.ops.maskops._segmented_nms.default,
+    torch.library.opcheck(testing_ops._segmented_nms.default,
                           (b, cls, order, valid, 50, 0.5, -1, 0))
 
 
@@ -518,8 +506,8 @@ def _opcheck_samples():
         (torch.ops.maskops.batched_nms.default, (boxes, scores, idxs, 0.5), {}),
         (torch.ops.maskops.batched_nms.default, (boxes.double(), scores, idxs, 0.3),
          {"max_output": 7}),
-        (torch.ops.maskops._nms_bitmask.default, (boxes, scores, idxs, 0.5), {}),
-        (torch.ops.maskops._nms_bitmask.default, (boxes, scores, None, 0.5, 0.1, 30), {}),
+        (testing_ops._nms_bitmask.default, (boxes, scores, idxs, 0.5), {}),
+        (testing_ops._nms_bitmask.default, (boxes, scores, None, 0.5, 0.1, 30), {}),
         (torch.ops.maskops.box_iou.default, (boxes[:20], boxes[5:50]), {}),
         (torch.ops.maskops.box_iou.default, (half[:3], half[:0]), {}),
         (torch.ops.maskops.box_area.default, (boxes.bfloat16(),), {}),
@@ -608,7 +596,7 @@ BAD_DIRECT = [  # the C++ checks, for callers of torch.ops.maskops directly
     (lambda: torch.ops.maskops.nms(B, S, 0.5, None, -2), "max_output"),
     (lambda: torch.ops.maskops.batched_nms(B, S, I.float(), 0.5), "idxs"),
     (lambda: torch.ops.maskops.batched_nms(B, S, I[:3], 0.5), "idxs"),
-    (lambda: torch.ops.maskops._nms_bitmask(B, S, I[:3], 0.5), "idxs"),
+    (lambda: testing_ops._nms_bitmask(B, S, I[:3], 0.5), "idxs"),
     (lambda: torch.ops.maskops.box_iou(B, B.double()), "dtype"),
     (lambda: torch.ops.maskops.box_area(B[:, :2]), "boxes"),
 ]

@@ -5,6 +5,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import maskops
+from maskops.testing import ops as testing_ops
 
 ops = torch.ops.maskops
 
@@ -48,7 +49,8 @@ def test_float_output_matches_torchvision(rng, image, m, padding):
     torch.testing.assert_close(maskops.paste_masks_in_image(masks, boxes, image, padding), expected,
                                rtol=0, atol=1e-5)
     # The CUDA kernel's per-pixel body, run on the CPU.
-    elementwise = ops._paste_masks_elementwise(masks, boxes, image[0], image[1], padding, None, False)
+    elementwise = testing_ops._paste_masks_elementwise(masks, boxes, image[0], image[1], padding,
+                                                       None, False)
     torch.testing.assert_close(elementwise, expected, rtol=0, atol=1e-5)
 
 
@@ -65,7 +67,8 @@ def test_thresholded_output_agrees_with_thresholded_torchvision(rng):
         assert (got == expected).float().mean().item() >= 0.9999
         u8 = maskops.paste_masks(masks, boxes, image, threshold=threshold, as_uint8=True)
         assert u8.dtype == torch.uint8 and torch.equal(u8.bool(), got)
-        el = ops._paste_masks_elementwise(masks, boxes, image[0], image[1], 1, threshold, False)
+        el = testing_ops._paste_masks_elementwise(masks, boxes, image[0], image[1], 1, threshold,
+                                                  False)
         assert torch.equal(el, got)
 
 
@@ -89,7 +92,7 @@ def test_boxes_outside_the_image_paste_nothing(rng):
     boxes = torch.tensor([[500.0, 10.0, 600.0, 30.0], [10.0, 500.0, 30.0, 600.0],
                           [-90.0, 10.0, -40.0, 30.0], [10.0, -90.0, 30.0, -40.0]])
     for out in (maskops.paste_masks(masks, boxes, (100, 120), None),
-                ops._paste_masks_elementwise(masks, boxes, 100, 120, 1, None, False)):
+                testing_ops._paste_masks_elementwise(masks, boxes, 100, 120, 1, None, False)):
         assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -216,13 +219,14 @@ def test_gpu_tiles_match_cpu_kernel_bit_for_bit(rng, image, channels, index64):
     boxes[:len(ODD_BOXES)] = torch.tensor(ODD_BOXES)
     for threshold, as_uint8 in ((None, False), (0.5, False), (0.5, True)):
         expected = ops.paste_masks(masks, boxes, h, w, 1, threshold, as_uint8)
-        got = ops._paste_masks_elementwise(masks, boxes, h, w, 1, threshold, as_uint8, index64)
+        got = testing_ops._paste_masks_elementwise(masks, boxes, h, w, 1, threshold, as_uint8,
+                                                   index64)
         assert got.dtype == expected.dtype and torch.equal(got, expected)
     # float64 boxes and masks, other paddings
     for padding in (0, 2):
         expected = ops.paste_masks(masks.double(), boxes.double(), h, w, padding, None, False)
-        got = ops._paste_masks_elementwise(masks.double(), boxes.double(), h, w, padding, None, False,
-                                           index64)
+        got = testing_ops._paste_masks_elementwise(masks.double(), boxes.double(), h, w, padding,
+                                                   None, False, index64)
         assert torch.equal(got, expected)
 
 
@@ -236,7 +240,8 @@ def test_gpu_tiles_boxes_at_tile_edges(rng, index64):
     masks = torch.rand(len(rows), 2, 7, 7, generator=rng)
     for threshold in (None, 0.5):
         expected = ops.paste_masks(masks, boxes, 130, 64, 0, threshold, False)
-        got = ops._paste_masks_elementwise(masks, boxes, 130, 64, 0, threshold, False, index64)
+        got = testing_ops._paste_masks_elementwise(masks, boxes, 130, 64, 0, threshold, False,
+                                                   index64)
         assert torch.equal(got, expected)
         assert (expected.flatten(1) != 0).any(1).all()  # every box pastes something
 
@@ -244,8 +249,8 @@ def test_gpu_tiles_boxes_at_tile_edges(rng, index64):
 @pytest.mark.parametrize("index64", [False, True])
 def test_gpu_tiles_empty_shapes(index64):
     for n, c, h, w in ((0, 1, 50, 60), (2, 0, 50, 60), (2, 1, 0, 60), (2, 1, 50, 0)):
-        out = ops._paste_masks_elementwise(torch.rand(n, c, 28, 28), torch.rand(n, 4) * 10, h, w, 1, None,
-                                           False, index64)
+        out = testing_ops._paste_masks_elementwise(torch.rand(n, c, 28, 28), torch.rand(n, 4) * 10,
+                                                   h, w, 1, None, False, index64)
         assert out.shape == (n, c, h, w)
 
 

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 import maskops
+from maskops.testing import ops as testing_ops
 from helpers import devices, random_rois
 
 tv_roi_align = torchvision.ops.roi_align
@@ -38,7 +39,7 @@ def test_forward_matches_torchvision(rng, shape, output_size, scale, image, samp
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # The CUDA kernel's per-element body, run on the CPU, agrees too.
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
-    elementwise = ops._multiscale_roi_align_forward_elementwise(
+    elementwise = testing_ops._multiscale_roi_align_forward_elementwise(
         [x], rois, [scale], ph, pw, sampling_ratio, aligned, 224.0, 4.0, 0)
     torch.testing.assert_close(elementwise, expected, rtol=0, atol=1e-5)
 
@@ -121,7 +122,7 @@ def test_cuda_backward_algorithms_on_cpu(rng, deterministic, aligned):
     rois = random_rois(29, 3, (44, 56), rng, torch.float64, outside=True)
     grad = torch.randn(29, 4, 5, 3, generator=rng, dtype=torch.float64)
     tv_roi_align(x, rois, (5, 3), 0.25, -1, aligned).backward(grad)
-    (got,) = ops._multiscale_roi_align_backward_cuda_algo(
+    (got,) = testing_ops._multiscale_roi_align_backward_cuda_algo(
         grad, rois, [0.25], 5, 3, 3, 4, [11], [14], -1, aligned, 224.0, 4.0, 0, deterministic)
     torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-12)
 
@@ -183,7 +184,7 @@ def test_channels_last_and_strided_inputs(rng):
     torch.testing.assert_close(maskops.roi_align(sliced, rois, 6, 0.25, 2, True),
                                tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
                                rtol=0, atol=1e-5)
-    torch.testing.assert_close(ops._multiscale_roi_align_forward_elementwise(
+    torch.testing.assert_close(testing_ops._multiscale_roi_align_forward_elementwise(
                                    [sliced], rois, [0.25], 6, 6, 2, True, 224.0, 4.0, 0),
                                tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
                                rtol=0, atol=1e-5)
