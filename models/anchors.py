@@ -1,7 +1,7 @@
 """Anchor boxes: the reference boxes the RPN's deltas are relative to."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,9 @@ class AnchorGenerator(nn.Module):
     Level ``l`` of a ``Tensor[N, C, H_l, W_l]`` feature map of a ``[N, 3, H, W]`` batch has
     stride ``(H // H_l, W // W_l)`` and ``H_l * W_l * A_l`` anchors, ``A_l`` = sizes x ratios.
     Corners are rounded to whole pixels, as in torchvision. No parameters or buffers (nothing
-    in the state_dict).
+    in the state_dict), and no cache of its own: ``maskops.generate_anchors`` keeps the
+    anchors of recent shapes (not while tracing for export/compile, where they become part of
+    the graph).
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
@@ -31,7 +33,6 @@ class AnchorGenerator(nn.Module):
                              f"{len(sizes)} and {len(aspect_ratios)}")
         self.sizes = tuple(tuple(s) for s in sizes)
         self.aspect_ratios = tuple(tuple(a) for a in aspect_ratios)
-        self._cache: Dict[Tuple, Tensor] = {}
 
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
@@ -48,19 +49,9 @@ class AnchorGenerator(nn.Module):
             ``Tensor[A, 4]``, the levels one after another, and ``[H_l * W_l * A_l, ...]``.
         """
         counts = [h * w * a for (h, w), a in zip(feature_shapes, self.num_anchors_per_location())]
-        key = (tuple(batch_shape), tuple(feature_shapes), dtype, device)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached, counts
         strides = [(batch_shape[0] // h, batch_shape[1] // w) for h, w in feature_shapes]
         anchors = ops.generate_anchors(feature_shapes, strides, self.sizes, self.aspect_ratios,
                                        dtype, device)
-        # Anchors depend on shapes only: reuse them for same-size batches (not while tracing
-        # for export/compile, where they become part of the graph).
-        if not torch.compiler.is_compiling():
-            if len(self._cache) > 8:
-                self._cache.clear()
-            self._cache[key] = anchors
         return anchors, counts
 
     def extra_repr(self) -> str:

@@ -1,84 +1,28 @@
-"""A Mask R-CNN built from a flat, serialisable config: the model that training and
-evaluation use.
-
-With the default sizes this is exactly :func:`models.mask_rcnn.build_mask_rcnn`'s model
-(torchvision's layout). The extra options make smaller models for small images and small
-machines, composed from the same modules:
-
-- ``norm``: the backbone's normalisation: ``"frozen_bn"`` (fine-tuning and torchvision
-  checkpoints), ``"bn"`` (trainable BatchNorm, from scratch) or ``"gn"`` (GroupNorm, from
-  scratch; independent of the batch, so small and per-rank batches behave alike);
-- ``fpn_channels``: the width of the pyramid, the RPN head and the RoI features (256);
-- ``representation_size``: the box head's fully connected width (1024);
-- ``mask_head_channels`` / ``mask_head_convs``: the mask head's convolutions (256 x 4);
-- ``anchor_sizes``: one anchor size per pyramid level (32 ... 512; halve them for small
-  images).
+"""Builds the Mask R-CNN: :func:`build_model` from a :class:`~models.config.ModelConfig` is the
+one builder; :func:`build_mask_rcnn` is its keyword form (torchvision's option names);
+:func:`load_model` gives the inference model the command-line tools run (weights, a training
+checkpoint, device, half precision).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
+from . import ops
 from .anchors import AnchorGenerator
-from .backbone import ResNetBody, ResNetFPN
-from .checkpoint import load_checkpoint
-from .mask_rcnn import MaskRCNN, build_mask_rcnn, load_weights
-from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor
-from .rpn import RPNHead
-
-
-@dataclass
-class ModelConfig:
-    """Everything that decides a model's structure and its inference behaviour.
-
-    Names follow :func:`models.mask_rcnn.build_mask_rcnn` (torchvision's), plus the size
-    options of the module docstring.
-    """
-    backbone: str = "resnet50"
-    num_classes: int = 91
-    norm: str = "frozen_bn"
-    trainable_layers: int = 3
-    bn_eps: float = 1e-5
-    fpn_channels: int = 256
-    representation_size: int = 1024
-    mask_head_channels: int = 256
-    mask_head_convs: int = 4
-    anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)
-    min_size: int = 800
-    max_size: int = 1333
-    rpn_pre_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 512
-    box_positive_fraction: float = 0.25
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["anchor_sizes"] = list(self.anchor_sizes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}")
-        d = dict(d)
-        if "anchor_sizes" in d:
-            d["anchor_sizes"] = tuple(int(s) for s in d["anchor_sizes"])
-        return cls(**d)
-
-
-NORMS = ("frozen_bn", "bn", "gn")
+from .backbone import RESNETS, ResNetBody, ResNetFPN, resnet_fpn
+from .categories import COCO_CATEGORIES
+from .config import NORMS, ModelConfig
+from .engine.checkpoint import load_checkpoint
+from .mask_rcnn import MaskRCNN
+from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import ImageTransform
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -94,25 +38,39 @@ def _gn_resnet_fpn(cfg: ModelConfig) -> ResNetFPN:
 
 def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
     """Builds the Mask R-CNN that ``cfg`` describes (random weights unless ``weights``, a
-    state_dict file, is given)."""
+    state_dict file, is given: see :func:`load_weights`)."""
+    if cfg.backbone not in RESNETS:
+        raise ValueError(f"backbone must be one of {RESNETS}, got {cfg.backbone!r}")
     if cfg.norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {cfg.norm!r}")
     if len(cfg.anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got "
                          f"{cfg.anchor_sizes}")
-    model = build_mask_rcnn(
-        cfg.backbone, cfg.num_classes, trainable_bn=cfg.norm == "bn",
-        trainable_layers=cfg.trainable_layers, bn_eps=cfg.bn_eps,
-        min_size=cfg.min_size, max_size=cfg.max_size,
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-        box_batch_size_per_image=cfg.box_batch_size_per_image,
-        box_positive_fraction=cfg.box_positive_fraction,
-        box_score_thresh=cfg.box_score_thresh,
-        box_detections_per_img=cfg.box_detections_per_img)
+    # torchvision's layout first, then the parts the size options change: the random
+    # initialisation draws in this order, so a seed gives the same weights as ever.
+    body = resnet_fpn(cfg.backbone, trainable_bn=cfg.norm == "bn",
+                      trainable_layers=cfg.trainable_layers, bn_eps=cfg.bn_eps)
+    c = body.out_channels
+    anchors = AnchorGenerator()
+    rpn = RegionProposalNetwork(
+        anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
+        cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, cfg.rpn_batch_size_per_image,
+        cfg.rpn_positive_fraction,
+        {"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        {"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
+        cfg.rpn_nms_thresh, cfg.rpn_score_thresh)
+    levels = ["0", "1", "2", "3"]
+    roi_heads = RoIHeads(
+        ops.MultiScaleRoIAlign(levels, 7, sampling_ratio=2),
+        BoxHead(c * 7 * 7, 1024), BoxPredictor(1024, cfg.num_classes),
+        ops.MultiScaleRoIAlign(levels, 14, sampling_ratio=2),
+        MaskHead(c), MaskPredictor(256, 256, cfg.num_classes),
+        cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, cfg.box_batch_size_per_image,
+        cfg.box_positive_fraction, tuple(cfg.bbox_reg_weights), cfg.box_score_thresh,
+        cfg.box_nms_thresh, cfg.box_detections_per_img)
+    transform = ImageTransform(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
+    model = MaskRCNN(transform, body, rpn, roi_heads, cfg.mask_threshold, cfg.fast_inference)
+
     c = cfg.fpn_channels
     if cfg.norm == "gn":
         model.backbone = _gn_resnet_fpn(cfg)
@@ -138,8 +96,31 @@ def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
     return model
 
 
+def build_mask_rcnn(backbone: str = "resnet50", num_classes: int = 91, *,
+                    trainable_bn: bool = False, weights: Optional[str] = None,
+                    min_size: Union[int, Sequence[int]] = 800, **options: Any) -> MaskRCNN:
+    """:func:`build_model` with keywords: ``build_mask_rcnn("resnet50", weights=path,
+    bn_eps=0.0)``. ``options`` are :class:`~models.config.ModelConfig` fields;
+    ``trainable_bn=True`` is ``norm="bn"`` (a ``BatchNorm2d`` backbone, the state_dict of
+    torchvision's ``weights=None`` model, ``num_batches_tracked`` included), else
+    ``FrozenBatchNorm2d`` (the layout of torchvision's COCO checkpoint)."""
+    norm = options.pop("norm", "bn" if trainable_bn else "frozen_bn")
+    cfg = ModelConfig(backbone=backbone, num_classes=num_classes, norm=norm, min_size=min_size,
+                      **options)
+    return build_model(cfg, weights)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Loads a state_dict file (this model's or torchvision's layout) into ``model``, strictly.
+    A training checkpoint ``{"model": state_dict, ...}`` is accepted too."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    model.load_state_dict(state, strict=True)
+
+
 def model_from_checkpoint(path, **overrides) -> Tuple[MaskRCNN, Dict[str, Any]]:
-    """The model a ``models.train`` checkpoint holds, rebuilt from the configuration saved in
+    """The model a training checkpoint holds, rebuilt from the configuration saved in
     it with the fields in ``overrides`` replaced (those given as None keep the saved value),
     and the checkpoint itself (its config, class names, ...)."""
     state = load_checkpoint(path, required=("model", "config"))
@@ -157,3 +138,33 @@ def _fpn_in_channels(fpn: FeaturePyramidNetwork):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(cfg: Optional[ModelConfig] = None, *, weights: Optional[str] = None,
+               checkpoint: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+               device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+               optimize: bool = True) -> MaskRCNN:
+    """The inference model, in eval mode on ``device``: from a training ``checkpoint`` (its
+    saved config, with the ``overrides`` fields that are not None replaced) or from ``cfg``
+    (with ``weights``, a state_dict file; random weights without). ``optimize``:
+    ``optimize_for_inference(dtype=dtype)``; otherwise the modules run as built (no fast
+    inference).
+
+    Its ``class_names`` attribute names the labels (the checkpoint's dataset's, or COCO's);
+    ``label_to_category_id`` maps labels to dataset category ids (the checkpoint's mapping,
+    or None: the labels are COCO category ids already).
+    """
+    names = mapping = None
+    if checkpoint:
+        model, state = model_from_checkpoint(checkpoint, **(overrides or {}))
+        names, mapping = state.get("class_names"), state.get("label_to_category_id")
+    else:
+        model = build_model(cfg or ModelConfig(), weights)
+    model.class_names = names if names is not None else list(COCO_CATEGORIES)
+    model.label_to_category_id = list(mapping) if mapping is not None else None
+    model.eval().to(device)
+    if optimize:
+        model.optimize_for_inference(dtype=dtype)
+    else:
+        model.fast_inference = False
+    return model

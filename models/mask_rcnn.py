@@ -5,14 +5,15 @@ The pipeline, each stage a module::
     images ─▶ transform ─▶ backbone (ResNet + FPN) ─▶ rpn ─▶ roi_heads (box, mask) ─▶ postprocess
     list[Tensor[3, H_i, W_i]]                              proposals   detections    input-size masks
 
-``build_mask_rcnn("resnet50")`` has exactly the state_dict keys and shapes of torchvision's
-``maskrcnn_resnet50_fpn``, so torchvision checkpoints load with ``strict=True``.
+Built by :func:`models.build.build_model` (``build_mask_rcnn("resnet50")``), it has exactly
+the state_dict keys and shapes of torchvision's ``maskrcnn_resnet50_fpn``, so torchvision
+checkpoints load with ``strict=True``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +21,13 @@ from torch import Tensor, nn
 from maskops import cpu
 
 from . import ops
-from .anchors import AnchorGenerator
-from .backbone import RESNETS, ResNetFPN, resnet_fpn
+from .backbone import ResNetFPN
 from .fuse import (FusedFPN, MatmulMaskPredictor, fold_batchnorms, forget_packed_weights,
                    fpn_fusable, fuse_conv_relu, fuse_heads, fuse_linears, fuse_rpn_predictors,
                    onednn_available)
 from .profiling import StageRecorder, keep, stage
-from .roi_heads import BoxHead, BoxPredictor, MaskHead, MaskPredictor, RoIHeads
-from .rpn import RegionProposalNetwork, RPNHead
+from .roi_heads import BoxHead, MaskPredictor, RoIHeads
+from .rpn import RegionProposalNetwork
 from .transform import ImageTransform
 
 # The stages of a forward, in order, as the stage recorder names them.
@@ -315,92 +315,3 @@ def _check_targets(targets, num_images: int) -> None:
             j = int(torch.where(bad)[0][0])
             raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive "
                              "width and height; boxes are (x1, y1, x2, y2) with x1 < x2, y1 < y2")
-
-
-def build_mask_rcnn(
-    backbone: str = "resnet50",
-    num_classes: int = 91,
-    *,
-    trainable_bn: bool = False,
-    trainable_layers: int = 3,
-    bn_eps: float = 1e-5,
-    weights: Optional[str] = None,
-    min_size: Union[int, Sequence[int]] = 800,
-    max_size: int = 1333,
-    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-    image_std: Sequence[float] = (0.229, 0.224, 0.225),
-    rpn_pre_nms_top_n_train: int = 2000,
-    rpn_pre_nms_top_n_test: int = 1000,
-    rpn_post_nms_top_n_train: int = 2000,
-    rpn_post_nms_top_n_test: int = 1000,
-    rpn_nms_thresh: float = 0.7,
-    rpn_fg_iou_thresh: float = 0.7,
-    rpn_bg_iou_thresh: float = 0.3,
-    rpn_batch_size_per_image: int = 256,
-    rpn_positive_fraction: float = 0.5,
-    rpn_score_thresh: float = 0.0,
-    box_score_thresh: float = 0.05,
-    box_nms_thresh: float = 0.5,
-    box_detections_per_img: int = 100,
-    box_fg_iou_thresh: float = 0.5,
-    box_bg_iou_thresh: float = 0.5,
-    box_batch_size_per_image: int = 512,
-    box_positive_fraction: float = 0.25,
-    bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-    mask_threshold: Optional[float] = 0.5,
-    fast_inference: bool = True,
-) -> MaskRCNN:
-    """Builds a Mask R-CNN with a ResNet-FPN backbone.
-
-    The options not listed here have torchvision's ``MaskRCNN`` names, meanings and defaults.
-
-    Args:
-        backbone: ``resnet18``, ``resnet34``, ``resnet50`` (torchvision's
-            ``maskrcnn_resnet50_fpn`` layout) or ``resnet101``.
-        num_classes: classes including the background (91 for COCO).
-        trainable_bn: backbone with ``BatchNorm2d`` (training from scratch; the state_dict
-            then also has ``num_batches_tracked``, like torchvision's ``weights=None`` model)
-            instead of ``FrozenBatchNorm2d`` (fine-tuning, inference, and the layout of
-            torchvision's COCO checkpoint).
-        trainable_layers: ResNet parts, from ``layer4`` back to ``conv1``, that get
-            gradients (0 to 5).
-        bn_eps: the backbone's batch-norm epsilon. torchvision's COCO checkpoint was trained
-            with 0.0 (torchvision sets it when loading those weights).
-        weights: path of a state_dict (``torch.save(model.state_dict())`` of this model or of
-            torchvision's) to load, strictly.
-        mask_threshold, fast_inference: see :class:`MaskRCNN`.
-    """
-    if backbone not in RESNETS:
-        raise ValueError(f"backbone must be one of {RESNETS}, got {backbone!r}")
-    body = resnet_fpn(backbone, trainable_bn=trainable_bn, trainable_layers=trainable_layers,
-                      bn_eps=bn_eps)
-    c = body.out_channels
-    anchors = AnchorGenerator()
-    rpn = RegionProposalNetwork(
-        anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
-        rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
-        {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
-        {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-        rpn_nms_thresh, rpn_score_thresh)
-    levels = ["0", "1", "2", "3"]
-    roi_heads = RoIHeads(
-        ops.MultiScaleRoIAlign(levels, 7, sampling_ratio=2),
-        BoxHead(c * 7 * 7, 1024), BoxPredictor(1024, num_classes),
-        ops.MultiScaleRoIAlign(levels, 14, sampling_ratio=2),
-        MaskHead(c), MaskPredictor(256, 256, num_classes),
-        box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction,
-        bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
-    transform = ImageTransform(min_size, max_size, image_mean, image_std)
-    model = MaskRCNN(transform, body, rpn, roi_heads, mask_threshold, fast_inference)
-    if weights is not None:
-        load_weights(model, weights)
-    return model
-
-
-def load_weights(model: nn.Module, path: str) -> None:
-    """Loads a state_dict file (this model's or torchvision's layout) into ``model``, strictly.
-    A training checkpoint ``{"model": state_dict, ...}`` is accepted too."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    model.load_state_dict(state, strict=True)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torchvision
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .coco import category_name
+from . import transform as T
+from .categories import category_name
+from .profiling import LEVEL_NAMES
 
 
 def read_image(path: str) -> Tensor:
@@ -91,3 +93,27 @@ def feature_heatmap(feature: Tensor) -> Tensor:
     f = (pos - i)[..., None]
     rgb = stops[i] * (1 - f) + stops[i + 1] * f
     return rgb.permute(2, 0, 1).round().to(torch.uint8)
+
+
+def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_hw,
+                      names=None) -> List[str]:
+    """Writes one image per stage into ``save_dir`` (detections labelled with ``names``, COCO's
+    by default); returns the paths."""
+    os.makedirs(save_dir, exist_ok=True)
+    paths = []
+
+    def save(img, name):
+        path = os.path.join(save_dir, name)
+        save_image(img, path)
+        paths.append(path)
+
+    save(draw_detections(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0),
+                                 "scores": torch.zeros(0)}), "1_input.png")
+    for k, f in rec.outputs["features"].items():
+        save(feature_heatmap(f[0]), f"2_features_{LEVEL_NAMES.get(k, k)}.png")
+    proposals, scores = rec.outputs["proposals"]
+    # Proposals live in the resized image: map the best 100 back to the input image.
+    top = T.resize_boxes(proposals[0][:100].cpu(), batch_size_hw, image.shape[-2:])
+    save(draw_boxes(image, top), "3_proposals_top100.png")
+    save(draw_detections(image, det, score_thresh=0.5, names=names), "6_masks.png")
+    return paths

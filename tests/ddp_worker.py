@@ -5,8 +5,9 @@ from pathlib import Path
 
 import torch
 
-from models import distributed as dist_utils
-from models.train import TrainConfig, train
+from models.engine import distributed as dist_utils
+from models.engine import TrainConfig
+from tools.train import train
 
 from train_helpers import tiny_model
 

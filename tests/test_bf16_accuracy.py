@@ -14,9 +14,9 @@ import torch
 from models.build import model_from_checkpoint
 from models.data import CocoDataset, collate
 from models.data.shapes import generate
-from models.demo import demo_config
+from models.engine.demo import demo_config
 from models.evaluation import evaluate
-from models.train import ShardSampler, train
+from models.engine import ShardSampler, train
 
 BOUND = 0.01  # AP, box and mask
 

@@ -226,8 +226,8 @@ def test_autocast_around_the_model_warns_once_where_slow(float32_detections):
 def test_command_line_amp_choices():
     import argparse
 
-    from models.cli_common import _half, autocast
-    from models.train import autocast_dtype
+    from tools._options import _half, autocast
+    from models.engine import autocast_dtype
 
     with cpu.pretend(native_bf16=False):
         a = argparse.Namespace(amp="auto", device="cpu", no_optimize=True)

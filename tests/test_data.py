@@ -8,7 +8,7 @@ import torch
 
 from models.data import CocoDataset, DatasetError, collate, find_split
 from models.data.coco import hflip
-from models.data.shapes import main as shapes_main
+from tools.shapes import main as shapes_main
 
 from train_helpers import SIZE, make_shapes
 

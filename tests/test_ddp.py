@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from models.build import build_model
-from models.checkpoint import load_checkpoint
-from models.train import make_loaders, make_optimizer, make_schedule, seed_everything, train_step
-from models.schedule import build_scheduler
+from models.engine.checkpoint import load_checkpoint
+from models.engine import make_loaders, make_optimizer, make_schedule, seed_everything, train_step
+from models.engine.schedule import build_scheduler
 
 from ddp_worker import ddp_config
 from train_helpers import make_shapes

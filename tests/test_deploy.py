@@ -211,6 +211,18 @@ def test_import_maskops_does_not_import_onnxscript():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_onnx_attribute_after_plain_import():
+    """`maskops.onnx` loads on first access, with no `import maskops.onnx`."""
+    import subprocess
+    import sys
+    code = ("import sys, maskops\n"
+            "assert 'maskops.onnx' not in sys.modules\n"
+            "assert maskops.onnx.OPSET == 18 and 'onnxscript' in sys.modules\n"
+            "assert callable(maskops.onnx.custom_translation_table)\n"
+            "assert not hasattr(maskops, 'no_such_name')\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ---- the model (models/export.py) ----
 
 def _tiny_model(**kw):
@@ -223,8 +235,8 @@ def _tiny_model(**kw):
 
 
 def _same_detections(expected, got):
-    from models.compare import compare_detections
-    from models.export import MASK_AGREEMENT
+    from models.evaluation import compare_detections
+    from models.deploy import MASK_AGREEMENT
     d = compare_detections(expected, got)  # boxes within 1e-2 px, scores within 1e-4
     assert d.identical() and (not d.pairs or d.mask_agreement >= MASK_AGREEMENT), d.summary()
     assert got["masks"].dtype == torch.bool and got["labels"].dtype == torch.int64
@@ -244,7 +256,7 @@ def test_model_onnx(tmp_path, capsys):
     """`--format onnx --check` (exit 0), the file on another image of the size, and the check
     failing on a detection moved by 1 px. Two classes: random weights then give scores
     ~0.5, above the default threshold 0.05, so there are detections to compare."""
-    from models import export
+    from tools import export
     args = _cli(tmp_path, "--num-classes", "2", "--format", "onnx")
     path = str(tmp_path / "m.onnx")
     assert export.main(args + ["--out", path, "--check"]) == 0
@@ -267,7 +279,7 @@ def test_model_onnx(tmp_path, capsys):
 def _parse(args):
     import argparse
 
-    from models.cli_common import add_model_args
+    from tools._options import add_model_args
     p = argparse.ArgumentParser()
     p.add_argument("--image")
     p.add_argument("--format")
@@ -281,7 +293,7 @@ def test_model_onnx_no_detections(tmp_path, request):
     no detections, empty outputs of the right shapes (a second model export: `-m slow`)."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("another model export (~30 s): run with -m slow")
-    from models import export
+    from tools import export
     out = str(tmp_path / "m.onnx")
     args = _cli(tmp_path, "--format", "onnx")
     assert export.main(args + ["--out", out, "--check"]) == 0
@@ -292,7 +304,7 @@ def test_model_onnx_no_detections(tmp_path, request):
 def test_model_aoti(tmp_path):
     """AOTInductor package of the tiny model, loaded after `import maskops`. ~35 s on the
     2-core machine when quiet (most of it compiling the generated C++)."""
-    from models.export import aoti_runner, export_aoti
+    from models.deploy import aoti_runner, export_aoti
     g = torch.Generator().manual_seed(9)
     model = _tiny_model()
     images = [torch.rand(3, 90, 120, generator=g) for _ in range(2)]

@@ -81,7 +81,7 @@ def test_evaluate_cli_on_torchvision_layout_weights(shapes, tmp_path, capsys):
     # A torchvision Mask R-CNN state_dict (random weights) loads and is scored.
     import torchvision
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from models.evaluate import main
+    from tools.evaluate import main
     torch.manual_seed(0)
     tv = torchvision.models.detection.MaskRCNN(
         resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=4)
@@ -95,7 +95,7 @@ def test_evaluate_cli_on_torchvision_layout_weights(shapes, tmp_path, capsys):
 
 
 def test_evaluate_cli_bad_weights_file(shapes, tmp_path, capsys):
-    from models.evaluate import main
+    from tools.evaluate import main
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 100)
     assert main(["--data", str(shapes), "--weights", str(bad), "--backbone", "resnet18",

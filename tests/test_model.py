@@ -20,8 +20,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from models import STAGES, build_mask_rcnn, ops
 from models.anchors import AnchorGenerator
-from models.compare import compare_detections
-from models.equivalence import compare_stages, record_stages
+from models.evaluation import compare_detections
+from models.testing.equivalence import compare_stages, record_stages
 from models.fuse import ConvAct, fold_batchnorms, fold_conv_bn
 
 # Small images, and few proposals and detections: the heads' cost scales with them.
@@ -393,7 +393,7 @@ CLI_MODEL = ["--backbone", "resnet18", "--min-size", "96", "--max-size", "128"]
 
 
 def test_predict_cli(image_file, tmp_path, capsys):
-    from models import predict
+    from tools import predict
     out = tmp_path / "pred.png"
     assert predict.main(["--image", image_file, "--out", str(out), "--score-thresh", "0.0"]
                         + CLI_MODEL) == 0
@@ -405,7 +405,7 @@ def test_predict_cli(image_file, tmp_path, capsys):
 
 
 def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
-    from models import trace
+    from tools import trace
     assert trace.main(["--image", image_file, "--json", "--save-dir", str(tmp_path / "st")]
                       + CLI_MODEL) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
@@ -421,9 +421,9 @@ def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
 def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, capsys):
     """--checkpoint rebuilds the model from the config a models.train checkpoint holds and
     names detections with its class names; the detections equal the model's own."""
-    from models import predict, trace
+    from tools import predict, trace
     from models.build import build_model
-    from models.checkpoint import save_checkpoint
+    from models.engine.checkpoint import save_checkpoint
     from models.visualize import read_image
     from train_helpers import tiny_model as tiny_config_model
 
@@ -466,7 +466,7 @@ def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, caps
 # ---- torch.export ----
 
 def test_exported_program_gives_the_same_detections(tmp_path):
-    from models.export import export_model
+    from models.deploy import export_model
     g = torch.Generator().manual_seed(3)
     model = tiny_model(box_score_thresh=0.0).eval().optimize_for_inference()
     images = [torch.rand(3, 100, 140, generator=g) for _ in range(2)]
@@ -483,7 +483,7 @@ def test_exported_program_gives_the_same_detections(tmp_path):
 
 def test_exported_program_handles_no_detections():
     # maskops.nms's fake kernel allows 0 kept boxes (torchvision's declares at least 2).
-    from models.export import export_model
+    from models.deploy import export_model
     model = tiny_model(box_score_thresh=1.0).eval()  # nothing passes: empty outputs
     image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from models import build_mask_rcnn
-from models.equivalence import compare_stages, record_stages
+from models.testing.equivalence import compare_stages, record_stages
 
 torchvision_mask_rcnn = torchvision.models.detection.maskrcnn_resnet50_fpn
 

@@ -8,7 +8,7 @@ import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 import maskops
-from models.equivalence import compare_stages, record_stages
+from models.testing.equivalence import compare_stages, record_stages
 
 
 @pytest.fixture(scope="module")

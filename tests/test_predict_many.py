@@ -24,9 +24,9 @@ import pytest
 import torch
 import torchvision
 
-from models import predict
+from tools import predict
 from models.build import build_model, model_from_checkpoint
-from models.checkpoint import save_checkpoint
+from models.engine.checkpoint import save_checkpoint
 from models.visualize import read_image
 
 pytest.importorskip("pycocotools")

@@ -16,7 +16,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 import maskops
-from models.equivalence import check_rpn_proposals
+from maskops.testing import ops as testing_ops
+from models.testing.equivalence import check_rpn_proposals
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SIZES = ((32,), (64,), (128,), (256,), (512,))
@@ -223,7 +224,7 @@ def test_empty_inputs():
     boxes, scores = maskops.rpn_proposals(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [],
                                           10, 10, 0.7, 0.0, 1e-3, [5])
     assert boxes == [] and scores == []
-    op = torch.ops.maskops._rpn_proposals_elementwise
+    op = testing_ops._rpn_proposals_elementwise
     assert op(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [], 10, 10, 0.7, 0.0, 1e-3,
               [5]) == ([], [])
     boxes, scores = op(obj, deltas, anchors, [10, 10, 10, 10], 10, 10, 0.7, 0.0, 1e-3, [0, 0])
@@ -239,7 +240,7 @@ def test_elementwise_op_agrees(image_size, batch):
     case = make_case(image_size, batch, seed=8, logit_range=4.0)
     rpn = make_rpn()
     ref = maskops_proposals(rpn, *case)
-    got = maskops_proposals(rpn, *case, op=torch.ops.maskops._rpn_proposals_elementwise)
+    got = maskops_proposals(rpn, *case, op=testing_ops._rpn_proposals_elementwise)
     for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
         assert gb.shape == rb.shape
         torch.testing.assert_close(gs, rs, rtol=0, atol=1e-6)
@@ -265,7 +266,7 @@ def test_elementwise_op_is_a_valid_selection_even_at_boundaries():
     # decide differently; the check accepts any selection correct up to rounding, and no other.
     case = make_case((517, 703), 2, seed=12, logit_range=0.05)
     rpn = make_rpn(pre=300, post=200)
-    boxes, scores = maskops_proposals(rpn, *case, op=torch.ops.maskops._rpn_proposals_elementwise)
+    boxes, scores = maskops_proposals(rpn, *case, op=testing_ops._rpn_proposals_elementwise)
     for i in range(2):
         check = proposal_check(case, rpn, boxes[i], scores[i], i)
         assert check.ok, check.detail
@@ -283,7 +284,7 @@ def test_elementwise_op_settings():
         rpn = make_rpn(pre, post, 0.6, score_thresh)
         ref = maskops_proposals(rpn, *case, min_size=min_size)
         got = maskops_proposals(rpn, *case, min_size=min_size,
-                                op=torch.ops.maskops._rpn_proposals_elementwise)
+                                op=testing_ops._rpn_proposals_elementwise)
         for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
             assert gb.shape == rb.shape
             torch.testing.assert_close(gb, rb, rtol=0, atol=1e-4)
@@ -301,7 +302,7 @@ def test_elementwise_op_per_image_segments():
         rpn = make_rpn(pre, post, 0.6, score_thresh)
         ref = maskops_proposals(rpn, *case, min_size=min_size)
         got = maskops_proposals(rpn, *case, min_size=min_size,
-                                op=torch.ops.maskops._rpn_proposals_elementwise)
+                                op=testing_ops._rpn_proposals_elementwise)
         assert len(got[0]) == 3
         for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
             assert gb.shape == rb.shape
@@ -318,10 +319,15 @@ def _opcheck_args(anchor_batch=False):
             0.0, 1e-3, per_level)
 
 
+def _op(name):
+    """The product op, or its test-only twin (torch.ops.maskops_testing)."""
+    return getattr(testing_ops if name == "_rpn_proposals_elementwise" else torch.ops.maskops, name)
+
+
 @pytest.mark.parametrize("op", ["rpn_proposals", "_rpn_proposals_elementwise"])
 @pytest.mark.parametrize("anchor_batch", [False, True])
 def test_opcheck(op, anchor_batch):
-    torch.library.opcheck(getattr(torch.ops.maskops, op).default, _opcheck_args(anchor_batch))
+    torch.library.opcheck(_op(op).default, _opcheck_args(anchor_batch))
 
 
 def test_torch_compile_fullgraph():
@@ -389,7 +395,7 @@ def test_bad_input(case):
 
 def direct(o=O, d=D, a=A, sizes=(40, 40, 40, 40), pre=10, post=10, nms=0.7, score=0.0, min_size=1e-3,
            levels=(20, 10), op="rpn_proposals"):
-    return getattr(torch.ops.maskops, op)(o, d, a, list(sizes), pre, post, nms, score, min_size, list(levels))
+    return _op(op)(o, d, a, list(sizes), pre, post, nms, score, min_size, list(levels))
 
 
 BAD_DIRECT = [

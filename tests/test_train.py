@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from models.build import build_model
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import CocoDataset, collate
 from models.evaluation import coco_evaluate, detections_to_coco
-from models.train import TrainConfig, config_differences, train, train_step
+from models.engine import TrainConfig, config_differences, train_step
+from tools.train import train
 
 from train_helpers import make_shapes, tiny_config, tiny_model
 
@@ -124,7 +125,7 @@ def test_corrupted_checkpoint_names_the_file(tmp_path, capsys, shapes):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     # The command line reports it and exits with status 2, without a traceback.
-    from models.train import main
+    from tools.train import main
     args = ["--data", str(shapes), "--out", str(tmp_path), "--resume", str(path),
             "--backbone", "resnet18", "--min-size", "64", "--max-size", "64"]
     assert main(args) == 2
@@ -149,7 +150,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _cli(shapes, out, *extra):
-    return [sys.executable, "-m", "models.train", "--data", str(shapes), "--out", str(out),
+    return [sys.executable, "-m", "tools.train", "--data", str(shapes), "--out", str(out),
             "--backbone", "resnet18", "--norm", "gn", "--fpn-channels", "32",
             "--representation-size", "64", "--mask-head-channels", "32",
             "--mask-head-convs", "1", "--anchor-sizes", "8", "16", "32", "64", "128",
@@ -186,7 +187,7 @@ def test_sigterm_mid_epoch_leaves_last_checkpoint_loadable(shapes, tmp_path):
 
 
 def test_bf16_autocast_step_and_fp16_needs_gpu(shapes):
-    from models.train import autocast_dtype
+    from models.engine import autocast_dtype
     torch.manual_seed(0)
     model = build_model(tiny_model()).train()
     ds = CocoDataset(shapes, "train")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models.build import ModelConfig
 from models.data.shapes import generate
-from models.train import TrainConfig
+from models.engine import TrainConfig
 
 SIZE = 64
 

@@ -410,3 +410,10 @@ def collate(batch):
 def num_workers_default() -> int:
     """Loader workers: none on small machines, where the decode is cheaper than the IPC."""
     return 0 if (os.cpu_count() or 1) <= 4 else 4
+
+
+def dataset_num_classes(data: str, split: str, labels: str) -> int:
+    """Classes (background included) of a split, from its categories only."""
+    _, ann = find_split(data, split)
+    ids = [c["id"] for c in load_coco_json(ann)["categories"]]
+    return (len(ids) if labels == "contiguous" else max(ids, default=0)) + 1

@@ -1,6 +1,6 @@
 """A synthetic instance segmentation dataset of coloured shapes, written in COCO format.
 
-    python -m models.data.shapes --out DIR --train N --val M --size S --seed K
+    generate(out, train, val, size, seed)     # or: python -m tools.shapes --out DIR ...
 
 writes ``DIR/{train,val}/NNNNNN.png`` and ``DIR/annotations/instances_{train,val}.json``,
 which :class:`models.data.CocoDataset` reads like any COCO split. Each image has a solid,
@@ -16,11 +16,10 @@ seeded generator.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -164,27 +163,3 @@ def generate(out, train: int, val: int, size: int = 128, seed: int = 0, min_shap
     write_split(out, "val", val, size, seed, min_shapes, max_shapes, empty_every,
                 first_image_id=10_000_000, first_ann_id=10_000_000)
     return out
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=400, help="training images")
-    p.add_argument("--val", type=int, default=100, help="validation images")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-shapes", type=int, default=1)
-    p.add_argument("--max-shapes", type=int, default=3)
-    p.add_argument("--empty-every", type=int, default=0,
-                   help="every k-th image has no shapes (0: none)")
-    a = p.parse_args(argv)
-    if a.size < 16:
-        p.error("--size must be at least 16")
-    if not 0 <= a.min_shapes <= a.max_shapes:
-        p.error("need 0 <= --min-shapes <= --max-shapes")
-    generate(a.out, a.train, a.val, a.size, a.seed, a.min_shapes, a.max_shapes, a.empty_every)
-    print(f"wrote {a.train} train and {a.val} val images of {a.size}x{a.size} to {a.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,49 +1,41 @@
-"""Runs Mask R-CNN on one image or many: prints or writes the detections and draws them.
+"""Inference over image files: one image or many (folders, globs, list files), decoded in
+DataLoader workers, sharded across ranks under torchrun, written as COCO results and drawn
+(the predict tool: ``python -m tools.predict``).
 
-    python -m models.predict --weights W.pth --image IMG [--out pred.png] [--score-thresh 0.5]
-    python -m models.predict --checkpoint RUN/best.pt --image IMG   (a models.train run)
-    python -m models.predict --weights W.pth --image DIR|'GLOB'|LIST.txt --results dets.json \\
-        [--batch-size 4] [--workers 2] [--draw-dir drawn/] [--coco-annotations ann.json]
-    torchrun --nproc-per-node 4 -m models.predict ... --results dets.json   (one shard per rank)
+``image`` takes one image, a folder (its images, not its subfolders), a glob (``**``
+recurses) or a list file (``.txt``/``.lst``/``.list``: one path a line, relative to the list
+file's folder; blank lines and ``#`` comments are ignored), or several of these.
 
-``--image`` takes one image, a folder (its images, not its subfolders), a glob (quote it;
-``**`` recurses) or a list file (``.txt``/``.lst``/``.list``: one path a line, relative
-to the list file's folder; blank lines and ``#`` comments are ignored), or several of these.
-One image prints its detections as a table; many show a progress bar on stderr and
-print images/s at the end.
-
-``--results`` writes COCO's results format: one entry per detection with ``image_id``,
+``results`` gets COCO's results format: one entry per detection with ``image_id``,
 ``category_id``, ``bbox`` ``[x, y, w, h]`` in input pixels, ``score`` and ``segmentation``
-(compressed RLE, ``counts`` a str). Image ids come from ``--coco-annotations`` (matched by
-file name) or are 1, 2, ... in sorted path order; then an images file (``--images-json``,
+(compressed RLE, ``counts`` a str). Image ids come from ``coco_annotations`` (matched by
+file name) or are 1, 2, ... in sorted path order; then an images file (``images_json``,
 default ``<results>.images.json``) lists ``{"images": [{"id", "file_name", "width",
 "height"}], "categories": [{"id", "name"}], "skipped": [{"file_name", "error"}]}``, which
-``pycocotools.coco.COCO`` loads (``COCO(images_json).loadRes(results)``).
-
-An image that cannot be read is named on stderr and skipped. Without --weights the model
-has random weights (a warning says so): the pipeline runs end to end, but its detections
-mean nothing.
+``pycocotools.coco.COCO`` loads (``COCO(images_json).loadRes(results)``). An image that
+cannot be read is reported and skipped.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import glob
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import maskops
 import torch
 import torchvision
 from torch import Tensor
 
+import maskops
+
+from ..config import option
+from ..visualize import draw_detections, save_image
 from . import distributed as dist_utils
-from .cli_common import add_model_args, autocast, load_model
-from .visualize import draw_detections, save_image
+from .report import SILENT, Report
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io decodes
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
@@ -214,50 +206,44 @@ def _draw_names(paths: Sequence[str]) -> Dict[str, str]:
             for i, (p, s) in enumerate(zip(paths, stems))}
 
 
-# ---- the CLI ----
+# ---- the run ----
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", "--images", dest="image", nargs="+", required=True,
-                   metavar="PATH",
-                   help="an image (PNG or JPEG), a folder, a glob or a list file (.txt); "
-                        "several may be given")
-    p.add_argument("--out", default=None,
-                   help="one image: where to write it with its detections drawn")
-    p.add_argument("--score-thresh", type=float, default=0.5,
-                   help="detections printed and drawn (the results keep all the model keeps)")
-    p.add_argument("--box-score-thresh", type=float, default=0.05,
-                   help="the model's own score threshold: detections under it are dropped "
-                        "(also from --results)")
-    p.add_argument("--results", default=None, help="write COCO-format results JSON here")
-    p.add_argument("--images-json", default=None,
-                   help="where to write the images list when ids are assigned (default: "
-                        "<results>.images.json)")
-    p.add_argument("--coco-annotations", default=None,
-                   help="a COCO annotations file: image ids are its ids, matched by file name")
-    p.add_argument("--draw-dir", default=None,
-                   help="write each image with its detections drawn here (<stem>.png)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader processes decoding images (0: in the main process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_args(p)
-    return p
+@dataclass
+class PredictOptions:
+    """What :func:`predict_files` does; the predict tool's options are these fields."""
+    image: List[str] = option([], "an image (PNG or JPEG), a folder, a glob or a list file "
+                              "(.txt); several may be given", flags=("--image", "--images"),
+                              nargs="+", required=True, metavar="PATH")
+    out: Optional[str] = option(None, "one image: where to write it with its detections drawn")
+    score_thresh: float = option(0.5, "detections printed and drawn (the results keep all the "
+                                 "model keeps)")
+    box_score_thresh: float = option(0.05, "the model's own score threshold: detections under "
+                                     "it are dropped (also from --results)")
+    results: Optional[str] = option(None, "write COCO-format results JSON here")
+    images_json: Optional[str] = option(None, "where to write the images list when ids are "
+                                        "assigned (default: <results>.images.json)")
+    coco_annotations: Optional[str] = option(None, "a COCO annotations file: image ids are its "
+                                             "ids, matched by file name")
+    draw_dir: Optional[str] = option(None, "write each image with its detections drawn here "
+                                     "(<stem>.png)")
+    batch_size: int = option(1)
+    workers: int = option(0, "DataLoader processes decoding images (0: in the main process)")
+    progress: bool = option(True, "progress bar")
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return run(a)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        dist_utils.cleanup()
+def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.nn.Module],
+                  device: str = "cpu", autocast: Optional[Callable[[], Any]] = None,
+                  report: Report = SILENT) -> int:
+    """Runs the model ``load_model(device)`` gives over the images ``a.image`` names (see the
+    module docstring), this rank's share under torchrun, and writes what ``a`` asks for.
+    Reports the detections (one image), progress, skipped images and the images/s.
 
+    Returns:
+        How many images were read (all ranks; 0 on ranks other than 0).
 
-def run(a: argparse.Namespace) -> int:
+    Raises:
+        InputError: an input names nothing, or the options contradict each other.
+    """
     if a.batch_size < 1 or a.workers < 0:
         raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {a.batch_size} "
                          f"and {a.workers}")
@@ -272,7 +258,7 @@ def run(a: argparse.Namespace) -> int:
         ids = image_ids_from_annotations(paths, a.coco_annotations)
         missing = [p for p in paths if p not in ids]
         for p in missing:
-            print(f"skipped {p}: not in {a.coco_annotations}", file=sys.stderr)
+            report.line(f"skipped {p}: not in {a.coco_annotations}", err=True)
         if not ids:
             raise InputError(f"no input image is in {a.coco_annotations}")
         paths = [p for p in paths if p in ids]
@@ -281,10 +267,12 @@ def run(a: argparse.Namespace) -> int:
         missing = []
     draw_names = _draw_names(paths)
 
-    device = dist_utils.init(a.device)
+    rank_device = dist_utils.init(device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main_rank = dist_utils.is_main_process()
-    model = load_model(_with_device(a, device), box_score_thresh=a.box_score_thresh)
+    # dist_utils.init picks this rank's GPU (cuda:LOCAL_RANK) under torchrun.
+    device = torch.device(device if device == "cpu" else rank_device)
+    model = load_model(device)
     label_map, cats = categories(model)
 
     shard = paths[rank::world]
@@ -293,10 +281,9 @@ def run(a: argparse.Namespace) -> int:
         collate_fn=collate_items, worker_init_fn=_worker_init if a.workers else None,
         pin_memory=device.type == "cuda")
     bar = None
-    if not single and main_rank and not a.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(shard), unit="img", file=sys.stderr, dynamic_ncols=True,
-                   desc="predict" if world == 1 else f"predict (rank 0 of {world})")
+    if not single and main_rank and a.progress:
+        bar = report.progress(len(shard), "predict" if world == 1 else
+                              f"predict (rank 0 of {world})", unit="img")
 
     results: List[dict] = []
     images_meta: List[dict] = []
@@ -307,13 +294,13 @@ def run(a: argparse.Namespace) -> int:
         good = [it for it in batch if it.image is not None]
         for it in batch:
             if it.image is None:
-                _say(f"skipped {it.path}: {it.error}", bar)
+                report.line(f"skipped {it.path}: {it.error}", err=True)
                 skipped.append({"file_name": it.path, "error": it.error})
         if good:
             # read_image's conversion, after the transfer (uint8 is what crosses processes).
             images = [it.image.to(device, non_blocking=True).float() / 255 for it in good]
             t0 = time.perf_counter()
-            with torch.inference_mode(), autocast(a):
+            with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
                 dets = model(images)
             elapsed = time.perf_counter() - t0
             for it, image, det in zip(good, images, dets):
@@ -326,11 +313,12 @@ def run(a: argparse.Namespace) -> int:
                 sel = det["scores"] >= a.score_thresh
                 kept += int(sel.sum())
                 if single:
-                    _print_table(it.path, image, det, sel, a.score_thresh, elapsed, model)
+                    _report_table(report, it.path, image, det, sel, a.score_thresh, elapsed,
+                                  model)
                 if a.out:
                     save_image(draw_detections(image, det, a.score_thresh,
                                                names=model.class_names), a.out)
-                    print(f"wrote {a.out}")
+                    report.line(f"wrote {a.out}")
                 if a.draw_dir:
                     save_image(draw_detections(image, det, a.score_thresh,
                                                names=model.class_names),
@@ -358,40 +346,27 @@ def run(a: argparse.Namespace) -> int:
                                       "skipped": skipped})
     if not single:
         n = len(images_meta)
-        print(f"{n} images ({len(skipped)} skipped), {len(results) if a.results else kept} "
-              f"detections{'' if a.results else f' with score >= {a.score_thresh}'}, "
-              f"{seconds:.1f} s: {n / max(seconds, 1e-9):.2f} images/s"
-              + (f" ({world} processes)" if world > 1 else ""))
+        report.line(f"{n} images ({len(skipped)} skipped), "
+                    f"{len(results) if a.results else kept} detections"
+                    f"{'' if a.results else f' with score >= {a.score_thresh}'}, "
+                    f"{seconds:.1f} s: {n / max(seconds, 1e-9):.2f} images/s"
+                    + (f" ({world} processes)" if world > 1 else ""))
     if a.results:
-        print(f"wrote {a.results}")
-    return 0 if images_meta else 1
+        report.line(f"wrote {a.results}")
+    return len(images_meta)
 
 
-def _with_device(a: argparse.Namespace, device: torch.device) -> argparse.Namespace:
-    # dist_utils.init picks this rank's GPU (cuda:LOCAL_RANK) under torchrun.
-    a = argparse.Namespace(**vars(a))
-    if a.device != "cpu":
-        a.device = str(device)
-    return a
-
-
-def _say(msg: str, bar) -> None:
-    if bar is not None:
-        bar.write(msg, file=sys.stderr)
-    else:
-        print(msg, file=sys.stderr)
-
-
-def _print_table(path: str, image: Tensor, det: Dict[str, Tensor], sel: Tensor,
-                 score_thresh: float, elapsed: float, model) -> None:
-    print(f"{path}: {image.shape[2]}x{image.shape[1]}, {int(sel.sum())} detections with "
-          f"score >= {score_thresh} ({len(det['scores'])} in all) in {elapsed * 1e3:.0f} ms")
-    print(f"{'class':<16} {'score':>6}   box (x1, y1, x2, y2)")
+def _report_table(report: Report, path: str, image: Tensor, det: Dict[str, Tensor],
+                  sel: Tensor, score_thresh: float, elapsed: float, model) -> None:
+    report.line(f"{path}: {image.shape[2]}x{image.shape[1]}, {int(sel.sum())} detections with "
+                f"score >= {score_thresh} ({len(det['scores'])} in all) in "
+                f"{elapsed * 1e3:.0f} ms")
+    report.line(f"{'class':<16} {'score':>6}   box (x1, y1, x2, y2)")
     for box, label, score in zip(det["boxes"][sel].tolist(), det["labels"][sel].tolist(),
                                  det["scores"][sel].tolist()):
         coords = ", ".join(f"{v:7.1f}" for v in box)
         name = model.class_names[label] if 0 <= label < len(model.class_names) else f"class {label}"
-        print(f"{name:<16} {score:6.3f}   ({coords})")
+        report.line(f"{name:<16} {score:6.3f}   ({coords})")
 
 
 def _write_json(path: str, obj) -> None:
@@ -400,7 +375,3 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,45 +1,40 @@
-"""The end-to-end demo: data, training, evaluation, a prediction and the pipeline trace.
-
-    python -m models.demo [--out demo_out] [--epochs N] [--quick]
+"""The end-to-end demo: data, training, evaluation, a prediction and the pipeline trace
+(the demo tool: ``python -m tools.demo``).
 
 1. writes the synthetic shapes dataset (COCO format) to ``OUT/shapes``;
 2. trains a small Mask R-CNN (ResNet-18-FPN, 128 px images) on the CPU from scratch,
-   printing the per-epoch table ``epoch | loss | box AP | mask AP | AP50 (mask) | time``;
+   reporting the per-epoch table ``epoch | loss | box AP | mask AP | AP50 (mask) | time``;
 3. evaluates the best checkpoint on the validation split (COCO box and mask AP, per class);
 4. draws the detections on a validation image (``OUT/prediction.png``);
-5. prints the six-stage pipeline trace (time and output of each stage) for that image.
+5. reports the six-stage pipeline trace (time and output of each stage) for that image.
 
-``--quick`` runs a much shorter version (a smoke test of the whole chain, meaningless AP).
+``quick`` runs a much shorter version (a smoke test of the whole chain, meaningless AP).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
+import time
+from pathlib import Path
+from typing import List, Optional
 
-# libgomp's default busy-waiting makes every torch thread spin while it waits for the
-# others; on a small machine shared with other work that costs up to 10x. Passive waiting
-# has to be chosen before the OpenMP runtime loads, hence the re-exec.
-if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.execv(sys.executable, [sys.executable, "-m", "models.demo", *sys.argv[1:]])
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import List, Optional  # noqa: E402
-
-import torch  # noqa: E402
-
-from .build import ModelConfig, build_model  # noqa: E402
-from .checkpoint import load_checkpoint  # noqa: E402
-from .data import CocoDataset, collate  # noqa: E402
-from .data.shapes import generate  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
-from .train import ShardSampler, TrainConfig, train  # noqa: E402
+from ..build import build_model
+from ..config import ModelConfig
+from ..data import CocoDataset, collate
+from ..data.shapes import generate
+from ..evaluation import evaluate
+from ..profiling import format_table, trace_rows
+from ..visualize import draw_detections, save_image
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .loaders import ShardSampler
+from .loop import train
+from .report import SILENT, Report
 
 # The demo's data: 128 px images with 1-3 shapes of three classes.
-DATA = dict(train=1000, val=100, size=128, seed=0, min_shapes=1, max_shapes=3)
+DEMO_DATA = dict(train=1000, val=100, size=128, seed=0, min_shapes=1, max_shapes=3)
 
 
 def demo_config(data: str, out: str, epochs: int = 5) -> TrainConfig:
@@ -61,8 +56,6 @@ def demo_config(data: str, out: str, epochs: int = 5) -> TrainConfig:
 
 def trace_image(model, image: torch.Tensor, names: List[str], out_png: Path) -> str:
     """Draws the detections on ``image`` (``out_png``) and returns the pipeline trace table."""
-    from .trace import format_table, trace_rows
-    from .visualize import draw_detections, save_image
     model.eval()
     with torch.inference_mode():
         model([image])  # warm-up, so that the trace times a steady-state forward
@@ -80,33 +73,30 @@ def trace_image(model, image: torch.Tensor, names: List[str], out_png: Path) -> 
     return f"detections (score >= 0.5): {', '.join(lines) or 'none'}\n\n{table}"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    data_cfg = dict(DATA)
-    if a.quick:
+def run_demo(out, epochs: Optional[int] = None, quick: bool = False,
+             report: Report = SILENT) -> None:
+    """Runs the five steps of the module docstring into the folder ``out``."""
+    say = report.line
+    out = Path(out)
+    data_cfg = dict(DEMO_DATA)
+    if quick:
         data_cfg.update(train=64, val=16)
     start = time.perf_counter()
 
-    print(f"[1/5] shapes dataset: {data_cfg['train']} train + {data_cfg['val']} val images of "
-          f"{data_cfg['size']} px -> {out / 'shapes'}", flush=True)
+    say(f"[1/5] shapes dataset: {data_cfg['train']} train + {data_cfg['val']} val images of "
+        f"{data_cfg['size']} px -> {out / 'shapes'}")
     generate(out / "shapes", data_cfg["train"], data_cfg["val"], data_cfg["size"],
              data_cfg["seed"], data_cfg["min_shapes"], data_cfg["max_shapes"])
 
     cfg = demo_config(str(out / "shapes"), str(out / "run"),
-                      a.epochs or (2 if a.quick else demo_config("", "").epochs))
-    if a.quick:
+                      epochs or (2 if quick else demo_config("", "").epochs))
+    if quick:
         cfg = dataclasses.replace(cfg, iters_per_epoch=4, warmup_iters=4)
-    print(f"\n[2/5] training ({cfg.epochs} epochs, CPU, {cfg.threads} threads)", flush=True)
+    say(f"\n[2/5] training ({cfg.epochs} epochs, CPU, {cfg.threads} threads)")
     t_train = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, report)
 
-    print("\n[3/5] evaluation of the best checkpoint on the validation split", flush=True)
+    say("\n[3/5] evaluation of the best checkpoint on the validation split")
     state = load_checkpoint(out / "run" / "best.pt")
     model = build_model(ModelConfig.from_dict(state["config"]["model"]))
     model.load_state_dict(state["model"])
@@ -115,28 +105,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          sampler=ShardSampler(len(val), 0, 1))
     ev = evaluate(model, loader, torch.device("cpu"))
     train_eval_s = time.perf_counter() - t_train
-    print(ev.summary)
-    print("\nper-class AP (percent)\n" + ev.per_class_table())
-    print(f"\nbest epoch {state['epoch']}: box AP {100 * ev.get('bbox'):.1f}, mask AP "
-          f"{100 * ev.get('segm'):.1f}, mask AP50 {100 * ev.get('segm', 'AP50'):.1f}")
+    say(ev.summary)
+    say("\nper-class AP (percent)\n" + ev.per_class_table())
+    say(f"\nbest epoch {state['epoch']}: box AP {100 * ev.get('bbox'):.1f}, mask AP "
+        f"{100 * ev.get('segm'):.1f}, mask AP50 {100 * ev.get('segm', 'AP50'):.1f}")
 
-    print("\n[4/5] prediction on a validation image", flush=True)
+    say("\n[4/5] prediction on a validation image")
     # The first validation image with several shapes makes the more telling picture.
     index = next((i for i in range(len(val)) if len(val.coco.imgToAnns.get(val.ids[i], [])) >= 3),
                  0)
     image, target = val[index]
     truth = ", ".join(state["class_names"][int(l)] for l in target["labels"])
-    report = trace_image(model, image, state["class_names"], out / "prediction.png")
-    print(f"wrote {out / 'prediction.png'} (input {val.image_path(index)}; ground truth: "
-          f"{truth})")
+    trace_text = trace_image(model, image, state["class_names"], out / "prediction.png")
+    say(f"wrote {out / 'prediction.png'} (input {val.image_path(index)}; ground truth: "
+        f"{truth})")
 
-    print("\n[5/5] pipeline trace of that image\n" + report)
-    print(f"\ntraining + evaluation: {train_eval_s / 60:.1f} min; whole demo "
-          f"{(time.perf_counter() - start) / 60:.1f} min; loss per epoch "
-          + " > ".join(f"{r['loss']:.3f}" for r in result.history)
-          + f"; outputs in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    say("\n[5/5] pipeline trace of that image\n" + trace_text)
+    say(f"\ntraining + evaluation: {train_eval_s / 60:.1f} min; whole demo "
+        f"{(time.perf_counter() - start) / 60:.1f} min; loss per epoch "
+        + " > ".join(f"{r['loss']:.3f}" for r in result.history)
+        + f"; outputs in {out}")

@@ -13,13 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-import maskops
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from . import distributed as dist_utils
+import maskops
+
+from ..engine import distributed as dist_utils
+from ..engine.report import Report
 
 # COCOeval.stats order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
@@ -159,9 +161,9 @@ def coco_evaluate(coco_gt: COCO, results: Dict[str, List[dict]], image_ids: Sequ
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device,
-            autocast_dtype: Optional[torch.dtype] = None, progress: bool = False
+            autocast_dtype: Optional[torch.dtype] = None, report: Optional[Report] = None
             ) -> Dict[str, List]:
-    """Runs ``model`` (eval mode) over ``loader``.
+    """Runs ``model`` (eval mode) over ``loader`` (a progress bar on ``report``, if given).
 
     Returns:
         ``{"bbox": [...], "segm": [...], "image_ids": [...]}`` for the images of this process.
@@ -170,11 +172,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device,
     dataset = loader.dataset
     label_map = getattr(dataset, "label_to_category_id", None)
     out = {"bbox": [], "segm": [], "image_ids": []}
-    it = loader
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
-    for images, targets in it:
+    bar = report.progress(len(loader), "eval") if report is not None else None
+    for images, targets in loader:
         images = [im.to(device, non_blocking=True) for im in images]
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                else contextlib.nullcontext())
@@ -185,11 +184,15 @@ def predict(model: torch.nn.Module, loader, device: torch.device,
         out["bbox"] += r["bbox"]
         out["segm"] += r["segm"]
         out["image_ids"] += ids
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return out
 
 
 def evaluate(model: torch.nn.Module, loader, device: torch.device,
-             autocast_dtype: Optional[torch.dtype] = None, progress: bool = False
+             autocast_dtype: Optional[torch.dtype] = None, report: Optional[Report] = None
              ) -> EvalResult:
     """Box and mask AP of ``model`` on ``loader``'s dataset (a :class:`CocoDataset`).
 
@@ -197,7 +200,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device,
     gathered and scored on rank 0, and every rank returns rank 0's result.
     """
     start = time.perf_counter()
-    local = predict(model, loader, device, autocast_dtype, progress)
+    local = predict(model, loader, device, autocast_dtype, report)
     parts = dist_utils.gather_objects(local)
     result = None
     if dist_utils.is_main_process():

@@ -57,13 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rpn import to_float32
-
 # torchvision's own paste, taken before anything (maskops.patch_torchvision) can replace it.
-from torchvision.models.detection.roi_heads import (expand_boxes as _expand_boxes,
-                                                    expand_masks as _expand_masks,
-                                                    paste_mask_in_image as _paste_one,
-                                                    paste_masks_in_image as _torchvision_paste)
+from torchvision.models.detection.roi_heads import expand_boxes as _expand_boxes
+from torchvision.models.detection.roi_heads import expand_masks as _expand_masks
+from torchvision.models.detection.roi_heads import paste_mask_in_image as _paste_one
+from torchvision.models.detection.roi_heads import paste_masks_in_image as _torchvision_paste
+
+from ..rpn import to_float32
 
 DROPPED, KEPT, FRAGILE = 0, 1, 2
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # the largest decoded log-scale, as in torchvision
@@ -125,7 +125,7 @@ class _Stages:
     torchvision's lay out their outputs."""
 
     def __init__(self, model) -> None:
-        from .mask_rcnn import MaskRCNN
+        from ..mask_rcnn import MaskRCNN
         self.model, self.ours = model, isinstance(model, MaskRCNN)
 
     def transform(self, images):
@@ -229,7 +229,7 @@ def record_stages(model, images: List[Tensor], forced_by: Optional[StageRecord] 
     """
     if model.training:
         raise ValueError("record_stages needs a model in eval mode")
-    from .mask_rcnn import MaskRCNN
+    from ..mask_rcnn import MaskRCNN
     if isinstance(model, MaskRCNN) and model._use_fast_path():
         model = model._fast_view()  # what its forward runs
     run = _Stages(model)

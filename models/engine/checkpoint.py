@@ -122,5 +122,5 @@ def load_checkpoint(path, required: Sequence[str] = ("model",), map_location="cp
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: not a training checkpoint "
-                              "of models.train")
+                              "of tools.train")
     return state

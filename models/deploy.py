@@ -1,8 +1,5 @@
-"""Exports the inference model: images in; boxes, labels, scores, masks out.
-
-    python -m models.export --image IMG --out maskrcnn.pt2 [--weights W.pth] [--check]
-    python -m models.export --format onnx --image IMG --out maskrcnn.onnx [--check]
-    python -m models.export --format aoti --image IMG --out maskrcnn_aoti.pt2 [--check]
+"""Writes the inference model as a file another runtime runs: images in; boxes, labels,
+scores, masks out (the export tool: ``python -m tools.export``).
 
 Formats:
   pt2   ``torch.export`` program (``torch.export.load(path).module()([image])``).
@@ -18,34 +15,31 @@ it in Python): export once per input size. The numbers of proposals and detectio
 data-dependent (NMS, score thresholds) and stay symbolic, so one file serves any image of
 that size, including one with no detections.
 
-``--check`` runs the written file on the example image and compares its detections with the
-eager model's (``models.compare.compare_detections``): every detection matched with the same
-label, boxes within ``--box-tol`` px (default 0.25) and scores within ``--score-tol``
-(default 1e-4), and matched masks agreeing on at least 99.9 % of pixels; the exit status is 1
-otherwise. The same model in another runtime differs only by float rounding (other kernels
-summing in other orders, amplified by the network), measured: the tiny ResNet-18 test model
-at 96-128 px, 3e-4 px and 2e-7 in score (ONNX), 7e-5 px (AOTI); ResNet-50 FPN at 800 x 1066
-(two classes, random weights, 100 detections), 4.8e-2 px and 1.3e-6 in score (ONNX),
-1.25e-2 px and 5e-7 (AOTI). The bounds leave 5x room there and still catch a real
-difference (a box moved by a pixel, a changed class, a missing detection). A mask pixel can flip where its probability sits at
+``check_file`` runs the written file on the example image and compares its detections with
+the eager model's (:func:`models.evaluation.compare_detections`): every detection matched with
+the same label, boxes within ``box_tol`` px (default 0.25) and scores within ``score_tol``
+(default 1e-4), and matched masks agreeing on at least 99.9 % of pixels. The same model in
+another runtime differs only by float rounding (other kernels summing in other orders,
+amplified by the network), measured: the tiny ResNet-18 test model at 96-128 px, 3e-4 px and
+2e-7 in score (ONNX), 7e-5 px (AOTI); ResNet-50 FPN at 800 x 1066 (two classes, random
+weights, 100 detections), 4.8e-2 px and 1.3e-6 in score (ONNX), 1.25e-2 px and 5e-7 (AOTI).
+The bounds leave 5x room there and still catch a real difference (a box moved by a pixel, a
+changed class, a missing detection). A mask pixel can flip where its probability sits at
 the 0.5 threshold, hence the agreement bound rather than equality.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 from torch import Tensor
 
-from .cli_common import add_model_args, load_model
-from .compare import compare_detections
+from .evaluation.agreement import DetectionDiff, compare_detections
 from .mask_rcnn import MaskRCNN
-from .visualize import read_image
 
 FORMATS = ("pt2", "onnx", "aoti")
 OUTPUTS = ("boxes", "labels", "scores", "masks")
@@ -188,10 +182,26 @@ def write(fmt: str, model: MaskRCNN, image: Tensor, path: str) -> None:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
-def check(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 0.25,
-          score_tol: float = 1e-4, reps: int = 3) -> bool:
-    """Runs the file at ``path`` on ``image`` and compares with the eager model; prints the
-    comparison and both runtimes' median times over ``reps`` runs (after one warm-up)."""
+@dataclass
+class FileCheck:
+    """What :func:`check_file` found: ``ok`` when the file's detections match the eager
+    model's; median times in ms."""
+    fmt: str
+    diff: DetectionDiff
+    ok: bool
+    eager_ms: float
+    file_ms: float
+    reps: int
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def check_file(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 0.25,
+               score_tol: float = 1e-4, reps: int = 3) -> FileCheck:
+    """Runs the file at ``path`` on ``image`` and compares with the eager model (see the
+    module docstring), and times both runtimes: medians over ``reps`` runs after one warm-up.
+    """
     run = RUNNERS[fmt](path)
     with torch.inference_mode():
         expected, got = model([image])[0], run(image)
@@ -205,37 +215,5 @@ def check(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 
             file_t.append(time.perf_counter() - t)
     diff = compare_detections(expected, got, box_tol=box_tol, score_tol=score_tol)
     ok = diff.identical() and (not diff.pairs or diff.mask_agreement >= MASK_AGREEMENT)
-    e, f = statistics.median(eager_t) * 1e3, statistics.median(file_t) * 1e3
-    print(f"{fmt} file vs eager model: {diff.summary()}")
-    print(f"time (median of {reps}): eager {e:.0f} ms, {fmt} {f:.0f} ms ({e / f:.2f}x)")
-    return ok
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True, help="an example image (sets the input size)")
-    p.add_argument("--out", required=True, help="where to write the file (.pt2 / .onnx)")
-    p.add_argument("--format", choices=FORMATS, default="pt2",
-                   help="pt2: torch.export program (default); onnx; aoti: AOTInductor package")
-    p.add_argument("--check", action="store_true",
-                   help="run the written file and compare with the eager model")
-    p.add_argument("--box-tol", type=float, default=0.25, help="--check: px (default 0.25)")
-    p.add_argument("--score-tol", type=float, default=1e-4, help="--check: (default 1e-4)")
-    add_model_args(p)
-    a = p.parse_args(argv)
-    if a.format != "pt2" and a.device != "cpu":
-        p.error(f"--format {a.format} is exported on the CPU here (--device cpu)")
-    image = read_image(a.image).to(a.device)
-    model = load_model(a)
-    start = time.perf_counter()
-    write(a.format, model, image, a.out)
-    print(f"{a.format}: exported for 3 x {image.shape[1]} x {image.shape[2]} images in "
-          f"{time.perf_counter() - start:.1f} s: {a.out}")
-    if a.check:
-        return 0 if check(a.format, model, image, a.out, a.box_tol, a.score_tol) else 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return FileCheck(fmt, diff, ok, statistics.median(eager_t) * 1e3,
+                     statistics.median(file_t) * 1e3, reps)
