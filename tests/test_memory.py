@@ -338,6 +338,33 @@ def test_off_switch(monkeypatch):
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_model_inference_routes_only_during_its_forward(monkeypatch, switch):
+    from torch.overrides import TorchFunctionMode
+
+    from models import build_mask_rcnn
+
+    if switch is not None:
+        monkeypatch.setenv("MASKOPS_CPU_CACHE_TORCH", switch)
+    depths = []
+
+    class Watch(TorchFunctionMode):  # this thread's open blocks at every torch call
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            depths.append(_allocator()["depth"])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_mask_rcnn("resnet18", num_classes=3, min_size=128, max_size=128).eval()
+    image = torch.rand(3, 128, 160)
+    with torch.inference_mode():
+        for _ in range(2):
+            with Watch():
+                model([image])
+            assert _torch_default_in_place()
+    assert max(depths) == (0 if switch == "0" else 1)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
 def test_only_the_threads_inside_a_block_are_routed():
     entered, done = threading.Event(), threading.Event()
     seen = {}
