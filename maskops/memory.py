@@ -83,9 +83,9 @@ def cpu_cache_for_torch(enabled: Optional[bool] = None) -> Iterator[bool]:
     freed.
 
     For repeated inference on the CPU: the activations of one call are mapped once and reused
-    by the next, instead of being faulted in page by page each time (for a ResNet-50 Mask
-    R-CNN at 800x800, ~120,000 page faults per call; what that costs against torch's and the
-    system's own allocators: ``benchmarks/results/allocator_*.md``). torch's CPU allocator is
+    by the next, instead of being faulted in page by page each time (what that saves for a
+    ResNet-50 Mask R-CNN, against torch's and the system's own allocators:
+    ``benchmarks/results/allocator_*.md``). torch's CPU allocator is
     replaced only while a block is open, by one that routes the requests of threads inside a
     block and passes every other thread's to the allocator torch had; once the last block
     ends (blocks nest and may be open on several threads), that allocator is torch's again.
