@@ -139,4 +139,5 @@ TORCH_LIBRARY(maskops, m) {
   m.def("_cpu_cache_stats() -> int[]", &maskops::cpu_cache_stats);
   m.def("_cpu_cache_set_limit(int bytes) -> int", &maskops::cpu_cache_set_limit);
   m.def("_cpu_cache_route_torch(bool on) -> bool", &maskops::cpu_cache_route_torch);
+  m.def("_cpu_cache_torch_allocator() -> int[]", &maskops::cpu_cache_torch_allocator);
 }

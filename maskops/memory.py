@@ -20,14 +20,18 @@ fragmented). Keep the cache warm, set the system's ``defrag`` to ``defer+madvise
 ``MASKOPS_CPU_HUGE_PAGES=0`` (ordinary pages) if that matters more than the faults saved.
 
 Inside ``with maskops.cpu_cache_for_torch():`` torch's own CPU allocations of 1 MiB and more
-(convolution and matmul outputs, oneDNN's buffers) come from the cache as well: a network's
-activations then reuse the previous call's memory instead of faulting in fresh pages on
-every call. The Mask R-CNN of ``models/`` runs its eval-mode inference inside it.
+(convolution and matmul outputs, oneDNN's buffers) made by the thread in the block come from
+the cache as well: a network's activations then reuse the previous call's memory instead of
+faulting in fresh pages on every call. torch's CPU allocator is swapped only while a block is
+open and put back when the last one ends; importing maskops or calling an op never changes it.
+The Mask R-CNN of ``models/`` runs its eval-mode inference inside it;
+``MASKOPS_CPU_CACHE_TORCH=0`` turns that off (the block then changes nothing).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from typing import Iterator, Optional
 
 import torch
 
@@ -62,24 +66,55 @@ def set_cpu_cache_limit(limit_bytes: int) -> int:
     return int(torch.ops.maskops._cpu_cache_set_limit(limit_bytes))
 
 
+#: The environment variable that turns :func:`cpu_cache_for_torch` off when set to ``0``.
+ROUTE_ENV = "MASKOPS_CPU_CACHE_TORCH"
+
+
+def _route_wanted(enabled: Optional[bool]) -> bool:
+    if enabled is not None:
+        return bool(enabled)
+    return os.environ.get(ROUTE_ENV, "1").strip() != "0"
+
+
 @contextlib.contextmanager
-def cpu_cache_for_torch() -> Iterator[bool]:
-    """Within the block, every CPU tensor of 1 MiB and more that torch allocates (any op, any
-    thread) takes its memory from maskops' buffer cache, and gives it back there when freed.
+def cpu_cache_for_torch(enabled: Optional[bool] = None) -> Iterator[bool]:
+    """Within the block, every CPU tensor of 1 MiB and more that torch allocates on this
+    thread (any op) takes its memory from maskops' buffer cache, and gives it back there when
+    freed.
 
     For repeated inference on the CPU: the activations of one call are mapped once and reused
-    by the next, instead of being faulted in page by page each time (for a ResNet-50 Mask
-    R-CNN at 800x800, ~120,000 page faults and ~15 % of a call's time). Tensors made inside
-    stay ordinary CPU tensors and may outlive the block, oneDNN's buffers (reordered
-    weights) included: each is freed to whoever allocated it. Blocks nest and may be entered
-    from several threads; once the last one exits, allocations go to torch's previous
-    allocator again. Yields
-    whether the cache is in use (False in sanitizer builds, or where another allocator was
-    registered with a higher priority). Memory kept between calls is bounded by the limit
+    by the next, instead of being faulted in page by page each time (what that saves for a
+    ResNet-50 Mask R-CNN, against torch's and the system's own allocators:
+    ``benchmarks/results/allocator_*.md``). torch's CPU allocator is
+    replaced only while a block is open, by one that routes the requests of threads inside a
+    block and passes every other thread's to the allocator torch had; once the last block
+    ends (blocks nest and may be open on several threads), that allocator is torch's again.
+    Tensors made inside stay ordinary CPU tensors and may outlive the block, oneDNN's buffers
+    (reordered weights) included: each is freed to whoever allocated it.
+
+    Args:
+        enabled: ``False`` makes the block change nothing; ``None`` (default) follows the
+            environment: ``MASKOPS_CPU_CACHE_TORCH=0`` turns routing off.
+
+    Yields whether this thread's allocations go to the cache (False when turned off, in
+    sanitizer builds, or where torch's CPU allocator is not its default one, e.g. another
+    library's registered allocator). Memory kept between calls is bounded by the limit
     (:func:`set_cpu_cache_limit`); :func:`empty_cache` returns it.
     """
+    if not _route_wanted(enabled):
+        yield False
+        return
     routed = bool(torch.ops.maskops._cpu_cache_route_torch(True))
     try:
         yield routed
     finally:
         torch.ops.maskops._cpu_cache_route_torch(False)
+
+
+def _torch_allocator_state() -> dict:
+    """For tests: torch's CPU allocator now (``current``, an address), torch's default CPU
+    allocator (``default``), maskops' routing allocator (``route``, 0 if never made), the
+    blocks open on this thread (``depth``) and on all threads (``open``)."""
+    current, default, route, depth, open_ = torch.ops.maskops._cpu_cache_torch_allocator()
+    return {"current": current, "default": default, "route": route, "depth": depth,
+            "open": open_}

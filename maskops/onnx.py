@@ -79,6 +79,7 @@ UNSUPPORTED = {
     "_cpu_cache_stats": "a memory-management call",
     "_cpu_cache_set_limit": "a memory-management call",
     "_cpu_cache_route_torch": "a memory-management call",
+    "_cpu_cache_torch_allocator": "a memory-management call",
 }
 
 _INT64 = 7  # onnx.TensorProto.INT64

@@ -21,7 +21,8 @@ MultiScaleRoIAlign = maskops.MultiScaleRoIAlign
 paste_masks = maskops.paste_masks
 
 # Eval-mode inference allocates its CPU activations from maskops' buffer cache (no page
-# faults for memory the previous call already mapped).
+# faults for memory the previous call already mapped): torch's allocator is routed there
+# only for the forward's own thread and length; MASKOPS_CPU_CACHE_TORCH=0 turns it off.
 cpu_cache_for_torch = maskops.cpu_cache_for_torch
 
 # NMS and box geometry: Tensor[N, 4] boxes; NMS returns int64 indices by decreasing score.

@@ -277,6 +277,118 @@ def _probe_routed() -> bool:
     return after["hits"] + after["misses"] > before["hits"] + before["misses"]
 
 
+def _allocator() -> dict:
+    return maskops.memory._torch_allocator_state()
+
+
+def _torch_default_in_place() -> bool:
+    s = _allocator()
+    return s["current"] == s["default"] and s["open"] == 0 and s["depth"] == 0
+
+
+EVERY_OP_LEAVES_THE_ALLOCATOR = """
+import io, torch
+import maskops
+from maskops import check, memory
+def default():
+    s = memory._torch_allocator_state()
+    return s["current"] == s["default"] and s["route"] == 0
+assert default()
+# every op with its gradients and test-only twins, as the self-check calls them
+report = check.run(quick=True, devices="cpu", out=io.StringIO())
+assert report.ok
+maskops.set_cpu_cache_limit(maskops.set_cpu_cache_limit(1 << 20))
+maskops.cpu_cache_info(); maskops.empty_cache()
+print("ok", default())
+"""
+
+
+def test_importing_and_calling_every_op_leaves_torchs_allocator_alone():
+    r = _run(EVERY_OP_LEAVES_THE_ALLOCATOR)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["ok", "True"]
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_torchs_allocator_is_replaced_only_while_a_block_is_open():
+    assert _torch_default_in_place()
+    before = _allocator()["current"]
+    with maskops.cpu_cache_for_torch() as routed:
+        s = _allocator()
+        assert routed and s["current"] == s["route"] != before
+        assert s["depth"] == 1 and s["open"] == 1
+        with maskops.cpu_cache_for_torch():
+            assert _allocator()["depth"] == 2
+        assert _allocator()["current"] == s["route"]  # the outer block still routes
+    assert _allocator()["current"] == before and _torch_default_in_place()
+    with pytest.raises(RuntimeError, match="not routed"):
+        torch.ops.maskops._cpu_cache_route_torch(False)  # no block to end
+    assert _torch_default_in_place()
+
+
+def test_off_switch(monkeypatch):
+    with maskops.cpu_cache_for_torch(enabled=False) as routed:
+        assert not routed and _torch_default_in_place() and not _probe_routed()
+    monkeypatch.setenv("MASKOPS_CPU_CACHE_TORCH", "0")
+    with maskops.cpu_cache_for_torch() as routed:
+        assert not routed and _torch_default_in_place() and not _probe_routed()
+    with maskops.cpu_cache_for_torch(enabled=True) as routed:  # the argument wins
+        assert routed == (not SANITIZED)
+    assert _torch_default_in_place()
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_model_inference_routes_only_during_its_forward(monkeypatch, switch):
+    from torch.overrides import TorchFunctionMode
+
+    from models import build_mask_rcnn
+
+    if switch is not None:
+        monkeypatch.setenv("MASKOPS_CPU_CACHE_TORCH", switch)
+    depths = []
+
+    class Watch(TorchFunctionMode):  # this thread's open blocks at every torch call
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            depths.append(_allocator()["depth"])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_mask_rcnn("resnet18", num_classes=3, min_size=128, max_size=128).eval()
+    image = torch.rand(3, 128, 160)
+    with torch.inference_mode():
+        for _ in range(2):
+            with Watch():
+                model([image])
+            assert _torch_default_in_place()
+    assert max(depths) == (0 if switch == "0" else 1)
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+def test_only_the_threads_inside_a_block_are_routed():
+    entered, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def inside():
+        with maskops.cpu_cache_for_torch():
+            seen["inside"] = _probe_routed()
+            entered.set()
+            done.wait(60)
+
+    t = threading.Thread(target=inside)
+    t.start()
+    try:
+        assert entered.wait(60)
+        s = _allocator()
+        assert s["current"] == s["route"] and s["open"] == 1 and s["depth"] == 0
+        seen["outside"] = _probe_routed()  # this thread: torch's default allocator
+    finally:
+        done.set()
+        t.join()
+    assert seen == {"inside": True, "outside": False}
+    assert _torch_default_in_place()
+
+
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
 def test_torch_allocations_routed_only_inside_the_block():
     assert not _probe_routed()
@@ -326,6 +438,7 @@ def test_routing_from_threads_ends_with_the_last_block():
         t.join()
     assert not errors
     assert not _probe_routed()
+    assert _torch_default_in_place()
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
@@ -334,6 +447,7 @@ def test_tensors_made_inside_outlive_the_block(tmp_path):
     src = torch.rand(512, 1024, generator=g)
     with maskops.cpu_cache_for_torch():
         t = src * 3  # 2 MiB, from the cache
+    assert _torch_default_in_place()
     torch.testing.assert_close(t, src * 3)
     t.resize_(1024, 1024)  # its storage grows through the cache allocator, after the block
     t[512:] = 1.0
@@ -387,13 +501,22 @@ w = torch.randn(2048, 1024, 1, 1)
 made_before = mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
 with maskops.cpu_cache_for_torch():
     inside = mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
-    del made_before  # from torch's previous allocator, freed inside the block
+    del made_before  # from torch's default allocator, freed inside the block
+    scratch = mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
+    kept = maskops.cpu_cache_info()["kept_bytes"]
+    del scratch  # from the cache, freed inside the block: kept for the next request
+    kept_inside = maskops.cpu_cache_info()["kept_bytes"] > kept
 x = torch.randn(1, 1024, 50, 50).contiguous(memory_format=torch.channels_last)
 y = mk._convolution_pointwise(x, inside, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
 ref = torch.nn.functional.conv2d(x, w)
 assert torch.allclose(y, ref, atol=1e-3, rtol=1e-4), (y - ref).abs().max()
-del inside  # from the cache, freed after the block (through oneDNN's raw_deallocate)
-print("ok", maskops.cpu_cache_info()["kept_bytes"] > 0)
+kept = maskops.cpu_cache_info()["kept_bytes"]
+# From the cache, freed after the block through oneDNN's raw_deallocate, i.e. torch's default
+# allocator again: the C library, whose kind of memory the cache's blocks are, releases it.
+del inside
+released = maskops.cpu_cache_info()["kept_bytes"] == kept
+s = maskops.memory._torch_allocator_state()
+print("ok", kept_inside, released, s["current"] == s["default"])
 """
 
 
@@ -403,7 +526,43 @@ print("ok", maskops.cpu_cache_info()["kept_bytes"] > 0)
                     reason="needs oneDNN")
 def test_onednn_buffers_freed_after_the_block_go_back_to_their_owner():
     # oneDNN frees its tensors' memory through torch's CPU allocator of the moment; a buffer
-    # taken from the cache inside the block and freed outside it must not reach free().
+    # taken from the cache inside the block and freed outside it reaches torch's default
+    # allocator's free(), which must own it (the cache's blocks come from the C library).
     r = _run(ONEDNN_BUFFER_OUTLIVES_BLOCK)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", "True", "True", "True"]
+
+
+ONEDNN_ADDRESS_REUSED = """
+import torch, maskops
+from maskops import memory
+mk = torch.ops.mkldnn
+w = torch.randn(2048, 1024, 1, 1)
+def reorder():
+    return mk._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, [1, 1024, 50, 50])
+for _ in range(4):
+    with maskops.cpu_cache_for_torch():
+        inside = reorder()          # 8 MiB from the cache (oneDNN's raw_allocate)
+    del inside                      # after the block: torch's default allocator frees it
+    outside = reorder()             # torch's default allocator, maybe at the same address
+    kept = maskops.cpu_cache_info()["kept_bytes"]
+    with maskops.cpu_cache_for_torch():
+        del outside                 # freed through the routing allocator: not the cache's
+        assert maskops.cpu_cache_info()["kept_bytes"] == kept
+s = memory._torch_allocator_state()
+print("ok", s["current"] == s["default"])
+"""
+
+
+@pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
+@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
+                         and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
+                    reason="needs oneDNN")
+@pytest.mark.parametrize("thp", ["0", "1"])
+def test_onednn_buffers_freed_between_blocks_never_enter_the_cache(thp):
+    # A cache block that oneDNN frees after the block goes to the C library, which may give
+    # its address to torch's default allocator next (2 MiB-aligned, as the cache's blocks,
+    # with THP_MEM_ALLOC_ENABLE=1); freed in a later block, that memory is not the cache's.
+    r = _run(ONEDNN_ADDRESS_REUSED, THP_MEM_ALLOC_ENABLE=thp)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["ok", "True"]

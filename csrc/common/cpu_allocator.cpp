@@ -1,7 +1,6 @@
 // The caching, huge-page CPU allocator of cpu_allocator.h.
 #include "common/cpu_allocator.h"
 
-#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <mutex>
@@ -12,6 +11,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
 #if defined(_WIN32)
@@ -51,36 +51,26 @@ bool huge_pages_wanted() {
   return wanted;
 }
 
-// `size` bytes (a multiple of kHugePage) at a kHugePage-aligned address, or nullptr.
+// `size` bytes (a multiple of kHugePage) at a kHugePage-aligned address, or nullptr. The
+// memory comes from the C library as torch's default CPU allocator's does (c10::alloc_cpu),
+// so that its free (c10::free_cpu) may release it too: a oneDNN buffer taken from the cache
+// during a routed block and freed after the block goes through torch's default allocator.
+// (Only aligned 2 MiB ranges can be backed by huge pages.)
 void* map_block(size_t size) {
 #if defined(_WIN32)
   return _aligned_malloc(size, kHugePage);
 #else
-  // Map one huge page more than asked and trim both ends to an aligned range: only aligned
-  // 2 MiB ranges can be backed by huge pages.
-  char* raw = static_cast<char*>(mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE,
-                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  if (raw == MAP_FAILED) return nullptr;
-  char* aligned = reinterpret_cast<char*>(round_up(reinterpret_cast<uintptr_t>(raw), kHugePage));
-  if (aligned > raw) munmap(raw, aligned - raw);
-  const size_t tail = (raw + size + kHugePage) - (aligned + size);
-  if (tail > 0) munmap(aligned + size, tail);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHugePage, size) != 0) return nullptr;
 #if defined(MADV_HUGEPAGE)
   if (size >= kMinHugePageBlock && huge_pages_wanted())
-    madvise(aligned, size, MADV_HUGEPAGE);  // advice: the system may decline
+    madvise(p, size, MADV_HUGEPAGE);  // advice: the system may decline
 #endif
-  return aligned;
+  return p;
 #endif
 }
 
-void unmap_block(void* ptr, size_t size) {
-#if defined(_WIN32)
-  (void)size;
-  _aligned_free(ptr);
-#else
-  munmap(ptr, size);
-#endif
-}
+void unmap_block(void* ptr, size_t /*size*/) { c10::free_cpu(ptr); }
 
 // MASKOPS_CPU_CACHE_MB, or the default (with a warning) when it is not a usable number.
 int64_t limit_from_env() {
@@ -112,9 +102,8 @@ class CachingCpuAllocator final : public c10::Allocator {
 #endif
   }
 
-  // For raw_allocate / raw_deallocate users (oneDNN's buffers, once routing is installed):
-  // release() hands blocks it does not own to the allocator torch had before routing.
-  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+  // For raw_allocate / raw_deallocate users (oneDNN's buffers, while routing is installed).
+  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release_raw; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -158,6 +147,13 @@ class CachingCpuAllocator final : public c10::Allocator {
     return {kept_bytes_, limit_, hits_, misses_, bypassed};
   }
 
+  // Routing was removed: live blocks handed out so far may be freed without this cache
+  // hearing of it (see give_back).
+  void routing_removed() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++epoch_;
+  }
+
   // fork(): the parent holds mu_ across the fork so the child's copy of the state is
   // consistent; the child then drops its copies of the kept blocks (reusing them would
   // only copy-on-write the parent's pages). Blocks in use stay live in both processes.
@@ -192,9 +188,8 @@ class CachingCpuAllocator final : public c10::Allocator {
         kept_[best] = kept_.back();
         kept_.pop_back();
         kept_bytes_ -= static_cast<int64_t>(k.size);
-        live_.emplace(k.ptr, k.size);  // (may throw before anything changed hands: k is lost
-                                       // to the cache but stays mapped, never corrupt)
-        live_bytes_ += static_cast<int64_t>(k.size);
+        add_live(k.ptr, k.size);  // (may throw before anything changed hands: k is lost to
+                                  // the cache but stays allocated, never corrupt)
         ++hits_;
         report(k.ptr, static_cast<int64_t>(k.size));
         return k.ptr;
@@ -210,19 +205,28 @@ class CachingCpuAllocator final : public c10::Allocator {
                      " bytes of CPU memory");
     std::lock_guard<std::mutex> lock(mu_);
     try {
-      live_.emplace(p, size);
+      add_live(p, size);
     } catch (...) {
       unmap_block(p, size);
       throw;
     }
-    live_bytes_ += static_cast<int64_t>(size);
     report(p, static_cast<int64_t>(size));
     return p;
   }
 
-  // Keeps a block freed by its tensor, dropping the oldest kept blocks to make room; a block
-  // larger than the limit goes straight back to the system.
-  void give_back(void* p) {
+  // Keeps a block freed by its tensor (or, raw, through the routing allocator), dropping the
+  // oldest kept blocks to make room; a block larger than the limit goes straight back to the
+  // system.
+  //
+  // A block that torch's routing allocator handed out (a oneDNN buffer from raw_allocate) and
+  // that is freed after the routing ended goes to torch's default allocator instead, which
+  // frees it (map_block's memory is its kind): this cache never hears of it, and its entry in
+  // live_ goes stale, possibly naming memory the C library has since given to someone else.
+  // A tensor's own deleter is never bypassed, so `raw` = false is always a block of ours. A
+  // raw free is trusted only for blocks handed out since routing was last removed (epoch);
+  // for older entries, which may be stale, the pointer goes to torch's default allocator,
+  // right for our memory and for someone else's alike (the block is then lost to the cache).
+  void give_back(void* p, bool raw) {
     // Every block of the cache starts on a huge-page boundary: any other pointer (most of
     // what oneDNN frees through the routing allocator) skips the lock.
     if (reinterpret_cast<uintptr_t>(p) % kHugePage != 0) {
@@ -234,22 +238,25 @@ class CachingCpuAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = live_.find(p);
-      owned = it != live_.end();
-      if (owned) {
-        const size_t size = it->second;
+      owned = it != live_.end() && (!raw || it->second.epoch == epoch_);
+      if (it != live_.end()) {
+        const size_t size = it->second.size;
         live_.erase(it);
         live_bytes_ -= static_cast<int64_t>(size);
-        if (static_cast<int64_t>(size) > limit_) {
+        if (!owned) {
+          // handed on below
+        } else if (static_cast<int64_t>(size) > limit_) {
           drop.push_back({p, size, 0});
         } else {
           trim(static_cast<int64_t>(size), drop);
           kept_.push_back({p, size, ++clock_});
           kept_bytes_ += static_cast<int64_t>(size);
         }
-        report(p, -static_cast<int64_t>(size));
+        report(p, -static_cast<int64_t>(size));  // the end of what report() said at take()
       }
     }
-    // Not a block of ours (a small one, or one from before routing): its allocator's.
+    // Not a block of ours (a small one, one from before routing, or maybe stale): torch's
+    // default allocator's.
     if (!owned) {
       others()->raw_deallocate(p);
     }
@@ -278,22 +285,33 @@ class CachingCpuAllocator final : public c10::Allocator {
                                      c10::Device(c10::DeviceType::CPU));
   }
 
-  static void release(void* ptr);
+  struct Live {
+    size_t size;
+    uint64_t epoch;  // epoch_ when handed out
+  };
 
- public:
-  // The allocator of the raw pointers freed here that the cache does not own (set once, when
-  // routing is installed; the default CPU allocator until then).
-  std::atomic<c10::Allocator*> others_{nullptr};
-
- private:
-  c10::Allocator* others() const {
-    c10::Allocator* other = others_.load(std::memory_order_acquire);
-    return other != nullptr ? other : c10::GetDefaultCPUAllocator();
+  // Records a block handed out (mu_ held). The address may have a stale entry (give_back):
+  // the C library freed that block and has now given its memory to us again.
+  void add_live(void* p, size_t size) {
+    auto [it, added] = live_.try_emplace(p, Live{size, epoch_});
+    if (!added) {
+      live_bytes_ -= static_cast<int64_t>(it->second.size);
+      it->second = Live{size, epoch_};
+    }
+    live_bytes_ += static_cast<int64_t>(size);
   }
+
+  static void release(void* ptr);
+  static void release_raw(void* ptr);
+
+  // The allocator of the pointers freed here that the cache does not own: torch's default CPU
+  // allocator, the only one routing replaces (see cpu_cache_route_torch).
+  static c10::Allocator* others() { return c10::GetDefaultCPUAllocator(); }
 
   std::mutex mu_;
   std::vector<Kept> kept_;                     // freed blocks waiting for reuse
-  std::unordered_map<void*, size_t> live_;     // blocks owned by tensors: their sizes
+  std::unordered_map<void*, Live> live_;       // blocks handed out (and maybe stale ones)
+  uint64_t epoch_ = 0;                         // times routing was removed
   int64_t kept_bytes_ = 0, live_bytes_ = 0;
   int64_t limit_;
   int64_t hits_ = 0, misses_ = 0;
@@ -313,7 +331,8 @@ CachingCpuAllocator& instance() {
   return *a;
 }
 
-void CachingCpuAllocator::release(void* ptr) { instance().give_back(ptr); }
+void CachingCpuAllocator::release(void* ptr) { instance().give_back(ptr, false); }
+void CachingCpuAllocator::release_raw(void* ptr) { instance().give_back(ptr, true); }
 
 }  // namespace
 
@@ -335,56 +354,68 @@ std::vector<int64_t> cpu_cache_stats() { return instance().stats(); }
 
 namespace {
 
-// torch's CPU allocator once routing was first asked for, for good: while a route is open it
-// serves large requests from the cache, otherwise everything from the allocator torch had
-// before. Staying installed is what makes frees safe: oneDNN frees its buffers through
-// whatever the CPU allocator is at that moment (raw_deallocate), and a buffer taken from the
-// cache inside a block (a reordered weight, say) may be freed long after it; this allocator's
-// raw_deleter gives each pointer back to whoever owns it.
+// torch's CPU allocator while a routed block is open on some thread: a thread inside a block
+// has its requests served by the cache (those of kMinCachedBytes and more; smaller ones by
+// torch's default allocator), every other thread by torch's default allocator, which this one
+// replaces only for the time being. oneDNN frees its buffers through whatever the CPU
+// allocator is at that moment (raw_deallocate): while installed, its raw_deleter takes the
+// cache's blocks and others' alike (give_back); once removed, a cache block that oneDNN frees
+// goes to the default allocator's free, which releases it (map_block).
 class RouteAllocator final : public c10::Allocator {
  public:
-  explicit RouteAllocator(c10::Allocator* previous) : previous_(previous) {}
-
-  c10::DataPtr allocate(size_t n) override {
-    return open_.load(std::memory_order_relaxed) > 0 ? instance().allocate(n)
-                                                      : previous_->allocate(n);
-  }
+  c10::DataPtr allocate(size_t n) override;
   c10::DeleterFnPtr raw_deleter() const override { return instance().raw_deleter(); }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
-
-  std::atomic<int64_t> open_{0};
-
- private:
-  c10::Allocator* previous_;
 };
 
 std::mutex route_mu;
-RouteAllocator* route = nullptr;  // never destroyed, like the cache
+RouteAllocator* route = nullptr;  // made once, never destroyed: frees may reach it any time
+bool installed = false;           // route is torch's CPU allocator (route_mu)
+int64_t open_blocks = 0;          // blocks open on all threads (route_mu)
+thread_local int64_t depth = 0;   // blocks open on this thread
+
+c10::DataPtr RouteAllocator::allocate(size_t n) {
+  return depth > 0 ? instance().allocate(n) : c10::GetDefaultCPUAllocator()->allocate(n);
+}
 
 }  // namespace
 
 bool cpu_cache_route_torch(bool on) {
   std::lock_guard<std::mutex> lock(route_mu);
+  if (!on) {
+    TORCH_CHECK(depth > 0, "maskops: CPU allocations are not routed to the cache on this thread");
+    --depth;
+    if (--open_blocks == 0 && installed) {
+      instance().routing_removed();
+      // (Unless an allocator of a higher priority took torch's place meanwhile: it stays.)
+      if (c10::GetCPUAllocator() == route) c10::SetCPUAllocator(c10::GetDefaultCPUAllocator());
+      installed = false;
+    }
+    return false;
+  }
+  ++depth;
+  ++open_blocks;
 #if defined(MASKOPS_SANITIZED)
-  (void)on;
   return false;
 #else
-  if (route == nullptr) {
-    c10::Allocator* previous = c10::GetCPUAllocator();
-    instance().others_.store(previous, std::memory_order_release);
-    route = new RouteAllocator(previous);
-    c10::SetCPUAllocator(route);  // priority 0: a higher-priority allocator stays
+  // Only torch's default allocator is replaced: the cache's blocks are its kind of memory, and
+  // what the route does not serve goes to it. Another library's allocator stays untouched.
+  if (!installed && c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator()) {
+    if (route == nullptr) route = new RouteAllocator();
+    c10::SetCPUAllocator(route);  // priority 0, torch's default allocator's
+    installed = c10::GetCPUAllocator() == route;
   }
-  if (on) {
-    route->open_.fetch_add(1);
-  } else {
-    TORCH_CHECK(route->open_.load() > 0, "maskops: CPU allocations are not routed to the cache");
-    route->open_.fetch_sub(1);
-  }
-  return c10::GetCPUAllocator() == route && route->open_.load() > 0;
+  return installed && c10::GetCPUAllocator() == route;
 #endif
+}
+
+std::vector<int64_t> cpu_cache_torch_allocator() {
+  std::lock_guard<std::mutex> lock(route_mu);
+  auto address = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<intptr_t>(p)); };
+  return {address(c10::GetCPUAllocator()), address(c10::GetDefaultCPUAllocator()),
+          address(route), depth, open_blocks};
 }
 
 }  // namespace maskops
