@@ -5,7 +5,8 @@ every available device, in one run.
 
 Prints a table per device, and writes DIR/<device-name>.md and .json (DIR defaults to
 benchmarks/results). On CUDA it also measures the copy bandwidth and reports each op's
-achieved fraction of it (roofline).
+achieved fraction of it (roofline). On the CPU it also measures the model's peak memory
+against torchvision's (benchmarks/bench_memory.py: DIR/memory_<machine>.md and .json).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
-    p.add_argument("--only", default=None, help="comma-separated subset of: " + ", ".join(n for n, _ in SUITE))
+    p.add_argument("--only", default=None, help="comma-separated subset of: "
+                   + ", ".join([n for n, _ in SUITE] + ["memory"]))
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -72,6 +74,14 @@ def main(argv=None) -> int:
             f.write(markdown_report(device, rows, extra))
         save_json(os.path.join(a.out, slug + ".json"), rows)
         print(f"\n== {device}: all results ==\n{table(rows)}\n{extra}\nwritten to {a.out}/{slug}.md", flush=True)
+    if "cpu" in devices and (not only or "memory" in only):
+        # Peak memory of the model against torchvision's, each in a fresh process of its own.
+        try:
+            importlib.import_module("benchmarks.bench_memory").run_and_save(a.quick, a.out)
+        except Exception:
+            failures += 1
+            print("[FAIL] memory on cpu:", flush=True)
+            traceback.print_exc()
     return 1 if failures else 0
 
 

@@ -65,3 +65,14 @@ def test_model_bf16_row_only_where_bfloat16_is_faster():
         timed, why = bf16_plan("cpu")
         assert not timed and "dot-product units" in why
     assert bf16_plan("cpu", False) == (False, "not asked for")
+
+
+def test_memory_bench_measures_each_model_in_its_own_process():
+    from benchmarks import bench_memory
+
+    r = bench_memory.measure(size=64, runs=1, threads=1,
+                             variants=(bench_memory.OURS, bench_memory.TORCHVISION))
+    assert list(r["results"]) == [bench_memory.OURS, bench_memory.TORCHVISION]
+    for v in r["results"].values():
+        assert v["peak_rss_mb"] >= v["peak_rss_before_inference_mb"] > 0
+    assert "vs torchvision" in bench_memory.report(r)

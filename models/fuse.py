@@ -1,9 +1,19 @@
-"""Inference-only rewrites of the model: batch norms folded into the convolutions before
-them, and each convolution fused with the ReLU / residual add after it (CPU, oneDNN)."""
+"""Inference-only arithmetic of the model: batch norms folded into the convolutions before
+them, and each convolution fused with the ReLU / residual add after it (CPU, oneDNN).
+
+Two ways to use it. Fast inference (the default): within :func:`fast_inference`, the
+model's own layers run these fused routes on *derived weights* (folded, reordered for
+oneDNN) that each layer keeps for itself, remade when its own parameters change
+(:func:`derived`); the model's modules and state_dict are untouched. ``optimize_for_
+inference()``: the module rewrites below (:class:`ConvAct`, :class:`FusedBlock`, ...) replace
+the layers in place. Both run the same fused calls.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +44,35 @@ def conv_bn_pairs(module: nn.Module) -> List[Tuple[nn.Module, str, str]]:
     return pairs
 
 
+def _norm_tensors(bn: nn.Module) -> List[torch.Tensor]:
+    return [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+
+@torch.no_grad()
+def folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's ``(weight, bias)`` with ``bn`` (eval-mode statistics) folded in, new
+    tensors: ``bn(conv(x)) == conv'(x)``. The arithmetic is done in float64, then rounded
+    once."""
+    std = torch.sqrt(bn.running_var.double() + bn.eps)
+    scale = (bn.weight.double() if bn.weight is not None else 1.0) / std
+    new_bias = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        new_bias = new_bias + bn.bias.double()
+    if bias is not None:
+        new_bias = new_bias + bias.double() * scale
+    dtype = weight.dtype
+    new_weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(dtype)
+    return new_weight, new_bias.to(dtype=dtype, device=weight.device)
+
+
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """Returns ``conv`` with ``bn`` (eval-mode statistics) folded into its weight and bias:
-    ``bn(conv(x)) == conv'(x)``. The arithmetic is done in float64, then rounded once."""
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    dtype = conv.weight.dtype
-    conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
-    conv.bias = nn.Parameter(bias.to(dtype=dtype, device=conv.weight.device),
-                             requires_grad=conv.weight.requires_grad)
+    """Returns ``conv`` with ``bn`` (eval-mode statistics) folded into its weight and bias,
+    in place: ``bn(conv(x)) == conv'(x)`` (see :func:`folded`)."""
+    weight, bias = folded(conv.weight, conv.bias, bn)
+    conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
     return conv
 
 
@@ -104,15 +131,220 @@ class _PrepackedWeight:
         return state
 
 
+# ---- fast inference: each layer's own derived weights ----
+
+_FAST = contextvars.ContextVar("models_fast_inference", default=False)
+_DERIVED = "_derived_weights"
+
+
+@contextlib.contextmanager
+def fast_inference():
+    """Within the block (the model's forward enters it for eval-mode inference without
+    gradients), the layers built by :mod:`models` run their fused routes: the ResNet blocks,
+    the FPN, the RPN head, the box and mask heads, each on the derived weights it keeps
+    (:func:`derived`). Each route checks its input and falls back to the layer's own
+    modules where oneDNN does not apply (other devices, autocast, gradients, dtypes)."""
+    token = _FAST.set(True)
+    try:
+        yield
+    finally:
+        _FAST.reset(token)
+
+
+def fast_inference_active() -> bool:
+    return _FAST.get()
+
+
+class _Derived:
+    """One layer's derived weights, with the key of the tensors they were made from; in a
+    copy or a pickle of the layer, an empty one (remade on use)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry = None  # (key, value, the sources' tensors), replaced as a whole
+
+    @property
+    def value(self):
+        return None if self.entry is None else self.entry[1]
+
+    def __deepcopy__(self, memo) -> "_Derived":
+        return _Derived()
+
+    def __reduce__(self):
+        return (_Derived, ())
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device,
+            t.shape)
+
+
+def derived(module: nn.Module, sources: Sequence[torch.Tensor], make: Callable[[], object],
+            tag: tuple = ()):
+    """``make()``, kept in ``module`` (no parameter or buffer: state_dicts are unchanged) and
+    made again when one of ``sources`` (the layer's own tensors it is made from) is replaced,
+    moved, or written in place by an op torch counts (its version counter: an optimizer
+    step, ``load_state_dict``, ``p.add_()`` under ``no_grad``), or when ``tag`` changes.
+    Writes through ``.data``, and into inference tensors, are not seen: after those, call
+    :func:`forget_packed_weights`. The check is a few tensors' address and version."""
+    cache = module.__dict__.get(_DERIVED)
+    if cache is None:
+        cache = module.__dict__[_DERIVED] = _Derived()
+    key = (tag,) + tuple(_tensor_key(t) for t in sources)
+    entry = cache.entry
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            value = make()
+        # The sources' memory is held with the copy, so that no later tensor can take one's
+        # address and pass for it. One assignment: a concurrent call sees old or new.
+        entry = cache.entry = (key, value, tuple(t.detach() for t in sources))
+    return entry[1]
+
+
 def forget_packed_weights(module: nn.Module) -> int:
-    """Drops the packed weight copies held in ``module`` and its children (they are remade
-    on the next call); the number dropped. Needed only after writing weights through
-    ``.data``, which torch's version counter does not see."""
+    """Drops the derived and packed weight copies held in ``module`` and its children (they
+    are remade on the next call); the number dropped. Needed only after writing weights
+    through ``.data`` (or into inference tensors), which torch's version counter does not
+    see."""
     n = 0
     for m in module.modules():
-        if m.__dict__.pop("_packed", None) is not None:
-            n += 1
+        for name in ("_packed", _DERIVED):
+            if m.__dict__.pop(name, None) is not None:
+                n += 1
     return n
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+
+def _conv_fusable(x: torch.Tensor, weight: torch.Tensor,
+                  residual: Optional[torch.Tensor] = None) -> bool:
+    if residual is not None:
+        if torch.is_grad_enabled() and residual.requires_grad:
+            return False  # the sum's gradient needs autograd
+        if residual.dim() != 4 or residual.shape[2] * residual.shape[3] == 1:
+            # torch 2.11's oneDNN sum convolution fails on a 1x1 output ("could not create
+            # a memory") with a packed or channels-last weight; a map that small costs
+            # nothing on the plain path.
+            return False
+    return _onednn_ok(x, weight)
+
+
+def _conv_pointwise(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], relu: bool,
+                    residual: Optional[torch.Tensor], overwrite_residual: bool) -> torch.Tensor:
+    """``act(conv(x) [+ residual])`` in one oneDNN call, with ``conv``'s geometry and the
+    given (packed) weight and bias."""
+    padding, stride, dilation, groups = _conv_args(conv)
+    post = "relu" if relu else None
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, padding, stride, dilation, groups, post or "none", [], "")
+    if overwrite_residual and _writable_output(conv, x, residual):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [],
+            "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [], "")
+
+
+def _pack_conv(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    padding, stride, dilation, groups = _conv_args(conv)
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation,
+                                                        groups, list(x.shape))
+
+
+def conv_unit(conv: nn.Conv2d, bn: Optional[nn.Module], x: torch.Tensor, relu: bool,
+              residual: Optional[torch.Tensor] = None,
+              overwrite_residual: bool = False) -> torch.Tensor:
+    """``act(bn(conv(x)) [+ residual])``: on oneDNN's path one fused call on ``conv``'s
+    derived weight (``bn`` folded in, reordered for oneDNN for the first input's shape),
+    kept in ``conv`` (:func:`derived`); elsewhere the modules themselves. ``bn``: None, or a
+    batch norm with running statistics in eval mode (see :func:`foldable_norm`).
+    ``overwrite_residual``: see :meth:`ConvAct.forward`."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not _conv_fusable(
+            x, conv.weight, residual):
+        y = conv(x)
+        if bn is not None:
+            y = bn(y)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+
+    def make():
+        weight, bias = (conv.weight, conv.bias) if bn is None else folded(conv.weight,
+                                                                         conv.bias, bn)
+        return _pack_conv(conv, weight, x), bias
+
+    sources = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    tag = ("conv",)
+    if bn is not None:
+        sources += _norm_tensors(bn)
+        tag = ("conv", bn.eps)
+    weight, bias = derived(conv, sources, make, tag)
+    return _conv_pointwise(conv, x, weight, bias, relu, residual, overwrite_residual)
+
+
+def foldable_norm(bn: nn.Module) -> bool:
+    """Whether ``bn`` computes with fixed statistics (a frozen batch norm, or a batch norm in
+    eval mode with running statistics), so that it folds into the convolution before it."""
+    if isinstance(bn, FrozenBatchNorm2d):
+        return True
+    return (isinstance(bn, nn.BatchNorm2d) and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None)
+
+
+def _block_plan(block: nn.Module):
+    """``([(conv, bn), ...], (conv, bn) of the projection or None)`` of a torchvision ResNet
+    block (basic or bottleneck) whose norms fold; None for any other block."""
+    units = []
+    for k in ("1", "2", "3"):
+        conv, bn = getattr(block, "conv" + k, None), getattr(block, "bn" + k, None)
+        if conv is None and bn is None:
+            break
+        if not (isinstance(conv, nn.Conv2d) and foldable_norm(bn)):
+            return None
+        units.append((conv, bn))
+    if len(units) < 2 or not isinstance(getattr(block, "relu", None), nn.ReLU):
+        return None
+    down = getattr(block, "downsample", None)
+    if down is None:
+        return units, None
+    if (isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[0], nn.Conv2d)
+            and foldable_norm(down[1])):
+        return units, (down[0], down[1])
+    return None
+
+
+def fused_block(block: nn.Module, x: torch.Tensor, overwrite_input: bool = False
+                ) -> Optional[torch.Tensor]:
+    """A torchvision ResNet block as :class:`FusedBlock` computes it, on the derived weights
+    its convolutions keep (:func:`conv_unit`); None where that does not apply (the caller
+    then runs the block as it is). ``overwrite_input``: see :class:`FusedBlock`."""
+    plan = _block_plan(block)
+    if plan is None or not _conv_fusable(x, block.conv1.weight):
+        return None
+    units, down = plan
+    identity = x if down is None else conv_unit(down[0], down[1], x, relu=False)
+    own = overwrite_input or down is not None
+    for conv, bn in units[:-1]:
+        x = conv_unit(conv, bn, x, relu=True)
+    conv, bn = units[-1]
+    return conv_unit(conv, bn, x, relu=True, residual=identity, overwrite_residual=own)
+
+
+def conv_relu_blocks(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``blocks`` (a ``Sequential`` of ``Sequential(conv, ReLU)``: the mask head, the RPN
+    head's conv) with each block as one :func:`conv_unit`; other blocks as they are."""
+    for block in blocks:
+        if (isinstance(block, nn.Sequential) and len(block) == 2
+                and isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.ReLU)):
+            x = conv_unit(block[0], None, x, relu=True)
+        else:
+            x = block(x)
+    return x
 
 
 class ConvAct(_PrepackedWeight, nn.Module):
@@ -134,42 +366,20 @@ class ConvAct(_PrepackedWeight, nn.Module):
             raise ValueError("ConvAct needs explicit zero padding")
         self.conv = conv
         self.relu = relu
-        self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-
-    def _fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
-        if residual is not None:
-            if torch.is_grad_enabled() and residual.requires_grad:
-                return False  # the sum's gradient needs autograd
-            if residual.dim() != 4 or residual.shape[2] * residual.shape[3] == 1:
-                # torch 2.11's oneDNN sum convolution fails on a 1x1 output ("could not create
-                # a memory") with a packed or channels-last weight; a map that small costs
-                # nothing on the plain path.
-                return False
-        return _onednn_ok(x, self.conv.weight)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 overwrite_residual: bool = False) -> torch.Tensor:
         """``overwrite_residual``: the caller no longer needs ``residual`` (a tensor of its
         own), so the sum may be written into it: reading and writing the same memory costs
         less than writing a new tensor (~4 % of the backbone's time)."""
-        if not self._fused(x, residual):
+        if not _conv_fusable(x, self.conv.weight, residual):
             y = self.conv(x)
             if residual is not None:
                 y = y + residual
             return torch.relu(y) if self.relu else y
-        padding, stride, dilation, groups = self._args
-        b = self.conv.bias
-        w = self._prepacked(self.conv.weight, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, padding, stride, dilation, groups, list(x.shape)))
-        post = "relu" if self.relu else None
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, w, b, padding, stride, dilation, groups, post or "none", [], "")
-        if overwrite_residual and _writable_output(self.conv, x, residual):
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                residual, x, w, b, padding, stride, dilation, groups, "add", 1.0, post, [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, w, b, padding, stride, dilation, groups, "add", 1.0, post, [], "")
+        w = self._prepacked(self.conv.weight, lambda w: _pack_conv(self.conv, w, x))
+        return _conv_pointwise(self.conv, x, w, self.conv.bias, self.relu, residual,
+                               overwrite_residual)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -264,6 +474,42 @@ def fpn_fusable(fpn: nn.Module) -> bool:
             and all(len(b) == 1 and isinstance(b[0], nn.Conv2d) for b in blocks))
 
 
+def _fpn(x, inner, layer):
+    # torchvision's FPN forward (LastLevelMaxPool) with each lateral conv and its top-down
+    # sum as one call: inner[i](t, residual=..., overwrite_residual=...), layer[i](t).
+    names = list(x.keys())
+    feats = list(x.values())
+    last = inner[-1](feats[-1])
+    results = [layer[-1](last)]
+    for i in range(len(feats) - 2, -1, -1):
+        top_down = F.interpolate(last, size=feats[i].shape[-2:], mode="nearest")
+        last = inner[i](feats[i], residual=top_down, overwrite_residual=True)
+        results.insert(0, layer[i](last))
+    # LastLevelMaxPool: P6 subsamples P5 (a 1x1 max pool with stride 2).
+    results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+    return OrderedDict(zip(names + ["pool"], results))
+
+
+class _Unit:
+    # One plain convolution as a ConvAct-like callable on its derived weight.
+    __slots__ = ("conv",)
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+
+    def __call__(self, x, residual=None, overwrite_residual=False):
+        return conv_unit(self.conv, None, x, False, residual, overwrite_residual)
+
+
+def fused_fpn(fpn: nn.Module, x) -> Optional[OrderedDict]:
+    """torchvision's ``FeaturePyramidNetwork`` as :class:`FusedFPN` computes it, on the
+    derived weights its convolutions keep; None where it does not apply."""
+    if not fpn_fusable(fpn):
+        return None
+    return _fpn(x, [_Unit(b[0]) for b in fpn.inner_blocks],
+                [_Unit(b[0]) for b in fpn.layer_blocks])
+
+
 class FusedFPN(nn.Module):
     """torchvision's ``FeaturePyramidNetwork`` (with ``LastLevelMaxPool``) computing each
     lateral 1x1 conv and its top-down sum in one fused call. Same parameters, same output."""
@@ -277,17 +523,7 @@ class FusedFPN(nn.Module):
         self.layer = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.layer_blocks])
 
     def forward(self, x):
-        names = list(x.keys())
-        feats = list(x.values())
-        last = self.inner[-1](feats[-1])
-        results = [self.layer[-1](last)]
-        for i in range(len(feats) - 2, -1, -1):
-            top_down = F.interpolate(last, size=feats[i].shape[-2:], mode="nearest")
-            last = self.inner[i](feats[i], residual=top_down, overwrite_residual=True)
-            results.insert(0, self.layer[i](last))
-        # LastLevelMaxPool: P6 subsamples P5 (a 1x1 max pool with stride 2).
-        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
-        return OrderedDict(zip(names + ["pool"], results))
+        return _fpn(x, self.inner, self.layer)
 
 
 def fuse_heads(conv_relu_blocks: nn.Sequential) -> None:
@@ -324,6 +560,53 @@ def _pack_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
 
 
+def _linear_pointwise(x, weight, bias, relu: bool) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [],
+                                              "")
+
+
+def nhwc_columns(weight: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """``fc6``'s weight with its input columns reordered from ``(c, y, x)`` to ``(y, x, c)``,
+    a new tensor: channels-last pooled features then flatten without a copy."""
+    out = weight.shape[0]
+    return (weight.view(out, channels, height, width).permute(0, 2, 3, 1)
+            .reshape(out, -1).contiguous())
+
+
+def linear_unit(linear: nn.Linear, x: torch.Tensor, relu: bool,
+                nhwc: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """``act(linear(x))``: on oneDNN's path one matmul (ReLU fused) on ``linear``'s derived
+    weight (reordered for oneDNN; with ``nhwc = (c, h, w)``, its columns first put in
+    ``(y, x, c)`` order, see :func:`nhwc_columns`), kept in ``linear``; elsewhere ``F.linear``
+    (only without ``nhwc``: the caller checks :func:`_onednn_ok` first)."""
+    if not _onednn_ok(x, linear.weight):
+        if nhwc is not None:
+            raise ValueError("linear_unit: nhwc columns need oneDNN's path")
+        y = F.linear(x, linear.weight, linear.bias)
+        return F.relu(y) if relu else y
+
+    def make():
+        w = linear.weight if nhwc is None else nhwc_columns(linear.weight, *nhwc)
+        return _pack_linear(w, x)
+
+    weight = derived(linear, [linear.weight], make, ("linear", nhwc))
+    return _linear_pointwise(x, weight, linear.bias, relu)
+
+
+def box_head_forward(head: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A :class:`~models.roi_heads.BoxHead` as :class:`LinearAct` layers compute it, on the
+    derived weights ``fc6`` and ``fc7`` keep (``fc6``'s columns in ``(y, x, c)`` order, so
+    that channels-last pooled features flatten without a copy); None where it does not
+    apply."""
+    fc6, fc7 = head.fc6, head.fc7
+    if (type(fc6) is not nn.Linear or type(fc7) is not nn.Linear or head.relu_fused
+            or x.dim() != 4 or not _onednn_ok(x, fc6.weight)):
+        return None
+    nhwc = None if head.nhwc_order else tuple(x.shape[1:])
+    x = linear_unit(fc6, x.permute(0, 2, 3, 1).flatten(1), relu=True, nhwc=nhwc)
+    return linear_unit(fc7, x, relu=True)
+
+
 class LinearAct(_PrepackedWeight, nn.Module):
     """``act(x @ weight.T + bias)`` as one oneDNN matmul with the ReLU fused (CPU inference).
 
@@ -351,8 +634,7 @@ class LinearAct(_PrepackedWeight, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _onednn_ok(x, self.weight):
             w = self._prepacked(self.weight, lambda w: _pack_linear(w, x))
-            return torch.ops.mkldnn._linear_pointwise(
-                x, w, self.bias, "relu" if self.relu else "none", [], "")
+            return _linear_pointwise(x, w, self.bias, self.relu)
         y = F.linear(x, self.weight, self.bias)
         return F.relu(y) if self.relu else y
 
@@ -372,6 +654,59 @@ def fuse_linears(box_head: nn.Module, box_predictor: nn.Module) -> None:
     box_predictor.bbox_pred = LinearAct(box_predictor.bbox_pred, relu=False)
 
 
+def _check_upsampling(deconv: nn.ConvTranspose2d) -> bool:
+    return (tuple(deconv.kernel_size) == (2, 2) and tuple(deconv.stride) == (2, 2)
+            and tuple(deconv.padding) == (0, 0) and deconv.groups == 1
+            and tuple(deconv.dilation) == (1, 1) and tuple(deconv.output_padding) == (0, 0))
+
+
+def _upsampling_matrix(deconv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    # [C, O, 2, 2] -> [4 * O, C], rows ordered (a, b, o); the bias once per (a, b).
+    w = deconv.weight
+    b = deconv.bias if deconv.bias is not None else w.new_zeros(w.shape[1])
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).clone(), b.repeat(4).clone()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # [N, C, H, W] -> [N*H*W, C]: a view when x is channels-last.
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _matmul_mask(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                 up_weight: torch.Tensor, up_bias: torch.Tensor,
+                 logits_conv: nn.Conv2d) -> torch.Tensor:
+    # See MatmulMaskPredictor: the upsampling as one matmul, then each RoI's own class.
+    k, c, h, w = x.shape
+    o = up_bias.shape[0] // 4
+    up = _linear_pointwise(rows, up_weight, up_bias, relu=True)
+    cls_w = logits_conv.weight[:, :, 0, 0][labels].to(up.dtype)  # [K, O]
+    cls_b = logits_conv.bias[labels].to(up.dtype)                 # [K]
+    logits = torch.bmm(up.view(k, h * w * 4, o), cls_w[:, :, None]).view(k, h, w, 2, 2)
+    logits = logits + cls_b[:, None, None, None, None]
+    return logits.permute(0, 1, 3, 2, 4).reshape(k, 1, 2 * h, 2 * w)
+
+
+def mask_predictor_forward(predictor: nn.Module, x: torch.Tensor, labels: torch.Tensor
+                           ) -> Optional[torch.Tensor]:
+    """A :class:`~models.roi_heads.MaskPredictor` as :class:`MatmulMaskPredictor` computes
+    it, on the derived upsampling matrix (reordered for oneDNN) the predictor keeps; None
+    where it does not apply."""
+    deconv = predictor.conv5_mask
+    if (type(deconv) is not nn.ConvTranspose2d or not _check_upsampling(deconv)
+            or x.dim() != 4 or not _onednn_ok(x, deconv.weight)):
+        return None
+    rows = _rows(x)
+
+    def make():
+        w, b = _upsampling_matrix(deconv)
+        return _pack_linear(w, rows), b
+
+    sources = [deconv.weight] + ([deconv.bias] if deconv.bias is not None else [])
+    up_weight, up_bias = derived(predictor, sources, make, ("upsampling",))
+    return _matmul_mask(x, rows, labels, up_weight, up_bias, predictor.mask_fcn_logits)
+
+
 class MatmulMaskPredictor(_PrepackedWeight, nn.Module):
     """A :class:`~models.roi_heads.MaskPredictor` whose 2x2 stride-2 transposed convolution
     runs as one matmul (CPU inference).
@@ -387,35 +722,53 @@ class MatmulMaskPredictor(_PrepackedWeight, nn.Module):
 
     def __init__(self, predictor: nn.Module) -> None:
         super().__init__()
-        deconv = predictor.conv5_mask
-        if (tuple(deconv.kernel_size) != (2, 2) or tuple(deconv.stride) != (2, 2)
-                or tuple(deconv.padding) != (0, 0) or deconv.groups != 1
-                or tuple(deconv.dilation) != (1, 1) or tuple(deconv.output_padding) != (0, 0)):
+        if not _check_upsampling(predictor.conv5_mask):
             raise ValueError("MatmulMaskPredictor needs a 2x2, stride-2 transposed convolution")
         self.predictor = predictor
         with torch.no_grad():
-            w = deconv.weight  # [C, O, 2, 2]
-            self.register_buffer("up_weight", w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).clone())
-            b = deconv.bias if deconv.bias is not None else w.new_zeros(w.shape[1])
-            self.register_buffer("up_bias", b.repeat(4).clone())
+            up_weight, up_bias = _upsampling_matrix(predictor.conv5_mask)
+        self.register_buffer("up_weight", up_weight)
+        self.register_buffer("up_bias", up_bias)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not _onednn_ok(x, self.up_weight):
             return self.predictor(x, labels)
-        k, c, h, w = x.shape
-        o = self.up_weight.shape[0] // 4
-        rows = x.permute(0, 2, 3, 1).reshape(k * h * w, c)  # a view when x is channels-last
+        rows = _rows(x)
         up_weight = self._prepacked(self.up_weight, lambda w: _pack_linear(w, rows))
-        up = torch.ops.mkldnn._linear_pointwise(rows, up_weight, self.up_bias, "relu", [], "")
-        logits_conv = self.predictor.mask_fcn_logits
-        cls_w = logits_conv.weight[:, :, 0, 0][labels].to(up.dtype)  # [K, O]
-        cls_b = logits_conv.bias[labels].to(up.dtype)                 # [K]
-        logits = torch.bmm(up.view(k, h * w * 4, o), cls_w[:, :, None]).view(k, h, w, 2, 2)
-        logits = logits + cls_b[:, None, None, None, None]
-        return logits.permute(0, 1, 3, 2, 4).reshape(k, 1, 2 * h, 2 * w)
+        return _matmul_mask(x, rows, labels, up_weight, self.up_bias,
+                            self.predictor.mask_fcn_logits)
 
     def all_classes(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor.all_classes(x)
+
+
+def _pointwise(t: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor, num_anchors: int):
+    n = t.shape[0]
+    y = _linear_pointwise(rows, weight, bias, relu=False)
+    return y[:, :num_anchors].reshape(n, -1), y[:, num_anchors:].reshape(n, -1, 4)
+
+
+def _pointwise_ok(t: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _onednn_ok(t, weight) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def rpn_predictors(head: nn.Module, t: torch.Tensor):
+    """The RPN head's two 1x1 convolutions as :class:`PointwisePredictor` computes them, on
+    the derived (concatenated, reordered for oneDNN) weight the head keeps; None where it
+    does not apply."""
+    cls, box = head.cls_logits, head.bbox_pred
+    if not (type(cls) is nn.Conv2d and type(box) is nn.Conv2d and cls.bias is not None
+            and box.bias is not None and _pointwise_ok(t, cls.weight)):
+        return None
+    rows = _rows(t)
+
+    def make():
+        w = torch.cat([cls.weight, box.weight])[:, :, 0, 0]
+        return _pack_linear(w, rows), torch.cat([cls.bias, box.bias])
+
+    weight, bias = derived(head, [cls.weight, cls.bias, box.weight, box.bias], make, ("rpn",))
+    return _pointwise(t, rows, weight, bias, cls.out_channels)
 
 
 class PointwisePredictor(_PrepackedWeight, nn.Module):
@@ -435,14 +788,11 @@ class PointwisePredictor(_PrepackedWeight, nn.Module):
         self.num_anchors = cls_logits.out_channels
 
     def forward(self, t: torch.Tensor):
-        if not (_onednn_ok(t, self.weight) and t.is_contiguous(memory_format=torch.channels_last)):
+        if not _pointwise_ok(t, self.weight):
             return None
-        n, c, h, w = t.shape
-        a = self.num_anchors
-        rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        rows = _rows(t)
         weight = self._prepacked(self.weight, lambda w: _pack_linear(w, rows))
-        y = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, "none", [], "")
-        return y[:, :a].reshape(n, -1), y[:, a:].reshape(n, -1, 4)
+        return _pointwise(t, rows, weight, self.bias, self.num_anchors)
 
 
 def fuse_rpn_predictors(rpn_head: nn.Module) -> None:

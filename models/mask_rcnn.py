@@ -12,8 +12,7 @@ checkpoints load with ``strict=True``.
 from __future__ import annotations
 
 import contextlib
-import copy
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +21,9 @@ from maskops import cpu
 
 from . import ops
 from .backbone import ResNetFPN
-from .fuse import (FusedFPN, MatmulMaskPredictor, fold_batchnorms, forget_packed_weights,
-                   fpn_fusable, fuse_conv_relu, fuse_heads, fuse_linears, fuse_rpn_predictors,
-                   onednn_available)
+from .fuse import (FusedFPN, MatmulMaskPredictor, fast_inference, fold_batchnorms,
+                   forget_packed_weights, fpn_fusable, fuse_conv_relu, fuse_heads, fuse_linears,
+                   fuse_rpn_predictors, onednn_available)
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork
@@ -43,10 +42,13 @@ class MaskRCNN(nn.Module):
         mask_threshold: inference: masks are returned as ``bool`` (``probability >=
             mask_threshold``); ``None`` returns probabilities (torchvision's output).
         fast_inference: inference without gradients (``eval()`` under ``torch.no_grad()``
-            or ``torch.inference_mode()``) runs a rewritten copy of the backbone and heads
-            (see :meth:`optimize_for_inference`), made on first use and again whenever a
-            weight or the device changes (writes through ``.data`` are not seen: see
-            :meth:`clear_inference_cache`); the model itself, its state_dict and training are
+            or ``torch.inference_mode()``) runs the arithmetic of
+            :meth:`optimize_for_inference` on the model's own modules: each layer (ResNet
+            block, FPN, heads) computes from derived weights it keeps (batch norms folded,
+            reordered for oneDNN; the only extra copy), made on first use and again when
+            that layer's own parameters change (an optimizer step, ``load_state_dict``,
+            ``.to()``; writes through ``.data`` are not seen: see
+            :meth:`clear_inference_cache`). The modules, state_dict and training are
             untouched. ``False`` (or ``model.fast_inference = False``) runs the modules as
             they are.
 
@@ -77,17 +79,14 @@ class MaskRCNN(nn.Module):
         self.fast_inference = fast_inference
         self.inference_optimized = False
         self.recorder: Optional[StageRecorder] = None
-        # (key, rewritten parts) for fast inference; a plain attribute, not a submodule, so
-        # that it is in no state_dict.
-        self.__dict__["_fast_parts"] = None
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         if torch.is_autocast_enabled("cpu"):
             cpu.warn_if_slow(torch.get_autocast_dtype("cpu"), stacklevel=3)
         if self._use_fast_path():
-            with ops.cpu_cache_for_torch():
-                return self._fast_view()(images)
+            with ops.cpu_cache_for_torch(), fast_inference():
+                return self._forward(images, targets)
         if self.inference_optimized and self._inferring():
             with ops.cpu_cache_for_torch():
                 return self._forward(images, targets)
@@ -175,7 +174,7 @@ class MaskRCNN(nn.Module):
         dtype = cpu.resolve_dtype(dtype, device)
         cpu.warn_if_slow(dtype, device, stacklevel=3)
         self.eval()
-        self.__dict__["_fast_parts"] = None
+        forget_packed_weights(self)  # fast inference's derived weights: not used any more
         heads = self.roi_heads
         heads.mask_predictor = _rewrite_for_inference(
             self.backbone, self.rpn.head, heads.box_head, heads.box_predictor, heads.mask_head,
@@ -201,55 +200,29 @@ class MaskRCNN(nn.Module):
         p = next(self.parameters(), None)
         return p is not None and p.dtype == torch.float32
 
-    def _weights_key(self) -> Tuple:
-        """Changes whenever a parameter or buffer is replaced (``.data`` assignments too),
-        moved, or written in place by an op torch counts (not through ``.data``, nor in an
-        inference tensor: see :meth:`clear_inference_cache`)."""
-        tensors = list(self.parameters()) + list(self.buffers())
-        return tuple((id(t), t.device, t.data_ptr(), None if t.is_inference() else t._version)
-                     for t in tensors)
+    def inference_context(self):
+        """The context this model's forward runs its stages in, now: fast inference's fused
+        routes (:func:`models.fuse.fast_inference`) where it applies, else nothing. For
+        code that runs the stages one by one as the forward would."""
+        return fast_inference() if self._use_fast_path() else contextlib.nullcontext()
 
     def clear_inference_cache(self) -> None:
-        """Drops what inference keeps between calls, remade on the next one: the fast path's
-        rewritten copy and the weights packed for oneDNN. Needed only after writing weights
-        in a way torch does not count as a change (through ``.data``, or in place in
-        tensors made under ``torch.inference_mode``)."""
-        self.__dict__["_fast_parts"] = None
+        """Drops what inference keeps between calls, remade on the next one: each layer's
+        derived weights (fast inference) and the weights packed for oneDNN. Needed only
+        after writing weights in a way torch does not count as a change (through ``.data``,
+        or in place in tensors made under ``torch.inference_mode``)."""
         forget_packed_weights(self)
 
-    def _fast_view(self) -> "MaskRCNN":
-        """This model with its backbone and heads swapped for rewritten copies (cached). The
-        view is made per call: every setting (thresholds, sizes, mask_threshold, recorder) is
-        the model's own at the time of the call."""
-        key = self._weights_key()
-        cached = self.__dict__["_fast_parts"]
-        if cached is None or cached[0] != key:
-            heads = self.roi_heads
-            parts = copy.deepcopy(nn.ModuleDict(dict(
-                backbone=self.backbone, rpn_head=self.rpn.head, box_head=heads.box_head,
-                box_predictor=heads.box_predictor, mask_head=heads.mask_head,
-                mask_predictor=heads.mask_predictor)))
-            parts["mask_predictor"] = _rewrite_for_inference(
-                parts["backbone"], parts["rpn_head"], parts["box_head"], parts["box_predictor"],
-                parts["mask_head"], parts["mask_predictor"], heads.box_roi_pool.output_size,
-                True, True)
-            parts.to(memory_format=torch.channels_last)
-            # The weights' memory is held with the copy, so that no later weight can take
-            # one's address and pass for it.
-            held = [t.detach() for t in list(self.parameters()) + list(self.buffers())]
-            cached = (key, parts, held)
-            self.__dict__["_fast_parts"] = cached
-        parts = cached[1]
-        view = _shallow(self, backbone=parts["backbone"],
-                        rpn=_shallow(self.rpn, head=parts["rpn_head"]),
-                        roi_heads=_shallow(self.roi_heads, box_head=parts["box_head"],
-                                           box_predictor=parts["box_predictor"],
-                                           mask_head=parts["mask_head"],
-                                           mask_predictor=parts["mask_predictor"]),
-                        transform=_shallow(self.transform))
-        view.transform.channels_last = True
-        view.fast_inference = False
-        return view
+    def train(self, mode: bool = True) -> "MaskRCNN":
+        if mode:  # training changes the weights: the derived copies would only take memory
+            forget_packed_weights(self)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .double() ...: copies derived from the old tensors are dropped now
+        # rather than held until the next inference.
+        forget_packed_weights(self)
+        return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.inference_optimized:
@@ -290,14 +263,6 @@ def _rewrite_for_inference(backbone: ResNetFPN, rpn_head: nn.Module, box_head: B
         h, w = box_pool_size
         box_head.use_nhwc_order(backbone.out_channels, h, w)
     return mask_predictor
-
-
-def _shallow(module: nn.Module, **children: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (settings shared as they are now) with some children
-    replaced, leaving ``module`` itself untouched."""
-    out = copy.copy(module)
-    out._modules = dict(module._modules, **children)
-    return out
 
 
 def _check_targets(targets, num_images: int) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import fuse, ops
 from .profiling import StageRecorder, keep, stage
 from .rpn import to_float32
 from .sampling import BELOW_LOW, BETWEEN, match, sample
@@ -31,6 +31,10 @@ class BoxHead(nn.Module):
         self.relu_fused = False  # set when fc6/fc7 apply their ReLU themselves (models.fuse)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fuse.fast_inference_active():
+            y = fuse.box_head_forward(self, x)
+            if y is not None:
+                return y
         x = x.permute(0, 2, 3, 1).flatten(1) if self.nhwc_order else x.flatten(1)
         if self.relu_fused:
             return self.fc7(self.fc6(x))
@@ -61,6 +65,10 @@ class BoxPredictor(nn.Module):
         self.bbox_pred = nn.Linear(in_features, num_classes * 4)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if (fuse.fast_inference_active() and type(self.cls_score) is nn.Linear
+                and type(self.bbox_pred) is nn.Linear):
+            return (fuse.linear_unit(self.cls_score, x, relu=False),
+                    fuse.linear_unit(self.bbox_pred, x, relu=False))
         return self.cls_score(x), self.bbox_pred(x)
 
 
@@ -77,6 +85,12 @@ class MaskHead(nn.Sequential):
             blocks.append(nn.Sequential(conv, nn.ReLU(inplace=True)))
             in_channels = out_channels
         super().__init__(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Fast inference: each conv + ReLU as one oneDNN call on the conv's derived weight.
+        if fuse.fast_inference_active():
+            return fuse.conv_relu_blocks(self, x)
+        return super().forward(x)
 
 
 class MaskPredictor(nn.Module):
@@ -99,6 +113,10 @@ class MaskPredictor(nn.Module):
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         """``labels: Tensor[K]`` int64 class of each RoI. Returns mask logits ``Tensor[K, 1,
         2H, 2W]``."""
+        if fuse.fast_inference_active():
+            y = fuse.mask_predictor_forward(self, x, labels)
+            if y is not None:
+                return y
         x = self.relu(self.conv5_mask(x))
         w = self.mask_fcn_logits.weight[:, :, 0, 0][labels]  # [K, D]
         b = self.mask_fcn_logits.bias[labels]                # [K]

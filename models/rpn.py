@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import fuse, ops
 from .anchors import AnchorGenerator
 from .sampling import BELOW_LOW, BETWEEN, match, sample
 from .transform import ImageBatch
@@ -46,10 +46,14 @@ class RPNHead(nn.Module):
         ``Tensor[N, H * W * A, 4]``, ordered (y, x, anchor) like the anchors."""
         logits, deltas = [], []
         pointwise = getattr(self, "pointwise", None)  # set by models.fuse (inference)
+        fast = fuse.fast_inference_active()
         for f in features:
-            t = self.conv(f)
+            t = fuse.conv_relu_blocks(self.conv, f) if fast else self.conv(f)
             n = f.shape[0]
-            fused = pointwise(t) if pointwise is not None else None
+            if pointwise is not None:
+                fused = pointwise(t)
+            else:
+                fused = fuse.rpn_predictors(self, t) if fast else None
             if fused is not None:
                 logits.append(fused[0])
                 deltas.append(fused[1])

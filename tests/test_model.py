@@ -272,6 +272,65 @@ def test_inference_sees_weights_changed_every_way(rng, optimized):
     check()
 
 
+def test_fast_inference_is_pure(rng, monkeypatch):
+    # The fast path computes on the model's own modules: no copy of the model is made, the
+    # modules and parameters stay the very same objects, each fused layer keeps its derived
+    # weights outside the state_dict, and a weight changed in place (an op torch counts)
+    # changes the next output.
+    image = torch.rand(3, 120, 160, generator=rng)
+    model = tiny_model(box_score_thresh=0.0).eval()
+    plain = copy.deepcopy(model)
+    plain.fast_inference = False
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def no_deepcopy(*args, **kwargs):
+        raise AssertionError("inference deep-copied something")
+
+    monkeypatch.setattr(copy, "deepcopy", no_deepcopy)
+    first = _scores(model, image)
+    with torch.no_grad():
+        second = model([image])[0]["scores"]
+    assert dict(model.named_modules()) == modules  # (the same objects, compared by identity)
+    assert all(a is b for a, b in zip(model.modules(), modules.values()))
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, _scores(plain, image), rtol=1e-4, atol=1e-5)
+    # The derived weights: made by the layers that fuse, no parameter or buffer.
+    fused = [m for m in model.modules() if "_derived_weights" in m.__dict__]
+    assert model.backbone.body.conv1 in fused and model.roi_heads.box_head.fc6 in fused
+    assert model.roi_heads.mask_predictor in fused and model.rpn.head in fused
+    # Weights changed in place, under no_grad, by ops torch counts: seen by the next call,
+    # in the backbone (a conv and a folded norm), the FPN and the heads.
+    body, heads = model.backbone.body, model.roi_heads
+    with torch.no_grad():
+        for m in (model, plain):
+            m.backbone.body.layer2[0].conv2.weight.mul_(1.5)
+            m.backbone.body.layer2[0].bn2.running_var.add_(0.5)
+            m.backbone.fpn.layer_blocks[0][0].weight.add_(0.01)
+            m.roi_heads.box_head.fc6.weight.mul_(0.5)
+            m.roi_heads.mask_predictor.conv5_mask.weight.mul_(2.0)
+    assert body is model.backbone.body and heads is model.roi_heads
+    with torch.inference_mode():
+        changed, want = model([image])[0], plain([image])[0]
+    assert not torch.equal(changed["scores"], first) or changed["scores"].shape != first.shape
+    assert changed["scores"].shape == want["scores"].shape
+    torch.testing.assert_close(changed["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(changed["boxes"], want["boxes"], rtol=0, atol=0.05)
+    # Copies and pickles of a model that ran carry no derived weights.
+    monkeypatch.undo()
+    clone = copy.deepcopy(model)
+    assert all(m.__dict__["_derived_weights"].value is None for m in clone.modules()
+               if "_derived_weights" in m.__dict__)
+    model.clear_inference_cache()
+    assert not any("_derived_weights" in m.__dict__ for m in model.modules())
+
+
 def test_model_built_under_inference_mode_runs_the_fast_path(rng):
     image = torch.rand(3, 120, 160, generator=rng)
     with torch.inference_mode():
@@ -279,7 +338,7 @@ def test_model_built_under_inference_mode_runs_the_fast_path(rng):
         plain = copy.deepcopy(model)
         plain.fast_inference = False
         got, want = model([image])[0], plain([image])[0]
-    assert model.__dict__["_fast_parts"] is not None
+    assert "_derived_weights" in model.backbone.body.conv1.__dict__  # the fast path ran
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
 
 

@@ -230,8 +230,14 @@ def record_stages(model, images: List[Tensor], forced_by: Optional[StageRecord] 
     if model.training:
         raise ValueError("record_stages needs a model in eval mode")
     from ..mask_rcnn import MaskRCNN
-    if isinstance(model, MaskRCNN) and model._use_fast_path():
-        model = model._fast_view()  # what its forward runs
+    if isinstance(model, MaskRCNN):
+        with model.inference_context():  # what its forward runs
+            return _record_stages(model, images, forced_by)
+    return _record_stages(model, images, forced_by)
+
+
+def _record_stages(model, images: List[Tensor], forced_by: Optional[StageRecord]
+                   ) -> StageRecord:
     run = _Stages(model)
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, sizes = run.transform(images)
