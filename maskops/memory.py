@@ -10,6 +10,8 @@ only their memory returns here when they are freed.
 The limit on kept memory is ``MASKOPS_CPU_CACHE_MB`` (read when the cache is first used, by
 an op or by a function here; default 1024, ``0`` keeps nothing; an unusable value warns and
 keeps the default) or ``set_cpu_cache_limit()``; the oldest kept blocks are dropped first.
+A request that no kept block fits gives back at least as many idle kept bytes (the oldest)
+before new memory is mapped, so that what the cache keeps never raises the process's peak.
 ``empty_cache()`` gives kept memory back to the system. A forked process (a DataLoader
 worker) starts with an empty cache. Memory handed out by the cache shows in
 ``torch.profiler`` memory profiles like torch's own allocations.

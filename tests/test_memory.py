@@ -180,16 +180,28 @@ def test_forked_child_starts_with_an_empty_cache():
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
-def test_block_over_the_limit_does_not_evict_kept_blocks():
+def test_a_miss_gives_idle_blocks_back_first_and_a_block_over_the_limit_is_not_kept():
+    # New memory is mapped only after the idle kept memory of at least its size went back:
+    # what the cache keeps never adds to the process's peak.
     previous = maskops.set_cpu_cache_limit(10 << 20)
     try:
         maskops.empty_cache()
         m = torch.rand(2, 1, 28, 28)
         b = torch.tensor([[1.0, 1, 90, 90]] * 2)
         out = maskops.paste_masks(m, b, (1000, 1000)); del out  # 2 MB: kept
+        assert maskops.cpu_cache_info()["kept_bytes"] > 0
+        big = maskops.paste_masks(m, b, (4000, 4000))  # 32 MB: a miss
+        assert maskops.cpu_cache_info()["kept_bytes"] == 0
+        held = maskops.paste_masks(m, b, (1000, 1000))  # a miss again: nothing kept to reuse
+        del big  # over the limit: not kept
+        assert maskops.cpu_cache_info()["kept_bytes"] == 0
+        del held
         kept = maskops.cpu_cache_info()["kept_bytes"]
-        assert kept > 0
-        big = maskops.paste_masks(m, b, (4000, 4000)); del big  # 32 MB: over the limit
+        assert 0 < kept <= 4 << 20
+        # A hit takes the kept block and gives nothing back.
+        again = maskops.paste_masks(m, b, (1000, 1000))
+        assert maskops.cpu_cache_info()["kept_bytes"] == 0
+        del again
         assert maskops.cpu_cache_info()["kept_bytes"] == kept
     finally:
         maskops.set_cpu_cache_limit(previous)

@@ -176,6 +176,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   // The smallest kept block of at least `size` bytes and at most a quarter more, else a
   // newly mapped one. (Kept blocks are few, so a linear scan is fine.)
   void* take(size_t size) {
+    std::vector<Kept> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
       size_t best = kept_.size();
@@ -195,7 +196,13 @@ class CachingCpuAllocator final : public c10::Allocator {
         return k.ptr;
       }
       ++misses_;
+      // New memory is about to be mapped: first give back at least as many idle kept bytes
+      // (the oldest), so that what is kept for later calls never adds to the process's peak:
+      // the cache grows only while all it keeps is in use.
+      while (!kept_.empty() && drop_oldest(drop) < size) {
+      }
     }
+    for (const Kept& k : drop) unmap_block(k.ptr, k.size);
     void* p = map_block(size);
     if (p == nullptr) {  // maybe memory is kept here: give it back and try once more
       release_all();
@@ -265,15 +272,22 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   // Moves the oldest kept blocks to `drop` until `room` more bytes fit the limit (mu_ held).
   void trim(int64_t room, std::vector<Kept>& drop) {
-    while (!kept_.empty() && kept_bytes_ + room > limit_) {
-      size_t oldest = 0;
-      for (size_t i = 1; i < kept_.size(); ++i)
-        if (kept_[i].freed_at < kept_[oldest].freed_at) oldest = i;
-      drop.push_back(kept_[oldest]);
-      kept_bytes_ -= static_cast<int64_t>(kept_[oldest].size);
-      kept_[oldest] = kept_.back();
-      kept_.pop_back();
-    }
+    while (!kept_.empty() && kept_bytes_ + room > limit_) drop_oldest(drop);
+  }
+
+  // Moves the oldest kept block to `drop` (mu_ held, kept_ not empty); returns the bytes
+  // moved to `drop` so far.
+  size_t drop_oldest(std::vector<Kept>& drop) {
+    size_t oldest = 0;
+    for (size_t i = 1; i < kept_.size(); ++i)
+      if (kept_[i].freed_at < kept_[oldest].freed_at) oldest = i;
+    drop.push_back(kept_[oldest]);
+    kept_bytes_ -= static_cast<int64_t>(kept_[oldest].size);
+    kept_[oldest] = kept_.back();
+    kept_.pop_back();
+    size_t total = 0;
+    for (const Kept& k : drop) total += k.size;
+    return total;
   }
 
   // Tells torch's profiler (profile_memory=True) about memory handed out (delta > 0) or
