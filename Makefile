@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.maskops-built
 CSRC    := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 SOURCES := setup.py $(CSRC)
-DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark \
+DEPS    := torch==2.14.1 torchvision==0.29.1 numpy pybind11 ninja pytest pytest-benchmark pytest-xdist \
            hypothesis pycocotools setuptools wheel build matplotlib tqdm \
            onnxruntime==1.32.0 onnxscript==0.7.2
 # The linters, pinned: a new release may flag or reformat code the pinned one accepts.
@@ -51,8 +51,12 @@ format: $(LINT_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/clang-format -i $(CSRC)
 
+# Two workers, each taking whole test files (a file's fixtures are built once); waiting OpenMP
+# threads sleep rather than spin, so that the workers' threads share the cores.
+TEST_WORKERS ?= 2
 test: $(BUILT)
-	$(VPY) -m pytest -q tests benchmarks --benchmark-disable
+	$(VPY) -c "import xdist" 2>/dev/null || $(PIP) install -q pytest-xdist  # (venvs made before it)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests benchmarks --benchmark-disable
 
 # The CPU-dependent tests on emulated CPUs (AVX2 without AVX-512 or native bf16; no AVX) and
 # the model-size equivalence tests under AVX2 and scalar numerics (scripts/test_cpu_kinds.sh).
