@@ -4,6 +4,7 @@ CUDA sources are compiled when nvcc is found (MASKOPS_CPU_ONLY=1 skips them,
 MASKOPS_FORCE_CUDA=1 makes a missing CUDA toolkit an error). Everything a CUDA
 build needs on a machine without a GPU is worked out here and printed.
 """
+
 import glob
 import os
 import shutil
@@ -22,9 +23,13 @@ def log(msg):
 
 def find_cuda_home():
     """A CUDA toolkit folder: bin/nvcc plus the runtime headers (nvcc on PATH may be a wrapper)."""
+
     def ok(home):
-        return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
-            os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+        return (
+            bool(home)
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+        )
 
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
@@ -91,8 +96,12 @@ def decide_cuda():
 
 def nvcc_version(cuda_home):
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return out.strip().splitlines()[-1]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -121,9 +130,11 @@ def extensions():
 
     with_cuda = cuda_home is not None
     write_build_info(with_cuda, cuda_home)
-    sources = (["csrc/maskops.cpp", "csrc/maskops_testing.cpp"]
-               + sorted(glob.glob("csrc/common/*.cpp"))
-               + sorted(glob.glob("csrc/*/*_cpu.cpp")))
+    sources = (
+        ["csrc/maskops.cpp", "csrc/maskops_testing.cpp"]
+        + sorted(glob.glob("csrc/common/*.cpp"))
+        + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    )
     # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
     # on one thread.
     # (py_limited_api=True makes torch define Py_LIMITED_API; -Wno-psabi silences GCC's note
@@ -135,17 +146,24 @@ def extensions():
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True)
     if with_cuda:
         sources += sorted(glob.glob("csrc/*/*_cuda.cu"))
-        ext = CUDAExtension("maskops._C", sources,
-                            extra_compile_args={"cxx": cxx + ["-DMASKOPS_WITH_CUDA"],
-                                                "nvcc": nvcc + ["-DMASKOPS_WITH_CUDA"]},
-                            **kwargs)
+        ext = CUDAExtension(
+            "maskops._C",
+            sources,
+            extra_compile_args={
+                "cxx": cxx + ["-DMASKOPS_WITH_CUDA"],
+                "nvcc": nvcc + ["-DMASKOPS_WITH_CUDA"],
+            },
+            **kwargs,
+        )
     else:
         ext = CppExtension("maskops._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
     ext.extra_link_args += ["-fopenmp"]
     if os.environ.get("MASKOPS_EXTRA_LDFLAGS"):
         ext.extra_link_args += os.environ["MASKOPS_EXTRA_LDFLAGS"].split()
-    log(f"{'CUDA' if with_cuda else 'CPU-only'} build of {len(sources)} sources, "
-        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
+    log(
+        f"{'CUDA' if with_cuda else 'CPU-only'} build of {len(sources)} sources, "
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}"
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

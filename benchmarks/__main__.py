@@ -8,6 +8,7 @@ benchmarks/results). On CUDA it also measures the copy bandwidth and reports eac
 achieved fraction of it (roofline). On the CPU it also measures the model's peak memory
 against torchvision's (benchmarks/bench_memory.py: DIR/memory_<machine>.md and .json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,15 @@ import traceback
 
 import torch
 
-from benchmarks.common import (copy_bandwidth_GBps, device_slug, machine, markdown_report,
-                               roofline_table, save_json, table)
+from benchmarks.common import (
+    copy_bandwidth_GBps,
+    device_slug,
+    machine,
+    markdown_report,
+    roofline_table,
+    save_json,
+    table,
+)
 
 # (name, module); a module that cannot be imported (its op not built yet) is skipped.
 SUITE = [
@@ -34,11 +42,16 @@ SUITE = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (smoke run)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: every available one)")
-    p.add_argument("--only", default=None, help="comma-separated subset of: "
-                   + ", ".join([n for n, _ in SUITE] + ["memory"]))
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated subset of: " + ", ".join([n for n, _ in SUITE] + ["memory"]),
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -73,7 +86,10 @@ def main(argv=None) -> int:
         with open(os.path.join(a.out, slug + ".md"), "w") as f:
             f.write(markdown_report(device, rows, extra))
         save_json(os.path.join(a.out, slug + ".json"), rows)
-        print(f"\n== {device}: all results ==\n{table(rows)}\n{extra}\nwritten to {a.out}/{slug}.md", flush=True)
+        print(
+            f"\n== {device}: all results ==\n{table(rows)}\n{extra}\nwritten to {a.out}/{slug}.md",
+            flush=True,
+        )
     if "cpu" in devices and (not only or "memory" in only):
         # Peak memory of the model against torchvision's, each in a fresh process of its own.
         try:

@@ -19,6 +19,7 @@ allocation (``THP_MEM_ALLOC_ENABLE=1``), jemalloc and tcmalloc preloaded
     python -m benchmarks.bench_allocator              # writes results/allocator_cpu_<cpu>.md
     python -m benchmarks.bench_allocator --quick      # smoke run: 320x320, 2 reps
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,13 @@ def _timed(fn, reps: int, warmup: int) -> dict:
     f0, c0, s0 = _usage()
     t = measure(fn, reps=reps, warmup=0)
     f1, c1, s1 = _usage()
-    return {"ms": t.median_ms, "iqr_ms": t.iqr_ms, "faults": (f1 - f0) / reps,
-            "cpu_ms": (c1 - c0) * 1e3 / reps, "sys_ms": (s1 - s0) * 1e3 / reps}
+    return {
+        "ms": t.median_ms,
+        "iqr_ms": t.iqr_ms,
+        "faults": (f1 - f0) / reps,
+        "cpu_ms": (c1 - c0) * 1e3 / reps,
+        "sys_ms": (s1 - s0) * 1e3 / reps,
+    }
 
 
 def worker(size: int, reps: int, op_reps: int) -> dict:
@@ -82,14 +88,17 @@ def worker(size: int, reps: int, op_reps: int) -> dict:
     xy = torch.rand(100, 2, generator=g) * 700
     boxes = torch.cat([xy, xy + 50 + torch.rand(100, 2, generator=g) * 250], dim=1)
     result["paste 100 masks -> 1000x1000 bool"] = _timed(
-        lambda: maskops.paste_masks(masks, boxes, (1000, 1000)), op_reps, 2)
+        lambda: maskops.paste_masks(masks, boxes, (1000, 1000)), op_reps, 2
+    )
     x = torch.randn(1, 256, 200, 200, generator=g)
     xy = torch.rand(1000, 2, generator=g) * 700
-    rois = torch.cat([torch.zeros(1000, 1), xy, xy + 16 + torch.rand(1000, 2, generator=g) * 80],
-                     dim=1)
+    rois = torch.cat(
+        [torch.zeros(1000, 1), xy, xy + 16 + torch.rand(1000, 2, generator=g) * 80], dim=1
+    )
     with torch.inference_mode():
         result["roi_align 1000 RoIs -> 256x7x7"] = _timed(
-            lambda: maskops.roi_align(x, rois, 7, 0.25, 2, True), op_reps, 2)
+            lambda: maskops.roi_align(x, rois, 7, 0.25, 2, True), op_reps, 2
+        )
 
     model = build_mask_rcnn("resnet50").eval()
     image = torch.rand(3, size, size, generator=g)
@@ -112,14 +121,33 @@ def run(size: int, reps: int, op_reps: int) -> tuple[list, dict]:
         print(f"-- {name}", flush=True)
         start = time.perf_counter()
         r = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_allocator", "--worker", "--size", str(size),
-             "--reps", str(reps), "--op-reps", str(op_reps)],
-            capture_output=True, text=True, env={**os.environ, **env}, timeout=1800)
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_allocator",
+                "--worker",
+                "--size",
+                str(size),
+                "--reps",
+                str(reps),
+                "--op-reps",
+                str(op_reps),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=1800,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
-        rows.append({"config": name, "env": env,
-                     "results": json.loads(r.stdout.strip().splitlines()[-1]),
-                     "wall_s": time.perf_counter() - start})
+        rows.append(
+            {
+                "config": name,
+                "env": env,
+                "results": json.loads(r.stdout.strip().splitlines()[-1]),
+                "wall_s": time.perf_counter() - start,
+            }
+        )
     return rows, machine()
 
 
@@ -137,15 +165,22 @@ def report(rows: list, mach: dict, size: int, reps: int, op_reps: int) -> str:
         "",
     ]
     for k in keys:
-        lines += [f"**{k}**", "",
-                  "| configuration | wall ms (IQR) | CPU ms (system) | CPU ratio | faults |"
-                  + (" peak RSS MB |" if k == model_key else ""),
-                  "|---|---|---|---|---|" + ("---|" if k == model_key else "")]
+        lines += [
+            f"**{k}**",
+            "",
+            "| configuration | wall ms (IQR) | CPU ms (system) | CPU ratio | faults |"
+            + (" peak RSS MB |" if k == model_key else ""),
+            "|---|---|---|---|---|" + ("---|" if k == model_key else ""),
+        ]
         for row in rows:
             t = row["results"][k]
-            cells = [row["config"], f"{t['ms']:.1f} ({t['iqr_ms']:.1f})",
-                     f"{t['cpu_ms']:.0f} ({t['sys_ms']:.0f})",
-                     f"{t['cpu_ms'] / base[k]['cpu_ms']:.2f}", f"{t['faults']:.0f}"]
+            cells = [
+                row["config"],
+                f"{t['ms']:.1f} ({t['iqr_ms']:.1f})",
+                f"{t['cpu_ms']:.0f} ({t['sys_ms']:.0f})",
+                f"{t['cpu_ms'] / base[k]['cpu_ms']:.2f}",
+                f"{t['faults']:.0f}",
+            ]
             if k == model_key:
                 cells.append(f"{t['peak_rss_mb']:.0f}")
             lines.append("| " + " | ".join(cells) + " |")
@@ -177,8 +212,11 @@ def main(argv=None) -> None:
     with open(path + ".md", "w") as f:
         f.write(text)
     with open(path + ".json", "w") as f:
-        json.dump({"machine": mach, "size": a.size, "reps": a.reps, "op_reps": a.op_reps,
-                   "rows": rows}, f, indent=1)
+        json.dump(
+            {"machine": mach, "size": a.size, "reps": a.reps, "op_reps": a.op_reps, "rows": rows},
+            f,
+            indent=1,
+        )
     print(f"written to {path}.md", flush=True)
 
 

@@ -12,6 +12,7 @@ Workloads (an 800x800 image, FPN levels P2-P6 at strides 4..64, i.e. feature map
     then filter_proposals; maskops: rpn_proposals), pre/post NMS top-n 1000, NMS 0.7.
 Every maskops result is checked against torchvision's before it is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ STRIDES = (4, 8, 16, 32, 64)
 
 
 def _features(batch: int, image: int, device: str):
-    return [torch.zeros(batch, 1, math.ceil(image / s), math.ceil(image / s), device=device)
-            for s in STRIDES]
+    return [
+        torch.zeros(batch, 1, math.ceil(image / s), math.ceil(image / s), device=device)
+        for s in STRIDES
+    ]
 
 
 def _rpn_inputs(batch: int, image: int, device: str, seed: int = 0):
@@ -47,7 +50,7 @@ def _rpn_inputs(batch: int, image: int, device: str, seed: int = 0):
     a = sum(per_level)
     # Distinct logits spread over [-4, 4]: no two scores tie, so the outputs can be compared
     # exactly (torchvision orders equal scores with an unstable sort).
-    objectness = (torch.randperm(batch * a, generator=g).float() / (batch * a) * 8 - 4)
+    objectness = torch.randperm(batch * a, generator=g).float() / (batch * a) * 8 - 4
     deltas = torch.randn(batch * a, 4, generator=g) * 0.3
     return images, anchors, per_level, objectness[:, None].to(device), deltas.to(device)
 
@@ -75,34 +78,75 @@ def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
     check_same("anchors (uncached)", uncached, ref[0], 0.0)
     t_tv = measure(lambda: tv_gen(images, feats), device, reps)
     case = f"{len(STRIDES)} levels, {image}x{image}, {ref[0].shape[0]} anchors"
-    rows.append(Row("AnchorGenerator (cached)", device, case, measure(lambda: mo_gen(images, feats), device, reps),
-                    t_tv, min_bytes=nbytes(ref[0])))
-    rows.append(Row("generate_anchors (kernel)", device, case,
-                    measure(lambda: maskops.generate_anchors(grid, strides, SIZES, RATIOS, device=device,
-                                                             cache=False), device, reps),
-                    t_tv, min_bytes=nbytes(ref[0])))
+    rows.append(
+        Row(
+            "AnchorGenerator (cached)",
+            device,
+            case,
+            measure(lambda: mo_gen(images, feats), device, reps),
+            t_tv,
+            min_bytes=nbytes(ref[0]),
+        )
+    )
+    rows.append(
+        Row(
+            "generate_anchors (kernel)",
+            device,
+            case,
+            measure(
+                lambda: maskops.generate_anchors(
+                    grid, strides, SIZES, RATIOS, device=device, cache=False
+                ),
+                device,
+                reps,
+            ),
+            t_tv,
+            min_bytes=nbytes(ref[0]),
+        )
+    )
 
     # ---- decode ----
     n = 20_000 if quick else 200_000
     g = torch.Generator().manual_seed(1)
     boxes = random_boxes(g, n, 800, 1, 301, margin=0, dtype=torch.float32).to(device)
     codes = torch.randn(n, 4, generator=g).to(device)
-    tv_coder, mo_coder = TVBoxCoder((10.0, 10.0, 5.0, 5.0)), maskops.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    tv_coder, mo_coder = (
+        TVBoxCoder((10.0, 10.0, 5.0, 5.0)),
+        maskops.BoxCoder((10.0, 10.0, 5.0, 5.0)),
+    )
     ref = tv_coder.decode_single(codes, boxes)
     # Bit for bit on the CPU; on CUDA torchvision divides by a weight as a multiplication by
     # its reciprocal, so allow an ulp of an 1100-pixel coordinate.
-    check_same("decode", mo_coder.decode_single(codes, boxes), ref, 0.0 if device == "cpu" else 1e-3)
-    rows.append(Row("decode_boxes", device, f"{n} boxes",
-                    measure(lambda: mo_coder.decode_single(codes, boxes), device, reps),
-                    measure(lambda: tv_coder.decode_single(codes, boxes), device, reps),
-                    min_bytes=nbytes(codes, boxes, ref)))
+    check_same(
+        "decode", mo_coder.decode_single(codes, boxes), ref, 0.0 if device == "cpu" else 1e-3
+    )
+    rows.append(
+        Row(
+            "decode_boxes",
+            device,
+            f"{n} boxes",
+            measure(lambda: mo_coder.decode_single(codes, boxes), device, reps),
+            measure(lambda: tv_coder.decode_single(codes, boxes), device, reps),
+            min_bytes=nbytes(codes, boxes, ref),
+        )
+    )
 
     # ---- RPN proposal step ----
-    rpn = RegionProposalNetwork(TVAnchorGenerator(SIZES, RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
-                                dict(training=2000, testing=1000), dict(training=2000, testing=1000),
-                                0.7).eval()
+    rpn = RegionProposalNetwork(
+        TVAnchorGenerator(SIZES, RATIOS),
+        RPNHead(1, 3),
+        0.7,
+        0.3,
+        256,
+        0.5,
+        dict(training=2000, testing=1000),
+        dict(training=2000, testing=1000),
+        0.7,
+    ).eval()
     for batch in (1, 2):
-        images, anchors, per_level, objectness, deltas = _rpn_inputs(batch, image, device, seed=batch)
+        images, anchors, per_level, objectness, deltas = _rpn_inputs(
+            batch, image, device, seed=batch
+        )
 
         def tv_step():
             with torch.no_grad():
@@ -112,14 +156,30 @@ def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
         shared = anchors[0]  # what maskops.AnchorGenerator gives every image
 
         def mo_step():
-            return maskops.rpn_proposals(objectness, deltas, shared, images.image_sizes, 1000, 1000,
-                                         0.7, 0.0, 1e-3, per_level)
+            return maskops.rpn_proposals(
+                objectness,
+                deltas,
+                shared,
+                images.image_sizes,
+                1000,
+                1000,
+                0.7,
+                0.0,
+                1e-3,
+                per_level,
+            )
 
         _same_proposals(f"rpn_proposals batch {batch}", mo_step(), tv_step())
-        rows.append(Row("rpn_proposals", device,
-                        f"batch {batch}, {image}x{image}, {objectness.shape[0] // batch} anchors/image",
-                        measure(mo_step, device, reps), measure(tv_step, device, reps),
-                        min_bytes=nbytes(objectness, deltas, shared)))
+        rows.append(
+            Row(
+                "rpn_proposals",
+                device,
+                f"batch {batch}, {image}x{image}, {objectness.shape[0] // batch} anchors/image",
+                measure(mo_step, device, reps),
+                measure(tv_step, device, reps),
+                min_bytes=nbytes(objectness, deltas, shared),
+            )
+        )
     return rows
 
 
@@ -127,7 +187,9 @@ run = bench
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)

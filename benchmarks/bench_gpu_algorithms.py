@@ -25,6 +25,7 @@ as a Row: "maskops" is the GPU algorithm under study, "torchvision" the baseline
 measured against (the scatter; batch 1 scaled by 8), so the reported speed-up is
 baseline / algorithm and ``goal`` says what it must reach.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,8 @@ import math
 import torch
 
 from benchmarks.bench_multiscale_roi_align import workload as fpn_workload
-from maskops.testing import ops as testing_ops
 from benchmarks.common import Row, Timing, cli, measure, on_one_thread
+from maskops.testing import ops as testing_ops
 
 ops = torch.ops.maskops
 
@@ -45,12 +46,28 @@ PASTE_GOAL = 20.0  # the paste's CUDA tiles at most this many times the CPU kern
 def roi_backward_case(images: int, rois: int, channels: int = 8, image: int = 800, output: int = 7):
     """grad, rois and the op's other arguments for a batch of FPN images."""
     feats, boxes, _ = fpn_workload("cpu", rois=rois, channels=channels, image=image, batch=images)
-    rois_t = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    rois_t = torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)]
+    )
     levels = list(feats.values())
     g = torch.Generator().manual_seed(1)
     grad = torch.randn(len(rois_t), channels, output, output, generator=g)
-    args = (grad, rois_t, [0.25, 0.125, 0.0625, 0.03125], output, output, images, channels,
-            [f.shape[2] for f in levels], [f.shape[3] for f in levels], 2, False, 224.0, 4.0, 2)
+    args = (
+        grad,
+        rois_t,
+        [0.25, 0.125, 0.0625, 0.03125],
+        output,
+        output,
+        images,
+        channels,
+        [f.shape[2] for f in levels],
+        [f.shape[3] for f in levels],
+        2,
+        False,
+        224.0,
+        4.0,
+        2,
+    )
     return args
 
 
@@ -77,7 +94,18 @@ def rpn_case(batch: int, image: int = 800, pre: int = 1000, post: int = 1000, se
     a = anchors.shape[0]
     objectness = torch.randn(batch, a, generator=g) * 2
     deltas = torch.randn(batch, a, 4, generator=g) * 0.3
-    return (objectness, deltas, anchors, [image] * (2 * batch), pre, post, 0.7, 0.0, 1e-3, per_level)
+    return (
+        objectness,
+        deltas,
+        anchors,
+        [image] * (2 * batch),
+        pre,
+        post,
+        0.7,
+        0.0,
+        1e-3,
+        per_level,
+    )
 
 
 def rpn(args):
@@ -128,7 +156,9 @@ def measure_ratios(quick: bool = False) -> dict:
     def pastes():
         case = paste_case(20, (200, 300)) if quick else paste_case()
         assert torch.equal(paste(case, True), paste(case, False))  # the guard
-        res["paste_case"] = f"{case[0].shape[0]} masks 28x28 into {case[2]}x{case[3]}, threshold 0.5"
+        res["paste_case"] = (
+            f"{case[0].shape[0]} masks 28x28 into {case[2]}x{case[3]}, threshold 0.5"
+        )
         res["paste_cpu"] = measure(lambda: paste(case, False), "cpu", reps)
         res["paste_tiles"] = measure(lambda: paste(case, True), "cpu", reps)
 
@@ -149,16 +179,32 @@ def run(device: str = "cpu", quick: bool = False) -> list[Row]:
     b = r["rpn_batch"]
     scaled = Timing(r["rpn_1"].median_ms * b, r["rpn_1"].iqr_ms * b, r["rpn_1"].reps)
     return [
-        Row("roi_align bwd, deterministic gather vs atomic scatter (CUDA twins)", "cpu", r["roi_case"],
-            r["gather"], r["scatter"],
-            note=f"gather/scatter {r['roi_ratio']:.2f}x, goal <= {ROI_GOAL:g}x"),
-        Row(f"rpn_proposals batch {b} vs {b} x batch 1 (CUDA twin)", "cpu", r["rpn_case"],
-            r["rpn_many"], scaled,
-            note=f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x, goal <= {RPN_GOAL:g}x" if b == 8 else
-            f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x"),
-        Row("paste_masks, CUDA tiles vs CPU kernel (CUDA twin)", "cpu", r["paste_case"],
-            r["paste_tiles"], r["paste_cpu"],
-            note=f"tiles/CPU kernel {r['paste_ratio']:.2f}x, goal <= {PASTE_GOAL:g}x"),
+        Row(
+            "roi_align bwd, deterministic gather vs atomic scatter (CUDA twins)",
+            "cpu",
+            r["roi_case"],
+            r["gather"],
+            r["scatter"],
+            note=f"gather/scatter {r['roi_ratio']:.2f}x, goal <= {ROI_GOAL:g}x",
+        ),
+        Row(
+            f"rpn_proposals batch {b} vs {b} x batch 1 (CUDA twin)",
+            "cpu",
+            r["rpn_case"],
+            r["rpn_many"],
+            scaled,
+            note=f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x, goal <= {RPN_GOAL:g}x"
+            if b == 8
+            else f"batch {b}/batch 1 {r['rpn_ratio']:.2f}x",
+        ),
+        Row(
+            "paste_masks, CUDA tiles vs CPU kernel (CUDA twin)",
+            "cpu",
+            r["paste_case"],
+            r["paste_tiles"],
+            r["paste_cpu"],
+            note=f"tiles/CPU kernel {r['paste_ratio']:.2f}x, goal <= {PASTE_GOAL:g}x",
+        ),
     ]
 
 

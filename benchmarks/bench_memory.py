@@ -13,6 +13,7 @@ keeping nothing (``MASKOPS_CPU_CACHE_MB=0``), ours with ``fast_inference=False``
 modules as built), ours after ``optimize_for_inference()``, and torchvision. Writes
 DIR/memory_<machine>.md and .json (DIR: benchmarks/results).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def _child(variant: str, weights: str, size: int, runs: int, threads: int, seed:
     if variant == TORCHVISION:
         import torchvision
 
-        model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None,
-                                                                   weights_backbone=None)
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None
+        )
     else:
         from models import build_mask_rcnn
 
@@ -70,12 +72,17 @@ def _child(variant: str, weights: str, size: int, runs: int, threads: int, seed:
             times.append(time.perf_counter() - start)
             detections.append(len(out["boxes"]))
             del out
-    return {"peak_rss_mb": _peak_mb(), "peak_rss_before_inference_mb": loaded,
-            "forward_s": times, "detections": detections}
+    return {
+        "peak_rss_mb": _peak_mb(),
+        "peak_rss_before_inference_mb": loaded,
+        "forward_s": times,
+        "detections": detections,
+    }
 
 
-def measure(size: int = 800, runs: int = 3, threads: Optional[int] = None, seed: int = 0,
-            variants=VARIANTS) -> dict:
+def measure(
+    size: int = 800, runs: int = 3, threads: Optional[int] = None, seed: int = 0, variants=VARIANTS
+) -> dict:
     """Each variant's peak RSS (MB), each measured in a subprocess of its own."""
     import torch
     import torchvision
@@ -86,22 +93,40 @@ def measure(size: int = 800, runs: int = 3, threads: Optional[int] = None, seed:
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pth")
         torch.manual_seed(seed)
-        tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None,
-                                                                weights_backbone=None)
+        tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
         torch.save(tv.state_dict(), weights)
         del tv
         for variant in variants:
-            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", variant,
-                   "--weights", weights, "--size", str(size), "--runs", str(runs),
-                   "--threads", str(threads), "--seed", str(seed)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_memory",
+                "--child",
+                variant,
+                "--weights",
+                weights,
+                "--size",
+                str(size),
+                "--runs",
+                str(runs),
+                "--threads",
+                str(threads),
+                "--seed",
+                str(seed),
+            ]
             env = dict(os.environ, **_ENV.get(variant, {}))
-            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False,
-                                  env=env)
+            done = subprocess.run(
+                cmd, cwd=root, capture_output=True, text=True, check=False, env=env
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"{variant}: the measuring process failed:\n{done.stderr}")
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"image": f"1 x 3 x {size} x {size}", "runs": runs, "threads": threads,
-            "results": results}
+    return {
+        "image": f"1 x 3 x {size} x {size}",
+        "runs": runs,
+        "threads": threads,
+        "results": results,
+    }
 
 
 def report(r: dict) -> str:
@@ -109,17 +134,23 @@ def report(r: dict) -> str:
 
     m = machine()
     tv = r["results"].get(TORCHVISION, {}).get("peak_rss_mb")
-    lines = [f"# Peak memory of Mask R-CNN R50-FPN inference on {m['cpu']}", "",
-             f"{r['runs']} inferences of a {r['image']} float32 image, {r['threads']} threads, "
-             f"torch {m['torch']}, torchvision {m.get('torchvision')}; each model in a fresh "
-             "process of its own, same weights and image; peak resident set "
-             "(`ru_maxrss`) of that process.", "",
-             "| model | peak RSS MB | vs torchvision | RSS before inference MB | detections |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Peak memory of Mask R-CNN R50-FPN inference on {m['cpu']}",
+        "",
+        f"{r['runs']} inferences of a {r['image']} float32 image, {r['threads']} threads, "
+        f"torch {m['torch']}, torchvision {m.get('torchvision')}; each model in a fresh "
+        "process of its own, same weights and image; peak resident set "
+        "(`ru_maxrss`) of that process.",
+        "",
+        "| model | peak RSS MB | vs torchvision | RSS before inference MB | detections |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in r["results"].items():
         ratio = f"{v['peak_rss_mb'] / tv:.3f}x" if tv else ""
-        lines.append(f"| {name} | {v['peak_rss_mb']:.0f} | {ratio} | "
-                     f"{v['peak_rss_before_inference_mb']:.0f} | {v['detections'][-1]} |")
+        lines.append(
+            f"| {name} | {v['peak_rss_mb']:.0f} | {ratio} | "
+            f"{v['peak_rss_before_inference_mb']:.0f} | {v['detections'][-1]} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +175,9 @@ def run_and_save(quick: bool = False, out: Optional[str] = None, **kw) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", type=int, default=None, help="image side (default 800; quick 320)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)

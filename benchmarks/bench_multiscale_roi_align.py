@@ -5,6 +5,7 @@
 Default workload: the FPN levels of one 800x800 image (strides 4-32, 256 channels) and 1000
 proposal-like boxes, 7x7 (box head) and 14x14 (mask head) outputs, sampling_ratio 2.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -16,12 +17,19 @@ import maskops
 from benchmarks.common import Row, check_same, cli, measure, measure_uncached, nbytes
 
 
-def workload(device: str, rois: int = 1000, channels: int = 256, image: int = 800, batch: int = 1,
-             seed: int = 0):
+def workload(
+    device: str,
+    rois: int = 1000,
+    channels: int = 256,
+    image: int = 800,
+    batch: int = 1,
+    seed: int = 0,
+):
     g = torch.Generator().manual_seed(seed)
     feats = OrderedDict(
         (str(i), torch.randn(batch, channels, image // s, image // s, generator=g).to(device))
-        for i, s in enumerate((4, 8, 16, 32)))
+        for i, s in enumerate((4, 8, 16, 32))
+    )
     boxes = []
     for _ in range(batch):
         # Proposal-like sizes: many small boxes, some large (log-uniform side 8..600 px).
@@ -32,22 +40,39 @@ def workload(device: str, rois: int = 1000, channels: int = 256, image: int = 80
 
 
 def bench(device: str = "cpu", quick: bool = False, output: int = 7) -> list[Row]:
-    feats, boxes, shapes = workload(device, rois=200 if quick else 1000, channels=64 if quick else 256)
+    feats, boxes, shapes = workload(
+        device, rois=200 if quick else 1000, channels=64 if quick else 256
+    )
     ours = maskops.MultiScaleRoIAlign(list(feats), output, 2)
     theirs = torchvision.ops.MultiScaleRoIAlign(list(feats), output, 2)
-    case = f"{sum(len(b) for b in boxes)} RoIs x {feats['0'].shape[1]} ch, 4 levels, {output}x{output}"
+    case = (
+        f"{sum(len(b) for b in boxes)} RoIs x {feats['0'].shape[1]} ch, 4 levels, {output}x{output}"
+    )
     reps = 3 if quick else 7
     out = ours(feats, boxes, shapes)
     check_same("multiscale_roi_align forward", out, theirs(feats, boxes, shapes), 1e-4)
     levels = [feats[k] for k in ("0", "1", "2", "3")]
-    rows = [Row("multiscale_roi_align fwd", device, case,
-                measure(lambda: ours(feats, boxes, shapes), device, reps),
-                measure(lambda: theirs(feats, boxes, shapes), device, reps),
-                min_bytes=nbytes(levels, boxes, out))]
+    rows = [
+        Row(
+            "multiscale_roi_align fwd",
+            device,
+            case,
+            measure(lambda: ours(feats, boxes, shapes), device, reps),
+            measure(lambda: theirs(feats, boxes, shapes), device, reps),
+            min_bytes=nbytes(levels, boxes, out),
+        )
+    ]
     if device == "cpu":
-        rows.append(Row("multiscale_roi_align fwd (no cache)", device, case,
-                        measure_uncached(lambda: ours(feats, boxes, shapes), device, reps),
-                        rows[0].torchvision, min_bytes=rows[0].min_bytes))
+        rows.append(
+            Row(
+                "multiscale_roi_align fwd (no cache)",
+                device,
+                case,
+                measure_uncached(lambda: ours(feats, boxes, shapes), device, reps),
+                rows[0].torchvision,
+                min_bytes=rows[0].min_bytes,
+            )
+        )
 
     def fwd_bwd(module):
         leaves = OrderedDict((k, v.detach().requires_grad_()) for k, v in feats.items())
@@ -57,10 +82,16 @@ def bench(device: str = "cpu", quick: bool = False, output: int = 7) -> list[Row
 
     for a, b in zip(fwd_bwd(ours), fwd_bwd(theirs)):
         check_same("multiscale_roi_align backward", a, b, 1e-3)
-    rows.append(Row("multiscale_roi_align fwd+bwd", device, case,
-                    measure(lambda: fwd_bwd(ours), device, reps),
-                    measure(lambda: fwd_bwd(theirs), device, max(2, reps // 3)),
-                    min_bytes=2 * nbytes(levels, out) + nbytes(boxes)))
+    rows.append(
+        Row(
+            "multiscale_roi_align fwd+bwd",
+            device,
+            case,
+            measure(lambda: fwd_bwd(ours), device, reps),
+            measure(lambda: fwd_bwd(theirs), device, max(2, reps // 3)),
+            min_bytes=2 * nbytes(levels, out) + nbytes(boxes),
+        )
+    )
     return rows
 
 

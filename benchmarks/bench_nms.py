@@ -10,6 +10,7 @@ a case that does not match is reported as MISMATCH and gets no time. Times are m
 batched_nms uses distinct scores: with equal scores in different classes torchvision (above
 1000 boxes on the CPU) orders them with an unstable sort, so there is no single order to match.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,8 @@ def cases_table(device: str, reps: int):
 
 
 def run(device: str = "cpu", quick: bool = False):
-    """The suite's entry point (python -m benchmarks): the same cases as rows of the common table."""
+    """The suite's entry point (python -m benchmarks): the same cases as rows of the common
+    table."""
     from benchmarks.common import Row, measure, nbytes
 
     out = []
@@ -84,18 +86,30 @@ def run(device: str = "cpu", quick: bool = False):
         boxes, scores, distinct, idxs = make_case(n, seed=n)
         boxes, scores, distinct, idxs = (t.to(device) for t in (boxes, scores, distinct, idxs))
         for name, ours, theirs, args in (
-                ("nms", maskops.nms, tv_nms, (boxes, scores, IOU)),
-                (f"batched_nms ({CLASSES} classes)", maskops.batched_nms, tv_batched_nms,
-                 (boxes, distinct, idxs, IOU))):
+            ("nms", maskops.nms, tv_nms, (boxes, scores, IOU)),
+            (
+                f"batched_nms ({CLASSES} classes)",
+                maskops.batched_nms,
+                tv_batched_nms,
+                (boxes, distinct, idxs, IOU),
+            ),
+        ):
             kept = theirs(*args)
             if not torch.equal(ours(*args).cpu(), kept.cpu()):
                 raise AssertionError(f"{name} at {n} boxes differs from torchvision: not timed")
             slow = device == "cpu" and n >= 20000
-            out.append(Row(name, device, f"{n:,} boxes, IoU {IOU}",
-                           measure(lambda: ours(*args), device, reps),
-                           measure(lambda: theirs(*args), device, 2 if slow else reps,
-                                   warmup=0 if slow else 1),
-                           min_bytes=nbytes(*args[:-1], kept)))
+            out.append(
+                Row(
+                    name,
+                    device,
+                    f"{n:,} boxes, IoU {IOU}",
+                    measure(lambda: ours(*args), device, reps),
+                    measure(
+                        lambda: theirs(*args), device, 2 if slow else reps, warmup=0 if slow else 1
+                    ),
+                    min_bytes=nbytes(*args[:-1], kept),
+                )
+            )
     return out
 
 
@@ -105,15 +119,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = ap.parse_args(argv)
-    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else \
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = (
+        ["cpu"]
+        if args.device == "cpu"
+        else ["cuda"]
+        if args.device == "cuda"
+        else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     if "cuda" in devices and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    print(f"machine: {cpu_summary()}"
-          + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"maskops {maskops.__version__}; iou_threshold={IOU}; median of {args.reps} calls")
+    print(
+        f"machine: {cpu_summary()}"
+        + (f"; GPU: {torch.cuda.get_device_name()}" if "cuda" in devices else "")
+    )
+    print(
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"maskops {maskops.__version__}; iou_threshold={IOU}; median of {args.reps} calls"
+    )
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for d in devices:
@@ -133,11 +156,14 @@ def main(argv=None) -> int:
         if args.markdown:
             print(f"| {device} | {name} | {n:,} | {kept:,} | " + " | ".join(cells) + " |")
         else:
-            print(f"{device:5s} {name:28s} {n:>7,} kept {kept:>7,}  torchvision {cells[0]:>9} ms"
-                  f"  maskops {cells[1]:>8} ms  {cells[2]:>7}")
+            print(
+                f"{device:5s} {name:28s} {n:>7,} kept {kept:>7,}  torchvision {cells[0]:>9} ms"
+                f"  maskops {cells[1]:>8} ms  {cells[2]:>7}"
+            )
     if bad:
-        print(f"{bad} case(s) did not match torchvision: no speed reported for them",
-              file=sys.stderr)
+        print(
+            f"{bad} case(s) did not match torchvision: no speed reported for them", file=sys.stderr
+        )
     return 1 if bad else 0
 
 

@@ -6,6 +6,7 @@ Workload: N 28x28 mask probabilities into an 800x800 image (N = 100 detections, 
 boxes with sides up to 300 px. maskops is timed with float output (what torchvision returns)
 and thresholded straight to bool (what a user keeps); torchvision's time is its float paste.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,7 @@ def workload(device: str, n: int, image: int = 800, seed: int = 0):
 
 def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
     rows = []
-    for n in ((20,) if quick else (100, 1000)):
+    for n in (20,) if quick else (100, 1000):
         masks, boxes, size = workload(device, n)
         ref = paste_masks_in_image(masks, boxes, size)
         check_same("paste_masks float", maskops.paste_masks(masks, boxes, size, None), ref, 1e-5)
@@ -34,21 +35,49 @@ def bench(device: str = "cpu", quick: bool = False) -> list[Row]:
         if agree < 0.9999:
             raise AssertionError(f"paste_masks bool agrees on only {agree:.6f} of pixels")
         reps = 3 if quick else 7
-        t_tv = measure(lambda: paste_masks_in_image(masks, boxes, size), device,
-                       reps if n <= 100 or device != "cpu" else 2, warmup=1 if n <= 100 else 0)
+        t_tv = measure(
+            lambda: paste_masks_in_image(masks, boxes, size),
+            device,
+            reps if n <= 100 or device != "cpu" else 2,
+            warmup=1 if n <= 100 else 0,
+        )
         case = f"{n} masks 28x28 -> {size[0]}x{size[1]}"
-        rows.append(Row("paste_masks (float)", device, case,
-                        measure(lambda: maskops.paste_masks(masks, boxes, size, None), device, reps), t_tv,
-                        min_bytes=nbytes(masks, boxes, ref)))
-        floor = measure(lambda: torch.zeros(n, 1, *size, dtype=torch.bool, device=device), device, reps)
+        rows.append(
+            Row(
+                "paste_masks (float)",
+                device,
+                case,
+                measure(lambda: maskops.paste_masks(masks, boxes, size, None), device, reps),
+                t_tv,
+                min_bytes=nbytes(masks, boxes, ref),
+            )
+        )
+        floor = measure(
+            lambda: torch.zeros(n, 1, *size, dtype=torch.bool, device=device), device, reps
+        )
         t_bool = measure(lambda: maskops.paste_masks(masks, boxes, size), device, reps)
-        rows.append(Row("paste_masks (bool)", device, case, t_bool, t_tv,
-                        note=f"(torch.zeros of the bool output alone: {floor.median_ms:.1f} ms)",
-                        min_bytes=nbytes(masks, boxes) + ref.numel()))
+        rows.append(
+            Row(
+                "paste_masks (bool)",
+                device,
+                case,
+                t_bool,
+                t_tv,
+                note=f"(torch.zeros of the bool output alone: {floor.median_ms:.1f} ms)",
+                min_bytes=nbytes(masks, boxes) + ref.numel(),
+            )
+        )
         if device == "cpu":
-            rows.append(Row("paste_masks (bool, no cache)", device, case,
-                            measure_uncached(lambda: maskops.paste_masks(masks, boxes, size), device, reps),
-                            t_tv, min_bytes=nbytes(masks, boxes) + ref.numel()))
+            rows.append(
+                Row(
+                    "paste_masks (bool, no cache)",
+                    device,
+                    case,
+                    measure_uncached(lambda: maskops.paste_masks(masks, boxes, size), device, reps),
+                    t_tv,
+                    min_bytes=nbytes(masks, boxes) + ref.numel(),
+                )
+            )
     return rows
 
 

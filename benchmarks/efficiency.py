@@ -7,6 +7,7 @@ the same process, the machine's *practical peak*: the best rate of a few large 3
 channels-last convolutions, the bulk of a Mask R-CNN's work, in float32 and in bfloat16. A
 run's share of that peak is ``FLOPs / time / peak``.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -23,18 +24,25 @@ PROBES = [(256, 100, 100), (128, 200, 200), (512, 50, 50)]
 
 
 @torch.inference_mode()
-def conv_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     quick: bool = False, reps: int = 5) -> Dict[str, float]:
+def conv_peak_gflops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, quick: bool = False, reps: int = 5
+) -> Dict[str, float]:
     """The practical peak: the best GFLOP/s (median of ``reps`` per shape, 2 with ``quick``)
     of the probe convolutions, channels-last. Returns ``{"gflops": best, "shape": "CxHxW"}``."""
     best, best_shape = 0.0, ""
     g = torch.Generator().manual_seed(0)
     reps = 2 if quick else reps
     for c, h, w in PROBES:
-        x = torch.randn(1, c, h, w, generator=g).to(device, dtype).contiguous(
-            memory_format=torch.channels_last)
-        weight = (torch.randn(c, c, 3, 3, generator=g) * 0.02).to(device, dtype).contiguous(
-            memory_format=torch.channels_last)
+        x = (
+            torch.randn(1, c, h, w, generator=g)
+            .to(device, dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
+        weight = (
+            (torch.randn(c, c, 3, 3, generator=g) * 0.02)
+            .to(device, dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
         flops = 2.0 * c * c * 9 * h * w
         # (the warm-up call: oneDNN picks and caches its kernel)
         t = measure(lambda: F.conv2d(x, weight, padding=1), device, reps, warmup=1)
@@ -56,10 +64,16 @@ class PeakProbe:
         c, h, w = (int(v) for v in shape.split("x"))
         g = torch.Generator().manual_seed(0)
         self.device = device
-        self.x = torch.randn(1, c, h, w, generator=g).to(device, dtype).contiguous(
-            memory_format=torch.channels_last)
-        self.weight = (torch.randn(c, c, 3, 3, generator=g) * 0.02).to(device, dtype).contiguous(
-            memory_format=torch.channels_last)
+        self.x = (
+            torch.randn(1, c, h, w, generator=g)
+            .to(device, dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
+        self.weight = (
+            (torch.randn(c, c, 3, 3, generator=g) * 0.02)
+            .to(device, dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
         self.flops = 2.0 * c * c * 9 * h * w
         self.rates: List[float] = []
 
@@ -81,8 +95,10 @@ def forward_gflops(model, images: List[torch.Tensor]) -> Dict[str, float]:
     counter = FlopCounterMode(display=False)
     with counter:
         model(images)
-    per_op = {str(op).split(".")[-1]: n / 1e9
-              for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    per_op = {
+        str(op).split(".")[-1]: n / 1e9
+        for op, n in counter.get_flop_counts().get("Global", {}).items()
+    }
     return {"total": counter.get_total_flops() / 1e9, **per_op}
 
 

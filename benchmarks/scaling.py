@@ -7,6 +7,7 @@ RoIAlign, and boxes for NMS (1k -> 100k) when maskops.nms exists; times both lib
 the same inputs and plots time against size on log-log axes to DIR/scaling-<device>.png
 (plus a JSON of the numbers). torchvision's slowest points are skipped past a time budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ def _sweep(sizes, make, ours, theirs, device, reps):
         if skip_tv:
             out["torchvision_ms"].append(None)
             continue
-        t = measure(lambda: theirs(*data), device, 1 if device == "cpu" else reps,
-                    warmup=0 if device == "cpu" else 1).median_ms
+        t = measure(
+            lambda: theirs(*data),
+            device,
+            1 if device == "cpu" else reps,
+            warmup=0 if device == "cpu" else 1,
+        ).median_ms
         out["torchvision_ms"].append(t)
         skip_tv = t > BUDGET_MS
     return out
@@ -48,14 +53,22 @@ def studies(device: str, quick: bool):
     roi_sizes = [100, 300, 1000] if quick else [100, 300, 1000, 3000, 10000]
     args = (7, 1 / 16, 2, True)
     res["roi_align fwd (RoIs; 256 ch, 7x7)"] = _sweep(
-        roi_sizes, lambda n: bench_roi_align.workload(device, rois=n),
-        lambda x, r: maskops.roi_align(x, r, *args), lambda x, r: torchvision.ops.roi_align(x, r, *args),
-        device, reps)
+        roi_sizes,
+        lambda n: bench_roi_align.workload(device, rois=n),
+        lambda x, r: maskops.roi_align(x, r, *args),
+        lambda x, r: torchvision.ops.roi_align(x, r, *args),
+        device,
+        reps,
+    )
     mask_sizes = [10, 30, 100] if quick else [10, 30, 100, 300, 1000]
     res["paste_masks (masks; 800x800, bool out)"] = _sweep(
-        mask_sizes, lambda n: bench_paste_masks.workload(device, n),
-        lambda m, b, s: maskops.paste_masks(m, b, s), lambda m, b, s: paste_masks_in_image(m, b, s),
-        device, reps)
+        mask_sizes,
+        lambda n: bench_paste_masks.workload(device, n),
+        lambda m, b, s: maskops.paste_masks(m, b, s),
+        lambda m, b, s: paste_masks_in_image(m, b, s),
+        device,
+        reps,
+    )
     images = [400, 800] if quick else [400, 800, 1344]
 
     def fpn(image):
@@ -65,7 +78,8 @@ def studies(device: str, quick: bool):
     ours_m = maskops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     theirs_m = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     res["multiscale_roi_align fwd (image side; 1000 RoIs, 7x7)"] = _sweep(
-        images, fpn, ours_m, theirs_m, device, reps)
+        images, fpn, ours_m, theirs_m, device, reps
+    )
     if hasattr(maskops, "nms"):
         nms_sizes = [1000, 5000, 20000] if quick else [1000, 5000, 20000, 50000, 100000]
 
@@ -75,8 +89,13 @@ def studies(device: str, quick: bool):
             return b.to(device), torch.rand(n, generator=g).to(device)
 
         res["nms (boxes; IoU 0.5)"] = _sweep(
-            nms_sizes, boxes, lambda b, s: maskops.nms(b, s, 0.5),
-            lambda b, s: torchvision.ops.nms(b, s, 0.5), device, reps)
+            nms_sizes,
+            boxes,
+            lambda b, s: maskops.nms(b, s, 0.5),
+            lambda b, s: torchvision.ops.nms(b, s, 0.5),
+            device,
+            reps,
+        )
     return res
 
 
@@ -104,7 +123,9 @@ def plot(results: dict, path: str, title: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -118,7 +139,10 @@ def main(argv=None):
     for name, r in results.items():
         print(name)
         for s, o, t in zip(r["size"], r["maskops_ms"], r["torchvision_ms"]):
-            print(f"  {s:>8}  maskops {o:9.2f} ms   torchvision " + (f"{t:9.2f} ms  ({t / o:5.1f}x)" if t else "  skipped"))
+            print(
+                f"  {s:>8}  maskops {o:9.2f} ms   torchvision "
+                + (f"{t:9.2f} ms  ({t / o:5.1f}x)" if t else "  skipped")
+            )
     print(f"plot: {a.out}/scaling-{slug}.png")
 
 

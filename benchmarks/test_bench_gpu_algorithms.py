@@ -1,5 +1,6 @@
 """The GPU algorithms' work entry (bench_gpu_algorithms) runs, in quick mode, and reports its
 three ratios against their goals."""
+
 from benchmarks import bench_gpu_algorithms as bench
 
 

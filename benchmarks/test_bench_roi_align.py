@@ -1,5 +1,6 @@
 """pytest-benchmark entries: `pytest benchmarks --benchmark-only` (compare runs with
 --benchmark-compare). CI runs them once with --benchmark-disable so they cannot rot."""
+
 import pytest
 import torch
 import torchvision
@@ -29,6 +30,9 @@ def test_roi_align_backward(benchmark, data, impl):
     op = torch.ops.maskops if impl == "maskops" else torch.ops.torchvision
     grad = torch.randn(r.shape[0], x.shape[1], 14, 14)
     n, c, h, w = x.shape
-    out = benchmark.pedantic(op._roi_align_backward, (grad, r, 1 / 16, 14, 14, n, c, h, w, 2, True),
-                             rounds=1 if impl == "torchvision" else 5)
+    out = benchmark.pedantic(
+        op._roi_align_backward,
+        (grad, r, 1 / 16, 14, 14, n, c, h, w, 2, True),
+        rounds=1 if impl == "torchvision" else 5,
+    )
     assert out.shape == x.shape

@@ -1,5 +1,6 @@
 """The suite's entry points run (once, with small sizes) so they cannot rot: every module's
 run() with quick sizes, which includes each benchmark's correctness guard."""
+
 import importlib
 
 import pytest
@@ -22,6 +23,7 @@ def test_under_load_quick_run():
     """bench_under_load (not in the suite: it starts a busy process) runs, stops its busy
     process, and reports both libraries quiet and busy."""
     import subprocess
+
     from benchmarks import bench_under_load
 
     started = []
@@ -70,8 +72,9 @@ def test_model_bf16_row_only_where_bfloat16_is_faster():
 def test_memory_bench_measures_each_model_in_its_own_process():
     from benchmarks import bench_memory
 
-    r = bench_memory.measure(size=64, runs=1, threads=1,
-                             variants=(bench_memory.OURS, bench_memory.TORCHVISION))
+    r = bench_memory.measure(
+        size=64, runs=1, threads=1, variants=(bench_memory.OURS, bench_memory.TORCHVISION)
+    )
     assert list(r["results"]) == [bench_memory.OURS, bench_memory.TORCHVISION]
     for v in r["results"].values():
         assert v["peak_rss_mb"] >= v["peak_rss_before_inference_mb"] > 0

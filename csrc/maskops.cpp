@@ -24,9 +24,7 @@ PyObject* isa_name(maskops::CpuIsa isa) { return PyUnicode_FromString(maskops::c
 
 PyObject* cpu_isa(PyObject*, PyObject*) { return isa_name(maskops::cpu_isa()); }
 
-PyObject* cpu_isa_supported(PyObject*, PyObject*) {
-  return isa_name(maskops::cpu_isa_supported());
-}
+PyObject* cpu_isa_supported(PyObject*, PyObject*) { return isa_name(maskops::cpu_isa_supported()); }
 
 // set_cpu_isa(name) -> the level now in force (the request clamped to the CPU's).
 PyObject* set_cpu_isa(PyObject*, PyObject* arg) {

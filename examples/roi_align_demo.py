@@ -1,5 +1,6 @@
 """A short RoIAlign demonstration: maskops and torchvision on the same Mask R-CNN-sized
 input give the same result; maskops is faster. Run with `make demo`."""
+
 import torch
 import torchvision
 
@@ -24,22 +25,30 @@ def main():
 
     ours = maskops.roi_align(features, rois, **args)
     theirs = torchvision.ops.roi_align(features, rois, **args)
-    print(f"output {tuple(ours.shape)}; max |maskops - torchvision| = "
-          f"{(ours - theirs).abs().max().item():.2e}")
+    print(
+        f"output {tuple(ours.shape)}; max |maskops - torchvision| = "
+        f"{(ours - theirs).abs().max().item():.2e}"
+    )
 
     t_ours = median_ms(lambda: maskops.roi_align(features, rois, **args))
     t_tv = median_ms(lambda: torchvision.ops.roi_align(features, rois, **args), reps=3)
-    print(f"forward : maskops {t_ours:7.1f} ms   torchvision {t_tv:7.1f} ms   {t_tv / t_ours:5.1f}x")
+    print(
+        f"forward : maskops {t_ours:7.1f} ms   torchvision {t_tv:7.1f} ms   {t_tv / t_ours:5.1f}x"
+    )
 
     x1 = features.clone().requires_grad_()
     x2 = features.clone().requires_grad_()
     grad = torch.randn_like(ours)
     t_ours = median_ms(lambda: torch.autograd.grad(maskops.roi_align(x1, rois, **args), x1, grad))
-    t_tv = median_ms(lambda: torch.autograd.grad(torchvision.ops.roi_align(x2, rois, **args), x2, grad), reps=1)
+    t_tv = median_ms(
+        lambda: torch.autograd.grad(torchvision.ops.roi_align(x2, rois, **args), x2, grad), reps=1
+    )
     (g1,) = torch.autograd.grad(maskops.roi_align(x1, rois, **args), x1, grad)
     (g2,) = torch.autograd.grad(torchvision.ops.roi_align(x2, rois, **args), x2, grad)
-    print(f"fwd+bwd : maskops {t_ours:7.1f} ms   torchvision {t_tv:7.1f} ms   {t_tv / t_ours:5.1f}x"
-          f"   (max grad diff {(g1 - g2).abs().max().item():.2e})")
+    print(
+        f"fwd+bwd : maskops {t_ours:7.1f} ms   torchvision {t_tv:7.1f} ms   {t_tv / t_ours:5.1f}x"
+        f"   (max grad diff {(g1 - g2).abs().max().item():.2e})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """maskops: fast, dependable C++/CUDA ops for Mask R-CNN.
 
-    >>> import torch, maskops
-    >>> feats = torch.randn(2, 256, 50, 50)
-    >>> boxes = torch.tensor([[0, 10.0, 10.0, 200.0, 300.0]])
-    >>> maskops.roi_align(feats, boxes, 7, spatial_scale=1 / 16, sampling_ratio=2).shape
-    torch.Size([1, 256, 7, 7])
+>>> import torch, maskops
+>>> feats = torch.randn(2, 256, 50, 50)
+>>> boxes = torch.tensor([[0, 10.0, 10.0, 200.0, 300.0]])
+>>> maskops.roi_align(feats, boxes, 7, spatial_scale=1 / 16, sampling_ratio=2).shape
+torch.Size([1, 256, 7, 7])
 """
+
 import torch
 
 try:
@@ -14,7 +15,8 @@ except ImportError as e:  # pragma: no cover - only when the extension was not b
     raise ImportError(
         "maskops' compiled extension (maskops._C) is missing or does not match this torch "
         f"({torch.__version__}): rebuild with `pip install --no-build-isolation .` "
-        f"or `make build`. Original error: {e}") from e
+        f"or `make build`. Original error: {e}"
+    ) from e
 
 from .anchors import AnchorGenerator, clear_anchor_cache, generate_anchors
 from .boxes import BoxCoder, clip_boxes, decode_boxes, encode_boxes, remove_small_boxes
@@ -28,15 +30,37 @@ from .rpn import rpn_proposals
 __version__ = "0.1.0"
 
 __all__ = [
-    "roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign",
-    "nms", "batched_nms", "box_iou", "box_area",
-    "paste_masks", "paste_masks_in_image", "masks_to_rle",
-    "patch_torchvision", "unpatch_torchvision", "torchvision_patched", "is_patched",
-    "generate_anchors", "AnchorGenerator", "clear_anchor_cache",
-    "encode_boxes", "decode_boxes", "BoxCoder", "clip_boxes", "remove_small_boxes",
+    "roi_align",
+    "RoIAlign",
+    "multiscale_roi_align",
+    "MultiScaleRoIAlign",
+    "nms",
+    "batched_nms",
+    "box_iou",
+    "box_area",
+    "paste_masks",
+    "paste_masks_in_image",
+    "masks_to_rle",
+    "patch_torchvision",
+    "unpatch_torchvision",
+    "torchvision_patched",
+    "is_patched",
+    "generate_anchors",
+    "AnchorGenerator",
+    "clear_anchor_cache",
+    "encode_boxes",
+    "decode_boxes",
+    "BoxCoder",
+    "clip_boxes",
+    "remove_small_boxes",
     "rpn_proposals",
-    "empty_cache", "cpu_cache_info", "set_cpu_cache_limit", "cpu_cache_for_torch",
-    "has_cuda", "build_info", "__version__",
+    "empty_cache",
+    "cpu_cache_info",
+    "set_cpu_cache_limit",
+    "cpu_cache_for_torch",
+    "has_cuda",
+    "build_info",
+    "__version__",
 ]
 
 
@@ -58,9 +82,18 @@ def build_info() -> dict:
     info["runtime_cuda"] = torch.version.cuda  # the CUDA this torch was built with
     info["cuda_available"] = torch.cuda.is_available()
     # The visible GPUs and their compute capability ("8.6"), to hold against cuda_arch_list.
-    info["gpus"] = [{"index": i, "name": torch.cuda.get_device_name(i),
-                     "capability": "%d.%d" % torch.cuda.get_device_capability(i)}
-                    for i in range(torch.cuda.device_count())] if info["cuda_available"] else []
+    info["gpus"] = (
+        [
+            {
+                "index": i,
+                "name": torch.cuda.get_device_name(i),
+                "capability": "%d.%d" % torch.cuda.get_device_capability(i),
+            }
+            for i in range(torch.cuda.device_count())
+        ]
+        if info["cuda_available"]
+        else []
+    )
     return info
 
 
@@ -69,5 +102,6 @@ def __getattr__(name: str):
     # that `import maskops` stays cheap: `maskops.onnx` imports onnxscript.
     if name == "onnx":
         import importlib
+
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

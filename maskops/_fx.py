@@ -14,6 +14,7 @@ recognises a Proxy argument itself is a leaf however it is reached.
 Without a Proxy argument (eager calls, ``torch.compile``, ``torch.export``) the wrapper only
 looks at the arguments' types and calls the function.
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,6 +6,7 @@ torch changed the rule for ``clamp`` between the versions maskops supports: 2.11
 gradient where the input equals a bound, 2.14 does not. It is read off this torch once, at
 import, by differentiating a clamp at its bound.
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,11 +14,11 @@ Every check takes the torchvision class as ``tv`` (``None``: torchvision accepts
 has no such argument); tests/test_torchvision_compat.py runs each mistake through both
 libraries and checks the pairing.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- exception classes: a maskops TypeError / ValueError that is also torchvision's class ----
+
 
 class TypeRuntimeError(TypeError, RuntimeError):
     """A wrong type where torchvision raises RuntimeError (an operator schema's type check)."""
@@ -54,7 +55,8 @@ class TypeIndexError(TypeError, IndexError):
 
 
 class ValueRuntimeError(ValueError, RuntimeError):
-    """A wrong shape, size or device where torchvision's C++ checks (or torch) raise RuntimeError."""
+    """A wrong shape, size or device where torchvision's C++ checks (or torch) raise
+    RuntimeError."""
 
 
 class ValueNotImplementedError(ValueError, NotImplementedError):
@@ -129,8 +131,12 @@ def tensor(x, name: str, tv=AttributeError) -> torch.Tensor:
 def floating(x, name: str, tensor_tv=AttributeError) -> torch.Tensor:
     tensor(x, name, tensor_tv)
     if x.dtype not in FLOAT_DTYPES:
-        raise error(TypeError, f"{name} must have a floating dtype (float16, bfloat16, float32 or "
-                    f"float64), got {x.dtype}", NotImplementedError)
+        raise error(
+            TypeError,
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}",
+            NotImplementedError,
+        )
     return x
 
 
@@ -143,23 +149,33 @@ def real(x, name: str, tensor_tv=AttributeError) -> torch.Tensor:
     """A floating or integer tensor (boxes that torchvision's plain-torch box ops accept)."""
     tensor(x, name, tensor_tv)
     if x.dtype not in FLOAT_DTYPES and not is_integer(x):
-        raise error(TypeError, f"{name} must have a floating or integer dtype, got {x.dtype}",
-                    NotImplementedError)
+        raise error(
+            TypeError,
+            f"{name} must have a floating or integer dtype, got {x.dtype}",
+            NotImplementedError,
+        )
     return x
 
 
 def ndim(x: torch.Tensor, n: int, name: str, shape_hint: str, tv=RuntimeError) -> torch.Tensor:
     if x.dim() != n:
-        raise error(ValueError, f"{name} must be a {n}-d tensor {shape_hint}, got shape "
-                    f"{tuple(x.shape)}", tv)
+        raise error(
+            ValueError,
+            f"{name} must be a {n}-d tensor {shape_hint}, got shape {tuple(x.shape)}",
+            tv,
+        )
     return x
 
 
-def same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str,
-                tv=RuntimeError) -> None:
+def same_device(
+    x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, tv=RuntimeError
+) -> None:
     if x.device != ref.device:
-        raise error(ValueError, f"{name} must be on the same device as {ref_name} ({ref.device}), "
-                    f"got {x.device}", tv)
+        raise error(
+            ValueError,
+            f"{name} must be on the same device as {ref_name} ({ref.device}), got {x.device}",
+            tv,
+        )
 
 
 def positive_int(v, name: str, tv=RuntimeError) -> int:
@@ -197,8 +213,10 @@ def sampling_ratio(v, name: str = "sampling_ratio") -> int:
     """RoIAlign's samples per bin and axis: an int, at most MAX_SAMPLING_RATIO (<= 0: adaptive)."""
     v = integer(v, name)
     if v > MAX_SAMPLING_RATIO:
-        raise ValueError(f"{name} must be at most {MAX_SAMPLING_RATIO} (sample points per bin "
-                         f"along each axis; <= 0 picks them per box), got {v}")
+        raise ValueError(
+            f"{name} must be at most {MAX_SAMPLING_RATIO} (sample points per bin "
+            f"along each axis; <= 0 picks them per box), got {v}"
+        )
     return v
 
 
@@ -227,12 +245,16 @@ def pair(v, name: str) -> tuple[int, int]:
     3-tuple with RuntimeError.
     """
     if isinstance(v, str):
-        raise error(TypeError, f"{name} must be an int or a pair (height, width), got {v!r}",
-                    IndexError)
+        raise error(
+            TypeError, f"{name} must be an int or a pair (height, width), got {v!r}", IndexError
+        )
     if isinstance(v, (list, tuple)):
         if len(v) != 2:
-            raise error(ValueError, f"{name} must be an int or a pair (height, width), got {v!r}",
-                        (IndexError, RuntimeError))
+            raise error(
+                ValueError,
+                f"{name} must be an int or a pair (height, width), got {v!r}",
+                (IndexError, RuntimeError),
+            )
         return positive_int(v[0], f"{name}[0]"), positive_int(v[1], f"{name}[1]")
     n = positive_int(v, name)
     return n, n
@@ -249,13 +271,18 @@ def is_traced(*tensors: torch.Tensor) -> bool:
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """The layout an op's output takes from its input (mirrors csrc/common/checks.h)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
 
-def boxes_to_rois(boxes, ref: torch.Tensor, name: str = "boxes",
-                  multiscale: bool = False) -> torch.Tensor:
+def boxes_to_rois(
+    boxes, ref: torch.Tensor, name: str = "boxes", multiscale: bool = False
+) -> torch.Tensor:
     """Validates boxes given as Tensor[K, 5] or a list of per-image Tensor[L, 4]; returns [K, 5].
 
     Box coordinates keep their floating dtype (the kernels read them in float32, or float64
@@ -269,9 +296,12 @@ def boxes_to_rois(boxes, ref: torch.Tensor, name: str = "boxes",
     if isinstance(boxes, torch.Tensor):
         floating(boxes, name)
         if boxes.dim() != 2 or boxes.size(1) != 5:
-            raise error(ValueError, f"{name} given as a tensor must have shape [K, 5] "
-                        f"(batch_index, x1, y1, x2, y2), got {tuple(boxes.shape)}",
-                        TypeError if multiscale else (AssertionError, IndexError))
+            raise error(
+                ValueError,
+                f"{name} given as a tensor must have shape [K, 5] "
+                f"(batch_index, x1, y1, x2, y2), got {tuple(boxes.shape)}",
+                TypeError if multiscale else (AssertionError, IndexError),
+            )
         same_device(boxes, ref, name, "input", device_tv)
         return boxes
     if isinstance(boxes, (list, tuple)):
@@ -279,8 +309,11 @@ def boxes_to_rois(boxes, ref: torch.Tensor, name: str = "boxes",
         for i, b in enumerate(boxes):
             floating(b, f"{name}[{i}]")
             if b.dim() != 2 or b.size(1) != 4:
-                raise error(ValueError, f"{name}[{i}] must have shape [L, 4] (x1, y1, x2, y2), "
-                            f"got {tuple(b.shape)}", (AssertionError, IndexError))
+                raise error(
+                    ValueError,
+                    f"{name}[{i}] must have shape [L, 4] (x1, y1, x2, y2), got {tuple(b.shape)}",
+                    (AssertionError, IndexError),
+                )
             same_device(b, ref, f"{name}[{i}]", "input", device_tv)
             parts.append(b)
         # Half-precision coordinates lose whole pixels past 1024: widen to float32.
@@ -288,12 +321,18 @@ def boxes_to_rois(boxes, ref: torch.Tensor, name: str = "boxes",
         dtype = torch.float64 if any(wide) else torch.float32
         if not parts:
             return ref.new_zeros((0, 5), dtype=dtype)
-        return torch.cat([
-            torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], dim=1)
-            for i, b in enumerate(parts)
-        ], dim=0)
-    raise error(TypeError, f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], "
-                f"got {_describe(boxes)}", TypeError if multiscale else AssertionError)
+        return torch.cat(
+            [
+                torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], dim=1)
+                for i, b in enumerate(parts)
+            ],
+            dim=0,
+        )
+    raise error(
+        TypeError,
+        f"{name} must be a Tensor[K, 5] or a list of Tensor[L, 4], got {_describe(boxes)}",
+        TypeError if multiscale else AssertionError,
+    )
 
 
 def batch_indices(rois: torch.Tensor, batch_size: int, name: str = "boxes") -> None:
@@ -310,37 +349,56 @@ def batch_indices(rois: torch.Tensor, batch_size: int, name: str = "boxes") -> N
     bad = ~((idx >= 0) & (idx < batch_size))
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{k}, 0] (batch index) is {idx[k].item()}, expected an index "
-                         f"in [0, {batch_size}) for an input of batch size {batch_size}")
+        raise ValueError(
+            f"{name}[{k}, 0] (batch index) is {idx[k].item()}, expected an index "
+            f"in [0, {batch_size}) for an input of batch size {batch_size}"
+        )
 
 
-def boxes_n4(x, name: str, tv=IndexError, integers: bool = False,
-             tensor_tv=AttributeError) -> torch.Tensor:
+def boxes_n4(
+    x, name: str, tv=IndexError, integers: bool = False, tensor_tv=AttributeError
+) -> torch.Tensor:
     """A Tensor[N, 4] of (x1, y1, x2, y2) boxes, floating (or, with ``integers``, integer).
 
     ``tv``: what torchvision raises for a wrong shape (IndexError where it indexes column 3,
     RuntimeError from its C++ checks)."""
     (real if integers else floating)(x, name, tensor_tv)
     if x.dim() != 2 or x.size(1) != 4:
-        raise error(ValueError, f"{name} must have shape [N, 4] (x1, y1, x2, y2), "
-                    f"got {tuple(x.shape)}", tv)
+        raise error(
+            ValueError, f"{name} must have shape [N, 4] (x1, y1, x2, y2), got {tuple(x.shape)}", tv
+        )
     return x
 
 
-def per_box(x, boxes: torch.Tensor, name: str, what: str, integer_ids: bool = False,
-            tv=RuntimeError, tensor_tv=RuntimeError, device_tv=RuntimeError) -> torch.Tensor:
+def per_box(
+    x,
+    boxes: torch.Tensor,
+    name: str,
+    what: str,
+    integer_ids: bool = False,
+    tv=RuntimeError,
+    tensor_tv=RuntimeError,
+    device_tv=RuntimeError,
+) -> torch.Tensor:
     """A Tensor[N] with one entry per box: floating scores, or integer class ids."""
     tensor(x, name, tensor_tv)
     if integer_ids:
         if not is_integer(x):
             raise TypeError(f"{name} must be an integer tensor of {what}, got {x.dtype}")
     elif x.dtype not in FLOAT_DTYPES:
-        raise error(TypeError, f"{name} must have a floating dtype (float16, bfloat16, float32 or "
-                    f"float64), got {x.dtype}", NotImplementedError)
+        raise error(
+            TypeError,
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}",
+            NotImplementedError,
+        )
     n = boxes.size(0)
     if x.dim() != 1 or x.size(0) != n:
-        raise error(ValueError, f"{name} must have shape [{n}] ({what}, one per box), "
-                    f"got {tuple(x.shape)}", tv)
+        raise error(
+            ValueError,
+            f"{name} must have shape [{n}] ({what}, one per box), got {tuple(x.shape)}",
+            tv,
+        )
     same_device(x, boxes, name, "boxes", device_tv)
     return x
 
@@ -392,8 +450,10 @@ def image_size(v, name: str) -> tuple[int, int]:
     RuntimeError where it allocates an image of that size."""
     if not isinstance(v, (list, tuple, torch.Size)) or len(v) != 2:
         raise error(ValueError, f"{name} must be a pair (height, width), got {v!r}", TypeError)
-    h, w = (integer(int(x) if isinstance(x, torch.Tensor) and x.dim() == 0 else x, f"{name}[{i}]")
-            for i, x in enumerate(v))
+    h, w = (
+        integer(int(x) if isinstance(x, torch.Tensor) and x.dim() == 0 else x, f"{name}[{i}]")
+        for i, x in enumerate(v)
+    )
     if h < 0 or w < 0:
         raise error(ValueError, f"{name} must be non-negative, got {(h, w)}", RuntimeError)
     return h, w
@@ -403,10 +463,14 @@ def box_weights(v, name: str = "weights") -> tuple[float, float, float, float]:
     """Box-coder weights (wx, wy, ww, wh): 4 finite positive numbers (a sequence or a tensor)."""
     if isinstance(v, torch.Tensor):
         if v.dim() != 1 or v.numel() != 4:
-            raise error(ValueError, f"{name} must hold 4 numbers (wx, wy, ww, wh), "
-                        f"got {_describe(v)}", IndexError)
+            raise error(
+                ValueError,
+                f"{name} must hold 4 numbers (wx, wy, ww, wh), got {_describe(v)}",
+                IndexError,
+            )
         v = v.tolist()
     if not isinstance(v, (list, tuple)) or len(v) != 4:
-        raise error(ValueError, f"{name} must hold 4 numbers (wx, wy, ww, wh), got {v!r}",
-                    IndexError)
+        raise error(
+            ValueError, f"{name} must hold 4 numbers (wx, wy, ww, wh), got {v!r}", IndexError
+        )
     return tuple(positive_float(x, f"{name}[{i}]") for i, x in enumerate(v))

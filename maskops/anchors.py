@@ -6,9 +6,9 @@ torchvision detection weights work unchanged. Anchors depend only on the feature
 strides, anchor sizes / ratios, dtype and device, so they are cached (a small LRU cache in
 this module).
 """
+
 from __future__ import annotations
 
-import numbers
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
@@ -39,8 +39,9 @@ def _numbers(values, name: str) -> Tuple[float, ...]:
 def _per_level_sizes(sizes, levels: Optional[int] = None) -> Tuple[Tuple[float, ...], ...]:
     """torchvision's convention: a flat sequence means one size per level."""
     if not isinstance(sizes, (list, tuple)) or not sizes:
-        raise ValueError(f"sizes must be a non-empty sequence (one sequence of sizes per level), "
-                         f"got {sizes!r}")
+        raise ValueError(
+            f"sizes must be a non-empty sequence (one sequence of sizes per level), got {sizes!r}"
+        )
     if not isinstance(sizes[0], (list, tuple, Tensor)):
         sizes = tuple((s,) for s in sizes)
     out = tuple(_numbers(s, f"sizes[{i}]") for i, s in enumerate(sizes))
@@ -57,17 +58,21 @@ def _per_level_ratios(ratios, levels: int) -> Tuple[Tuple[float, ...], ...]:
         ratios = (ratios,) * levels
     out = tuple(_numbers(r, f"aspect_ratios[{i}]") for i, r in enumerate(ratios))
     if len(out) != levels:
-        raise ValueError(f"aspect_ratios must have one entry per feature level ({levels}), "
-                         f"got {len(out)}")
+        raise ValueError(
+            f"aspect_ratios must have one entry per feature level ({levels}), got {len(out)}"
+        )
     return out
 
 
 def _pairs(values, name: str, levels: Optional[int], allow_int: bool, positive: bool):
     if not isinstance(values, (list, tuple)):
-        raise TypeError(f"{name} must be a sequence with one entry per feature level, "
-                        f"got {V._describe(values)}")
+        raise TypeError(
+            f"{name} must be a sequence with one entry per feature level, got {V._describe(values)}"
+        )
     if levels is not None and len(values) != levels:
-        raise ValueError(f"{name} must have one entry per feature level ({levels}), got {len(values)}")
+        raise ValueError(
+            f"{name} must have one entry per feature level ({levels}), got {len(values)}"
+        )
     out = []
     for i, v in enumerate(values):
         if allow_int and not isinstance(v, (list, tuple, torch.Size)):
@@ -80,8 +85,10 @@ def _pairs(values, name: str, levels: Optional[int], allow_int: bool, positive: 
                 x = int(x)
             x = V.integer(x, f"{name}[{i}][{j}]")
             if x < 0 or (positive and x == 0):
-                raise ValueError(f"{name}[{i}] must be {'positive' if positive else 'non-negative'}"
-                                 f", got {tuple(v)}")
+                raise ValueError(
+                    f"{name}[{i}] must be {'positive' if positive else 'non-negative'}"
+                    f", got {tuple(v)}"
+                )
             pair.append(x)
         out.append(tuple(pair))
     return tuple(out)
@@ -135,15 +142,23 @@ def generate_anchors(
     sizes = _per_level_sizes(sizes, levels)
     ratios = _per_level_ratios(aspect_ratios, levels)
     if not isinstance(dtype, torch.dtype) or dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be a floating dtype (float16, bfloat16, float32 or float64), "
-                        f"got {dtype!r}")
+        raise TypeError(
+            f"dtype must be a floating dtype (float16, bfloat16, float32 or float64), got {dtype!r}"
+        )
     device = torch.device("cpu") if device is None else torch.device(device)
     # No cache while compiling: the anchors become part of the traced graph instead.
     use_cache = V.boolean(cache, "cache") and not torch.compiler.is_compiling()
     if use_cache:
         # Inference-mode tensors cannot be used by autograd code later: cached apart.
-        key = (feature_sizes, strides, sizes, ratios, dtype, device,
-               torch.is_inference_mode_enabled())
+        key = (
+            feature_sizes,
+            strides,
+            sizes,
+            ratios,
+            dtype,
+            device,
+            torch.is_inference_mode_enabled(),
+        )
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
@@ -158,8 +173,14 @@ def generate_anchors(
     n_sizes = sum(len(level) for level in sizes)
     flat_sizes, flat_ratios = table[:n_sizes], table[n_sizes:]
     anchors = torch.ops.maskops.generate_anchors(
-        flat_sizes, flat_ratios, [len(s) for s in sizes], [len(r) for r in ratios],
-        [x for hw in feature_sizes for x in hw], [x for st in strides for x in st], dtype)
+        flat_sizes,
+        flat_ratios,
+        [len(s) for s in sizes],
+        [len(r) for r in ratios],
+        [x for hw in feature_sizes for x in hw],
+        [x for st in strides for x in st],
+        dtype,
+    )
     if use_cache:
         _CACHE[key] = anchors
         while len(_CACHE) > _CACHE_SIZE:
@@ -185,8 +206,9 @@ class AnchorGenerator(nn.Module):
         super().__init__()
         if not isinstance(sizes, (list, tuple)) or not sizes:
             # torchvision indexes sizes[0]: IndexError.
-            raise V.error(ValueError, f"sizes must be a non-empty sequence, got {sizes!r}",
-                          IndexError)
+            raise V.error(
+                ValueError, f"sizes must be a non-empty sequence, got {sizes!r}", IndexError
+            )
         if not isinstance(sizes[0], (list, tuple)):
             sizes = tuple((s,) for s in sizes)
         if not isinstance(aspect_ratios, (list, tuple)) or not aspect_ratios:
@@ -194,8 +216,10 @@ class AnchorGenerator(nn.Module):
         if not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = (aspect_ratios,) * len(sizes)
         if len(aspect_ratios) != len(sizes):
-            raise ValueError(f"sizes and aspect_ratios must have one entry per feature map, got "
-                             f"{len(sizes)} and {len(aspect_ratios)}")
+            raise ValueError(
+                f"sizes and aspect_ratios must have one entry per feature map, got "
+                f"{len(sizes)} and {len(aspect_ratios)}"
+            )
         # Checked here so that a bad value fails at construction, not at the first forward.
         _per_level_sizes(sizes)
         _per_level_ratios(aspect_ratios, len(sizes))
@@ -203,11 +227,17 @@ class AnchorGenerator(nn.Module):
         self.aspect_ratios = aspect_ratios
         self.cell_anchors = [self.generate_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
 
-    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
-                         device: torch.device = torch.device("cpu")) -> Tensor:
+    def generate_anchors(
+        self,
+        scales,
+        aspect_ratios,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = torch.device("cpu"),
+    ) -> Tensor:
         """The zero-centred cell anchors ``Tensor[len(ratios) * len(scales), 4]`` of one level."""
-        return generate_anchors([(1, 1)], [0], [scales], [aspect_ratios], dtype=dtype,
-                                device=device, cache=False)
+        return generate_anchors(
+            [(1, 1)], [0], [scales], [aspect_ratios], dtype=dtype, device=device, cache=False
+        )
 
     def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
         """Moves ``cell_anchors`` (torchvision's method). To a GPU, the host does not wait:
@@ -227,11 +257,21 @@ class AnchorGenerator(nn.Module):
     def grid_anchors(self, grid_sizes, strides) -> List[Tensor]:
         """Per level, the anchors of a ``(H, W)`` grid with stride ``(sh, sw)`` (ints or 0-d
         tensors), in the dtype and on the device of ``cell_anchors``."""
-        grid_sizes = _pairs([tuple(g) for g in grid_sizes], "grid_sizes", len(self.sizes),
-                            allow_int=False, positive=False)
-        anchors = generate_anchors(grid_sizes, strides, self.sizes, self.aspect_ratios,
-                                   dtype=self.cell_anchors[0].dtype,
-                                   device=self.cell_anchors[0].device)
+        grid_sizes = _pairs(
+            [tuple(g) for g in grid_sizes],
+            "grid_sizes",
+            len(self.sizes),
+            allow_int=False,
+            positive=False,
+        )
+        anchors = generate_anchors(
+            grid_sizes,
+            strides,
+            self.sizes,
+            self.aspect_ratios,
+            dtype=self.cell_anchors[0].dtype,
+            device=self.cell_anchors[0].device,
+        )
         counts = [h * w * n for (h, w), n in zip(grid_sizes, self.num_anchors_per_location())]
         return list(anchors.split(counts))
 
@@ -245,40 +285,58 @@ class AnchorGenerator(nn.Module):
             (see :func:`generate_anchors`).
         """
         if not isinstance(feature_maps, (list, tuple)) or not feature_maps:
-            raise V.error(ValueError, "feature_maps must be a non-empty list of Tensor[N, C, H, W]",
-                          AssertionError)
+            raise V.error(
+                ValueError,
+                "feature_maps must be a non-empty list of Tensor[N, C, H, W]",
+                AssertionError,
+            )
         if len(feature_maps) != len(self.sizes):
             # torchvision: AssertionError (its check of grid sizes against cell anchors).
-            raise V.error(ValueError, f"feature_maps must have one map per anchor level "
-                          f"({len(self.sizes)} sizes / aspect ratios), got {len(feature_maps)}",
-                          AssertionError)
+            raise V.error(
+                ValueError,
+                f"feature_maps must have one map per anchor level "
+                f"({len(self.sizes)} sizes / aspect ratios), got {len(feature_maps)}",
+                AssertionError,
+            )
         for i, f in enumerate(feature_maps):
             V.tensor(f, f"feature_maps[{i}]")
             if f.dim() < 2:
-                raise V.error(ValueError, f"feature_maps[{i}] must be a [N, C, H, W] tensor, got "
-                              f"shape {tuple(f.shape)}", IndexError)
+                raise V.error(
+                    ValueError,
+                    f"feature_maps[{i}] must be a [N, C, H, W] tensor, got shape {tuple(f.shape)}",
+                    IndexError,
+                )
         image_size = image_list.tensors.shape[-2:]
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
         for i, (h, w) in enumerate(grid_sizes):
             if h == 0 or w == 0:
-                raise V.error(ValueError, f"feature_maps[{i}] has an empty grid {(h, w)}: its "
-                              "stride (image size // feature size) is undefined",
-                              ZeroDivisionError)
+                raise V.error(
+                    ValueError,
+                    f"feature_maps[{i}] has an empty grid {(h, w)}: its "
+                    "stride (image size // feature size) is undefined",
+                    ZeroDivisionError,
+                )
         strides = [(image_size[0] // h, image_size[1] // w) for h, w in grid_sizes]
         V.floating(feature_maps[0], "feature_maps[0]")  # its dtype is the anchors' dtype
         dtype = feature_maps[0].dtype
-        anchors = generate_anchors(grid_sizes, strides, self.sizes, self.aspect_ratios,
-                                   dtype=dtype, device=feature_maps[0].device)
+        anchors = generate_anchors(
+            grid_sizes,
+            strides,
+            self.sizes,
+            self.aspect_ratios,
+            dtype=dtype,
+            device=feature_maps[0].device,
+        )
         return [anchors for _ in range(len(image_list.image_sizes))]
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sizes={self.sizes}, "
-                f"aspect_ratios={self.aspect_ratios})")
+        return f"{type(self).__name__}(sizes={self.sizes}, aspect_ratios={self.aspect_ratios})"
 
 
 @torch.library.register_fake("maskops::generate_anchors")
-def _generate_anchors_fake(sizes, aspect_ratios, sizes_per_level, ratios_per_level, grid_sizes,
-                           strides, dtype):
+def _generate_anchors_fake(
+    sizes, aspect_ratios, sizes_per_level, ratios_per_level, grid_sizes, strides, dtype
+):
     total = 0
     for l, (s, r) in enumerate(zip(sizes_per_level, ratios_per_level)):
         total = total + grid_sizes[2 * l] * grid_sizes[2 * l + 1] * s * r

@@ -6,6 +6,7 @@ bit: the kernels repeat its arithmetic operation for operation and use torch's o
 (box_coder.h explains how). Half types compute in float32 and round once, so they are closer
 to the exact values than torchvision's half arithmetic, which rounds after every operation.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._grad_rules import above, below
 from ._fx import leaf
+from ._grad_rules import above, below
 
 DEFAULT_CLAMP = math.log(1000.0 / 16)
 
@@ -25,14 +26,19 @@ def _codes(rel_codes) -> Tensor:
     V.floating(rel_codes, "rel_codes")
     if rel_codes.dim() != 2 or rel_codes.size(1) % 4 != 0:
         # torchvision: RuntimeError (torch.stack of unequal code columns).
-        raise V.error(ValueError, f"rel_codes must have shape [N, 4 * K] (K codes (dx, dy, dw, "
-                      f"dh) per box), got {tuple(rel_codes.shape)}", RuntimeError)
+        raise V.error(
+            ValueError,
+            f"rel_codes must have shape [N, 4 * K] (K codes (dx, dy, dw, "
+            f"dh) per box), got {tuple(rel_codes.shape)}",
+            RuntimeError,
+        )
     return rel_codes
 
 
 @leaf
-def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
-                 clamp: float = DEFAULT_CLAMP) -> Tensor:
+def decode_boxes(
+    rel_codes: Tensor, boxes: Tensor, weights: Sequence[float], clamp: float = DEFAULT_CLAMP
+) -> Tensor:
     """Applies box deltas to reference boxes (torchvision's ``BoxCoder.decode_single``).
 
     With ``(w, h, cx, cy)`` the size and centre of a reference box and ``(dx, dy, dw, dh)`` a
@@ -64,8 +70,11 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: Sequence[float],
     _codes(rel_codes)
     V.boxes_n4(boxes, "boxes", integers=True)
     if boxes.size(0) != rel_codes.size(0):
-        raise V.error(ValueError, f"rel_codes must have one row per box ({boxes.size(0)}), "
-                      f"got {rel_codes.size(0)}", RuntimeError)
+        raise V.error(
+            ValueError,
+            f"rel_codes must have one row per box ({boxes.size(0)}), got {rel_codes.size(0)}",
+            RuntimeError,
+        )
     V.same_device(boxes, rel_codes, "boxes", "rel_codes")
     if V.is_integer(boxes):
         boxes = boxes.to(rel_codes.dtype)
@@ -93,13 +102,18 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: Sequence[f
     V.boxes_n4(reference_boxes, "reference_boxes")
     V.boxes_n4(proposals, "proposals")
     if reference_boxes.size(0) != proposals.size(0):
-        raise V.error(ValueError, f"proposals must have one row per reference box "
-                      f"({reference_boxes.size(0)}), got {proposals.size(0)}", RuntimeError)
+        raise V.error(
+            ValueError,
+            f"proposals must have one row per reference box "
+            f"({reference_boxes.size(0)}), got {proposals.size(0)}",
+            RuntimeError,
+        )
     V.same_device(proposals, reference_boxes, "proposals", "reference_boxes")
     weights = V.box_weights(weights)
     dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
-    return torch.ops.maskops.encode_boxes(reference_boxes.to(dtype), proposals.to(dtype),
-                                          list(weights))
+    return torch.ops.maskops.encode_boxes(
+        reference_boxes.to(dtype), proposals.to(dtype), list(weights)
+    )
 
 
 @leaf
@@ -120,8 +134,11 @@ def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
     V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
         # torchvision: IndexError without a last dimension, RuntimeError (torch.stack) otherwise.
-        raise V.error(ValueError, f"boxes must have shape [..., 4] (x1, y1, x2, y2), got "
-                      f"{tuple(boxes.shape)}", IndexError if boxes.dim() == 0 else RuntimeError)
+        raise V.error(
+            ValueError,
+            f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}",
+            IndexError if boxes.dim() == 0 else RuntimeError,
+        )
     h, w = V.image_size(image_size, "image_size")
     if V.is_integer(boxes):
         # A bound past the dtype's range (an int8 box in a 300-pixel image) clips nothing;
@@ -168,14 +185,16 @@ class BoxCoder:
         bbox_xform_clip: upper bound of the decoded ``dw``, ``dh`` (default ``log(1000 / 16)``).
     """
 
-    def __init__(self, weights: Tuple[float, float, float, float],
-                 bbox_xform_clip: float = DEFAULT_CLAMP) -> None:
+    def __init__(
+        self, weights: Tuple[float, float, float, float], bbox_xform_clip: float = DEFAULT_CLAMP
+    ) -> None:
         V.box_weights(weights)
         self.weights = weights
         self.bbox_xform_clip = V.number(bbox_xform_clip, "bbox_xform_clip")
 
     def encode(self, reference_boxes: List[Tensor], proposals: List[Tensor]) -> Tuple[Tensor, ...]:
-        """Per image codes of ``reference_boxes[i]`` relative to ``proposals[i]`` (``Tensor[N_i, 4]``)."""
+        """Per image codes of ``reference_boxes[i]`` relative to ``proposals[i]``
+        (``Tensor[N_i, 4]``)."""
         boxes_per_image = [len(b) for b in reference_boxes]
         targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
         return targets.split(boxes_per_image, 0)
@@ -189,8 +208,11 @@ class BoxCoder:
         ``Tensor[N, K, 4]``, like torchvision (which returns ``rel_codes``' layout when N = 0)."""
         if not isinstance(boxes, (list, tuple)):
             # torchvision: AssertionError (torch._assert).
-            raise V.error(TypeError, f"boxes must be a list or tuple of Tensor[N_i, 4], got "
-                          f"{V._describe(boxes)}", AssertionError)
+            raise V.error(
+                TypeError,
+                f"boxes must be a list or tuple of Tensor[N_i, 4], got {V._describe(boxes)}",
+                AssertionError,
+            )
         V.tensor(rel_codes, "rel_codes")
         box_sum = sum(b.size(0) for b in boxes)
         if box_sum > 0:
@@ -205,10 +227,13 @@ class BoxCoder:
         return decode_boxes(rel_codes, boxes, self.weights, self.bbox_xform_clip).flatten(1)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weights={self.weights}, bbox_xform_clip={self.bbox_xform_clip})"
+        return (
+            f"{type(self).__name__}(weights={self.weights}, bbox_xform_clip={self.bbox_xform_clip})"
+        )
 
 
 # ---- fake kernels ----
+
 
 @torch.library.register_fake("maskops::decode_boxes")
 def _decode_fake(rel_codes, boxes, weights, clamp):
@@ -234,6 +259,7 @@ def _remove_small_fake(boxes, min_size):
 
 # ---- autograd (plain torch ops in the math dtype: any device, traceable) ----
 
+
 def _math(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -258,17 +284,28 @@ def _decode_backward(ctx, grad):
     g_pw, g_ph = 0.5 * (g[..., 2] - g[..., 0]), 0.5 * (g[..., 3] - g[..., 1])
     # torch.clamp's rule: the gradient passes where the input is within the bound (at the
     # bound itself as this torch does).
-    g_codes = torch.stack([g_cx * w / wx, g_cy * h / wy,
-                           g_pw * ew * w * below(dw, ctx.clamp) / ww,
-                           g_ph * eh * h * below(dh, ctx.clamp) / wh], dim=-1)
+    g_codes = torch.stack(
+        [
+            g_cx * w / wx,
+            g_cy * h / wy,
+            g_pw * ew * w * below(dw, ctx.clamp) / ww,
+            g_ph * eh * h * below(dh, ctx.clamp) / wh,
+        ],
+        dim=-1,
+    )
     g_w = (g_cx * (d[..., 0] / wx) + g_pw * ew).sum(1)
     g_h = (g_cy * (d[..., 1] / wy) + g_ph * eh).sum(1)
     g_cx, g_cy = g_cx.sum(1), g_cy.sum(1)
     # cx = x1 + w / 2 and w = x2 - x1 (the same for y).
-    g_boxes = torch.stack([0.5 * g_cx - g_w, 0.5 * g_cy - g_h, 0.5 * g_cx + g_w, 0.5 * g_cy + g_h],
-                          dim=1)
-    return (g_codes.reshape(rel_codes.shape).to(rel_codes.dtype), g_boxes.to(boxes.dtype),
-            None, None)
+    g_boxes = torch.stack(
+        [0.5 * g_cx - g_w, 0.5 * g_cy - g_h, 0.5 * g_cx + g_w, 0.5 * g_cy + g_h], dim=1
+    )
+    return (
+        g_codes.reshape(rel_codes.shape).to(rel_codes.dtype),
+        g_boxes.to(boxes.dtype),
+        None,
+        None,
+    )
 
 
 def _encode_setup(ctx, inputs, output):
@@ -290,10 +327,24 @@ def _encode_backward(ctx, grad):
     g_gt_w, g_gt_h = g[:, 2] * ww / gt_w, g[:, 3] * wh / gt_h
     g_ex_w = -(g[:, 0] * dx + g[:, 2] * ww) / ex_w
     g_ex_h = -(g[:, 1] * dy + g[:, 3] * wh) / ex_h
-    g_ref = torch.stack([0.5 * g_gt_cx - g_gt_w, 0.5 * g_gt_cy - g_gt_h,
-                         0.5 * g_gt_cx + g_gt_w, 0.5 * g_gt_cy + g_gt_h], dim=1)
-    g_prop = torch.stack([-0.5 * g_gt_cx - g_ex_w, -0.5 * g_gt_cy - g_ex_h,
-                          -0.5 * g_gt_cx + g_ex_w, -0.5 * g_gt_cy + g_ex_h], dim=1)
+    g_ref = torch.stack(
+        [
+            0.5 * g_gt_cx - g_gt_w,
+            0.5 * g_gt_cy - g_gt_h,
+            0.5 * g_gt_cx + g_gt_w,
+            0.5 * g_gt_cy + g_gt_h,
+        ],
+        dim=1,
+    )
+    g_prop = torch.stack(
+        [
+            -0.5 * g_gt_cx - g_ex_w,
+            -0.5 * g_gt_cy - g_ex_h,
+            -0.5 * g_gt_cx + g_ex_w,
+            -0.5 * g_gt_cy + g_ex_h,
+        ],
+        dim=1,
+    )
     return g_ref.to(reference_boxes.dtype), g_prop.to(proposals.dtype), None
 
 
@@ -315,8 +366,10 @@ def _clip_backward(ctx, grad):
     return torch.where(inside, grad, torch.zeros_like(grad)), None, None
 
 
-torch.library.register_autograd("maskops::decode_boxes", _decode_backward,
-                                setup_context=_decode_setup)
-torch.library.register_autograd("maskops::encode_boxes", _encode_backward,
-                                setup_context=_encode_setup)
+torch.library.register_autograd(
+    "maskops::decode_boxes", _decode_backward, setup_context=_decode_setup
+)
+torch.library.register_autograd(
+    "maskops::encode_boxes", _encode_backward, setup_context=_encode_setup
+)
 torch.library.register_autograd("maskops::clip_boxes", _clip_backward, setup_context=_clip_setup)

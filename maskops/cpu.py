@@ -17,6 +17,7 @@ Everything else calls :func:`features` (or the helpers below) and never reads cp
 reports what a test asks (e.g. no native bfloat16), so that each branch that depends on the
 CPU runs on any host; emulated CPUs (``make test-cpu-kinds``) check the real answers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,10 +34,20 @@ import torch
 from . import _C
 
 ISAS = ("default", "avx2", "avx512")  # maskops' kernel variants, narrowest first
-_ONEDNN_AVX512 = ("AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16",
-                  "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
-                  "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
-                  "AVX10_2_512_AMX_2", "ALL")
+_ONEDNN_AVX512 = (
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+)
 
 
 @dataclass(frozen=True)
@@ -73,14 +84,18 @@ class CpuFeatures:
         """Why ``dtype`` (bfloat16 / float16) is slower than float32 on this CPU, or None."""
         if dtype == torch.bfloat16:
             if not self.native_bf16:
-                return ("no native bfloat16 (oneDNN needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
-                        + self._capped())
+                return (
+                    "no native bfloat16 (oneDNN needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
+                    + self._capped()
+                )
             if not self.fast_bf16:
                 return "no bfloat16 dot-product units (AVX-512 BF16 or AMX)" + self._capped()
         elif dtype == torch.float16:
             if not self.native_fp16:
-                return ("no native float16 (oneDNN needs AVX-512 FP16, AMX-FP16 or "
-                        "AVX-NE-CONVERT)" + self._capped())
+                return (
+                    "no native float16 (oneDNN needs AVX-512 FP16, AMX-FP16 or "
+                    "AVX-NE-CONVERT)" + self._capped()
+                )
             if not self.fast_fp16:
                 return "no float16 dot-product units (AMX-FP16)" + self._capped()
         return None
@@ -96,10 +111,15 @@ class CpuFeatures:
     def summary(self) -> str:
         """One line for reports: the CPU, maskops' kernels, torch's, bfloat16."""
         capped = "" if self.isa == self.isa_supported else f" (capped from {self.isa_supported})"
-        bf16 = ("AMX" if self.amx else "AVX-512 BF16") if self.fast_bf16 else (
-            "native, no dot-product units" if self.native_bf16 else "not native")
-        return (f"{self.name}; maskops kernels: {self.isa}{capped}; torch: "
-                f"{self.torch_capability}; bfloat16: {bf16}")
+        bf16 = (
+            ("AMX" if self.amx else "AVX-512 BF16")
+            if self.fast_bf16
+            else ("native, no dot-product units" if self.native_bf16 else "not native")
+        )
+        return (
+            f"{self.name}; maskops kernels: {self.isa}{capped}; torch: "
+            f"{self.torch_capability}; bfloat16: {bf16}"
+        )
 
 
 def cpu_name() -> str:
@@ -208,8 +228,12 @@ _check_environment()
 
 # ---- half precision: what to use, and a warning where it is slow ----
 
-_HALF = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-         "float16": torch.float16}
+_HALF = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def inference_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -241,8 +265,9 @@ def resolve_dtype(dtype, device: torch.device | str = "cpu") -> Optional[torch.d
 _warned: set = set()
 
 
-def warn_if_slow(dtype: Optional[torch.dtype], device: torch.device | str = "cpu",
-                 stacklevel: int = 2) -> bool:
+def warn_if_slow(
+    dtype: Optional[torch.dtype], device: torch.device | str = "cpu", stacklevel: int = 2
+) -> bool:
     """Warns (once per dtype and process) where half-precision ``dtype`` on the CPU is slower
     than float32, naming what the CPU lacks; returns whether it warned."""
     if dtype not in (torch.bfloat16, torch.float16) or torch.device(device).type != "cpu":
@@ -252,6 +277,9 @@ def warn_if_slow(dtype: Optional[torch.dtype], device: torch.device | str = "cpu
         return False
     _warned.add(dtype)
     name = str(dtype).replace("torch.", "")
-    warnings.warn(f"{name} on this CPU ({features().name}): {why}, so float32 is faster here",
-                  RuntimeWarning, stacklevel=stacklevel + 1)
+    warnings.warn(
+        f"{name} on this CPU ({features().name}): {why}, so float32 is faster here",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
     return True

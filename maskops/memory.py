@@ -29,6 +29,7 @@ open and put back when the last one ends; importing maskops or calling an op nev
 The Mask R-CNN of ``models/`` runs its eval-mode inference inside it;
 ``MASKOPS_CPU_CACHE_TORCH=0`` turns that off (the block then changes nothing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,13 @@ def cpu_cache_info() -> dict:
     memory); ``bypassed`` is True in sanitizer builds, where every buffer comes from torch's
     allocator so that AddressSanitizer sees its bounds."""
     kept, limit, hits, misses, bypassed = torch.ops.maskops._cpu_cache_stats()
-    return {"kept_bytes": kept, "limit_bytes": limit, "hits": hits, "misses": misses,
-            "bypassed": bool(bypassed)}
+    return {
+        "kept_bytes": kept,
+        "limit_bytes": limit,
+        "hits": hits,
+        "misses": misses,
+        "bypassed": bool(bypassed),
+    }
 
 
 def set_cpu_cache_limit(limit_bytes: int) -> int:
@@ -118,5 +124,4 @@ def _torch_allocator_state() -> dict:
     allocator (``default``), maskops' routing allocator (``route``, 0 if never made), the
     blocks open on this thread (``depth``) and on all threads (``open``)."""
     current, default, route, depth, open_ = torch.ops.maskops._cpu_cache_torch_allocator()
-    return {"current": current, "default": default, "route": route, "depth": depth,
-            "open": open_}
+    return {"current": current, "default": default, "route": route, "depth": depth, "open": open_}

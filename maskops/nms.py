@@ -4,6 +4,7 @@
 ``batched_nms``, in the same order. The kernels are in csrc/nms/; the IoU arithmetic (which
 reproduces torchvision's rounding) and the GPU algorithm are described once, in nms.h.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -12,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._grad_rules import above
 from ._fx import leaf
+from ._grad_rules import above
 
 
 def _no_boxes(boxes, shapes, **per_box) -> bool:
@@ -28,8 +29,11 @@ def _no_boxes(boxes, shapes, **per_box) -> bool:
     for name, (x, tensor_tv) in per_box.items():
         V.tensor(x, name, tensor_tv)
         if x.shape != (0,):
-            raise V.error(ValueError, f"{name} must have shape [0] (one per box), got "
-                          f"{tuple(x.shape)}", (IndexError, RuntimeError))
+            raise V.error(
+                ValueError,
+                f"{name} must have shape [0] (one per box), got {tuple(x.shape)}",
+                (IndexError, RuntimeError),
+            )
     return True
 
 
@@ -136,16 +140,27 @@ def batched_nms(
     # another path above 1,000 boxes on the CPU); these classes cover both paths.
     V.boxes_n4(boxes, "boxes", tv=RuntimeError)
     V.per_box(scores, boxes, "scores", "scores", tv=(IndexError, RuntimeError))
-    V.per_box(idxs, boxes, "idxs", "class indices", integer_ids=True, tv=(IndexError, RuntimeError),
-              tensor_tv=AttributeError, device_tv=NotImplementedError)
-    return torch.ops.maskops.batched_nms(boxes, scores, idxs, iou_threshold, score_threshold,
-                                         max_output)
+    V.per_box(
+        idxs,
+        boxes,
+        "idxs",
+        "class indices",
+        integer_ids=True,
+        tv=(IndexError, RuntimeError),
+        tensor_tv=AttributeError,
+        device_tv=NotImplementedError,
+    )
+    return torch.ops.maskops.batched_nms(
+        boxes, scores, idxs, iou_threshold, score_threshold, max_output
+    )
 
 
 def _fmt(fmt) -> None:
     if fmt != "xyxy":
-        raise ValueError(f"fmt must be 'xyxy' (x1, y1, x2, y2): maskops' box ops take no other "
-                         f"box format (convert with torchvision.ops.box_convert), got {fmt!r}")
+        raise ValueError(
+            f"fmt must be 'xyxy' (x1, y1, x2, y2): maskops' box ops take no other "
+            f"box format (convert with torchvision.ops.box_convert), got {fmt!r}"
+        )
 
 
 def _widened(boxes: Tensor) -> Tensor:
@@ -174,8 +189,11 @@ def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
     """
     V.real(boxes, "boxes")
     if boxes.dim() < 1 or boxes.size(-1) != 4:
-        raise V.error(ValueError, f"boxes must have shape [..., 4] (x1, y1, x2, y2), got "
-                      f"{tuple(boxes.shape)}", IndexError)
+        raise V.error(
+            ValueError,
+            f"boxes must have shape [..., 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}",
+            IndexError,
+        )
     _fmt(fmt)
     if V.is_integer(boxes):
         return _int_area(_widened(boxes))
@@ -220,6 +238,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
 # ---- fake kernels (shapes and dtypes for torch.compile / export) ----
 # The NMS output length is data-dependent: an unbacked size from new_dynamic_size().
 
+
 def _kept_indices_fake(boxes: Tensor) -> Tensor:
     torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes must be [N, 4]")
     k = torch.library.get_ctx().new_dynamic_size()
@@ -232,8 +251,7 @@ def _nms_fake(boxes, scores, iou_threshold, score_threshold=None, max_output=Non
 
 
 @torch.library.register_fake("maskops::batched_nms")
-def _batched_nms_fake(boxes, scores, idxs, iou_threshold, score_threshold=None,
-                      max_output=None):
+def _batched_nms_fake(boxes, scores, idxs, iou_threshold, score_threshold=None, max_output=None):
     return _kept_indices_fake(boxes)
 
 
@@ -249,6 +267,7 @@ def _box_iou_fake(boxes1, boxes2):
 
 
 # ---- autograd (plain torch ops: any device, traceable) ----
+
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -291,8 +310,10 @@ def _box_iou_backward(ctx, grad):
     g_h = g_inter * w * above(h0, 0)
     # w = min(ax2, bx2) - max(ax1, bx1); the same for h.
     sa = {
-        "x1": _share(ax1, bx1, ax1 > bx1), "x2": _share(ax2, bx2, ax2 < bx2),
-        "y1": _share(ay1, by1, ay1 > by1), "y2": _share(ay2, by2, ay2 < by2),
+        "x1": _share(ax1, bx1, ax1 > bx1),
+        "x2": _share(ax2, bx2, ax2 < bx2),
+        "y1": _share(ay1, by1, ay1 > by1),
+        "y2": _share(ay2, by2, ay2 < by2),
     }
     da_x1 = -g_w * sa["x1"] - g_area * (ay2 - ay1)
     da_x2 = g_w * sa["x2"] + g_area * (ay2 - ay1)
@@ -311,7 +332,7 @@ def _box_iou_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
 
 
-torch.library.register_autograd("maskops::box_area", _box_area_backward,
-                                setup_context=_box_area_setup)
-torch.library.register_autograd("maskops::box_iou", _box_iou_backward,
-                                setup_context=_box_iou_setup)
+torch.library.register_autograd(
+    "maskops::box_area", _box_area_backward, setup_context=_box_area_setup
+)
+torch.library.register_autograd("maskops::box_iou", _box_iou_backward, setup_context=_box_iou_setup)

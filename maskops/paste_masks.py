@@ -4,6 +4,7 @@ Same result as torchvision's ``paste_masks_in_image`` (which Mask R-CNN uses), i
 kernel that only computes the pixels inside each box, optionally thresholded straight to a
 bool mask with no float full-image intermediate. Kernels in csrc/paste_masks/.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -26,7 +27,9 @@ def _check(masks: Tensor, boxes: Tensor, padding: int) -> Tensor:
         raise ValueError("masks must have a positive size M")
     V.boxes_n4(boxes, "boxes", integers=True)
     if boxes.shape[0] != masks.shape[0]:
-        raise ValueError(f"boxes must have one row per mask ({masks.shape[0]}), got {boxes.shape[0]}")
+        raise ValueError(
+            f"boxes must have one row per mask ({masks.shape[0]}), got {boxes.shape[0]}"
+        )
     V.same_device(boxes, masks, "boxes", "masks")
     if V.integer(padding, "padding") < 0:
         raise ValueError(f"padding must be non-negative, got {padding}")
@@ -77,8 +80,9 @@ def paste_masks(
 
 
 @leaf
-def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: Tuple[int, int],
-                         padding: int = 1) -> Tensor:
+def paste_masks_in_image(
+    masks: Tensor, boxes: Tensor, img_shape: Tuple[int, int], padding: int = 1
+) -> Tensor:
     """torchvision's ``paste_masks_in_image`` signature: float ``Tensor[N, C, H, W]``
     (:func:`paste_masks` with ``threshold=None``; never waits for the GPU)."""
     return paste_masks(masks, boxes, img_shape, threshold=None, padding=padding)
@@ -110,7 +114,7 @@ def masks_to_rle(masks: Tensor) -> List[Dict[str, object]]:
     size = [int(masks.shape[1]), int(masks.shape[2])]
     out, start = [], 0
     for n in lengths.tolist():
-        out.append({"size": size, "counts": data[start:start + n]})
+        out.append({"size": size, "counts": data[start : start + n]})
         start += n
     return out
 
@@ -124,5 +128,7 @@ def _paste_masks_fake(masks, boxes, height, width, padding, threshold, as_uint8)
 @torch.library.register_fake("maskops::_masks_to_rle")
 def _masks_to_rle_fake(masks):
     total = torch.library.get_ctx().new_dynamic_size()
-    return (masks.new_empty((total,), dtype=torch.uint8),
-            masks.new_empty((masks.shape[0],), dtype=torch.int64))
+    return (
+        masks.new_empty((total,), dtype=torch.uint8),
+        masks.new_empty((masks.shape[0],), dtype=torch.int64),
+    )

@@ -15,6 +15,7 @@ instead of NaN for two zero-area boxes); box_iou and box_area given other box fo
 batched boxes, which maskops does not take, still run torchvision's own. Objects that copied
 a function at construction (e.g. RPN's ``box_similarity = box_iou``) keep the original.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,15 @@ def _multiscale(x_filtered, boxes, output_size, sampling_ratio, scales, mapper):
 
     if scales is None or mapper is None:
         raise ValueError("scales and mapper should not be None")
-    return multiscale_roi_align(list(x_filtered), boxes, tuple(output_size), list(scales),
-                                sampling_ratio, canonical_scale=mapper.s0,
-                                canonical_level=mapper.lvl0)
+    return multiscale_roi_align(
+        list(x_filtered),
+        boxes,
+        tuple(output_size),
+        list(scales),
+        sampling_ratio,
+        canonical_scale=mapper.s0,
+        canonical_level=mapper.lvl0,
+    )
 
 
 def _box_op(ours: Callable, original: Callable) -> Callable:
@@ -63,11 +70,17 @@ def _replacements() -> List[Tuple[str, str, Callable]]:
     out = []
     for mod in ("torchvision.ops", "torchvision.ops.roi_align", "torchvision.ops.poolers"):
         out.append((mod, "roi_align", maskops.roi_align))
-    out += [("torchvision.ops", "RoIAlign", maskops.RoIAlign),
-            ("torchvision.ops.roi_align", "RoIAlign", maskops.RoIAlign),
-            ("torchvision.ops.poolers", "_multiscale_roi_align", _multiscale)]
-    for mod in ("torchvision.ops", "torchvision.ops.poolers",
-                "torchvision.models.detection.faster_rcnn", "torchvision.models.detection.mask_rcnn"):
+    out += [
+        ("torchvision.ops", "RoIAlign", maskops.RoIAlign),
+        ("torchvision.ops.roi_align", "RoIAlign", maskops.RoIAlign),
+        ("torchvision.ops.poolers", "_multiscale_roi_align", _multiscale),
+    ]
+    for mod in (
+        "torchvision.ops",
+        "torchvision.ops.poolers",
+        "torchvision.models.detection.faster_rcnn",
+        "torchvision.models.detection.mask_rcnn",
+    ):
         out.append((mod, "MultiScaleRoIAlign", maskops.MultiScaleRoIAlign))
     boxes_module = importlib.import_module("torchvision.ops.boxes")
     for name in ("box_iou", "box_area"):
@@ -75,8 +88,14 @@ def _replacements() -> List[Tuple[str, str, Callable]]:
         if original is not None:
             _box_ops[name] = _box_ops.get(name) or _box_op(getattr(maskops, name), original)
     for mod in ("torchvision.ops", "torchvision.ops.boxes"):
-        for name in ("nms", "batched_nms", "box_iou", "box_area", "clip_boxes_to_image",
-                     "remove_small_boxes"):
+        for name in (
+            "nms",
+            "batched_nms",
+            "box_iou",
+            "box_area",
+            "clip_boxes_to_image",
+            "remove_small_boxes",
+        ):
             ours = {"clip_boxes_to_image": "clip_boxes"}.get(name, name)
             if name in _box_ops:
                 out.append((mod, name, _box_ops[name]))
@@ -86,10 +105,20 @@ def _replacements() -> List[Tuple[str, str, Callable]]:
         out.append((mod, "paste_masks_in_image", maskops.paste_masks_in_image))
     if hasattr(maskops, "BoxCoder"):
         for meth in ("encode", "decode", "encode_single", "decode_single"):
-            out.append(("torchvision.models.detection._utils.BoxCoder", meth, getattr(maskops.BoxCoder, meth)))
+            out.append(
+                (
+                    "torchvision.models.detection._utils.BoxCoder",
+                    meth,
+                    getattr(maskops.BoxCoder, meth),
+                )
+            )
     if hasattr(maskops, "AnchorGenerator"):
-        for mod in ("torchvision.models.detection.anchor_utils", "torchvision.models.detection.rpn",
-                    "torchvision.models.detection.faster_rcnn", "torchvision.models.detection.mask_rcnn"):
+        for mod in (
+            "torchvision.models.detection.anchor_utils",
+            "torchvision.models.detection.rpn",
+            "torchvision.models.detection.faster_rcnn",
+            "torchvision.models.detection.mask_rcnn",
+        ):
             out.append((mod, "AnchorGenerator", maskops.AnchorGenerator))
     return out
 

@@ -3,6 +3,7 @@
 Same semantics as ``torchvision.ops.roi_align`` (Mask R-CNN, He et al. 2017). The kernels
 are in csrc/roi_align/; the coordinate convention is explained once, in roi_align.h.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ def roi_align(
     sampling_ratio = V.sampling_ratio(sampling_ratio)
     aligned = V.boolean(aligned, "aligned")
     V.batch_indices(rois, input.size(0))
-    return torch.ops.maskops.roi_align(input, rois, spatial_scale, pooled_h, pooled_w,
-                                       sampling_ratio, aligned)
+    return torch.ops.maskops.roi_align(
+        input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned
+    )
 
 
 class RoIAlign(nn.Module):
@@ -75,8 +77,9 @@ class RoIAlign(nn.Module):
     The arguments are checked here, at construction (torchvision checks them at the first
     call); ``torch.fx.symbolic_trace`` records the pooling as one :func:`roi_align` call."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
-                 aligned: bool = False) -> None:
+    def __init__(
+        self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False
+    ) -> None:
         super().__init__()
         self.output_size = V.pair(output_size, "output_size")
         self.spatial_scale = V.positive_float(spatial_scale, "spatial_scale")
@@ -84,34 +87,58 @@ class RoIAlign(nn.Module):
         self.aligned = V.boolean(aligned, "aligned")
 
     def forward(self, input: Tensor, rois: BoxesType) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale,
-                         self.sampling_ratio, self.aligned)
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(output_size={self.output_size}, "
-                f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
-                f"aligned={self.aligned})")
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
+            f"aligned={self.aligned})"
+        )
 
 
 # ---- fake kernels (shapes, dtypes and layouts for torch.compile / export) ----
 
+
 @torch.library.register_fake("maskops::roi_align")
-def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
-                    aligned):
+def _roi_align_fake(
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
+):
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "rois must be [K, 5]")
-    return torch.empty((rois.size(0), input.size(1), pooled_height, pooled_width),
-                       dtype=input.dtype, device=input.device,
-                       memory_format=V.memory_format(input))
+    return torch.empty(
+        (rois.size(0), input.size(1), pooled_height, pooled_width),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=V.memory_format(input),
+    )
 
 
 @torch.library.register_fake("maskops::_roi_align_backward")
-def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width,
-                             batch_size, channels, height, width, sampling_ratio, aligned):
-    return torch.empty((batch_size, channels, height, width), dtype=grad.dtype,
-                       device=grad.device, memory_format=V.memory_format(grad))
+def _roi_align_backward_fake(
+    grad,
+    rois,
+    spatial_scale,
+    pooled_height,
+    pooled_width,
+    batch_size,
+    channels,
+    height,
+    width,
+    sampling_ratio,
+    aligned,
+):
+    return torch.empty(
+        (batch_size, channels, height, width),
+        dtype=grad.dtype,
+        device=grad.device,
+        memory_format=V.memory_format(grad),
+    )
 
 
 # ---- autograd ----
+
 
 def _setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
@@ -126,8 +153,8 @@ def _backward(ctx, grad):
     spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.params
     n, c, h, w = ctx.input_shape
     grad_input = torch.ops.maskops._roi_align_backward(
-        grad, rois, spatial_scale, pooled_height, pooled_width, n, c, h, w, sampling_ratio,
-        aligned)
+        grad, rois, spatial_scale, pooled_height, pooled_width, n, c, h, w, sampling_ratio, aligned
+    )
     # The gradient takes the input's layout, whatever layout autograd handed us.
     grad_input = grad_input.contiguous(memory_format=ctx.input_format)
     return grad_input, None, None, None, None, None, None
@@ -138,6 +165,7 @@ torch.library.register_autograd("maskops::roi_align", _backward, setup_context=_
 
 # ---- multi-level (FPN) RoIAlign ----
 
+
 def _pyramid_levels(spatial_scales, n_levels: int) -> int:
     """Validates per-level scales; returns k_min, the pyramid level of features[0].
 
@@ -145,16 +173,20 @@ def _pyramid_levels(spatial_scales, n_levels: int) -> int:
     FPN layout the level mapping assumes.
     """
     if not isinstance(spatial_scales, (list, tuple)) or len(spatial_scales) != n_levels:
-        raise ValueError(f"spatial_scales must be a list with one scale per level ({n_levels}), "
-                         f"got {spatial_scales!r}")
+        raise ValueError(
+            f"spatial_scales must be a list with one scale per level ({n_levels}), "
+            f"got {spatial_scales!r}"
+        )
     scales = [V.positive_float(s, f"spatial_scales[{i}]") for i, s in enumerate(spatial_scales)]
     if n_levels == 1:
         return 0
     ks = [-math.log2(s) for s in scales]
     for i, k in enumerate(ks):
         if abs(k - round(k)) > 1e-6 or (i and round(k) != round(ks[i - 1]) + 1):
-            raise ValueError("spatial_scales of several levels must be consecutive powers of two "
-                             f"halving each level (e.g. [1/4, 1/8, 1/16, 1/32]), got {scales}")
+            raise ValueError(
+                "spatial_scales of several levels must be consecutive powers of two "
+                f"halving each level (e.g. [1/4, 1/8, 1/16, 1/32]), got {scales}"
+            )
     return int(round(ks[0]))
 
 
@@ -193,19 +225,35 @@ def multiscale_roi_align(
         :func:`roi_align`). A leaf of ``torch.fx`` tracing.
     """
     if not isinstance(features, (list, tuple)) or not features:
-        raise TypeError(f"features must be a non-empty list of Tensor[N, C, H, W], got {V._describe(features)}")
+        raise TypeError(
+            f"features must be a non-empty list of Tensor[N, C, H, W], got {V._describe(features)}"
+        )
     if len(features) > 8:
         raise ValueError(f"features may hold at most 8 levels, got {len(features)}")
-    ref = V.ndim(V.floating(features[0], "features[0]"), 4, "features[0]", "[N, C, H, W]",
-                 tv=(IndexError, RuntimeError))
+    ref = V.ndim(
+        V.floating(features[0], "features[0]"),
+        4,
+        "features[0]",
+        "[N, C, H, W]",
+        tv=(IndexError, RuntimeError),
+    )
     for i, f in enumerate(features[1:], 1):
-        V.ndim(V.floating(f, f"features[{i}]"), 4, f"features[{i}]", "[N, C, H, W]",
-               tv=(IndexError, RuntimeError))
+        V.ndim(
+            V.floating(f, f"features[{i}]"),
+            4,
+            f"features[{i}]",
+            "[N, C, H, W]",
+            tv=(IndexError, RuntimeError),
+        )
         if f.dtype != ref.dtype or f.shape[:2] != ref.shape[:2]:
             # torchvision: RuntimeError from its kernel on a dtype mismatch.
-            raise V.error(ValueError, f"features[{i}] must have the dtype, batch size and "
-                          f"channels of features[0] ({ref.dtype}, {tuple(ref.shape[:2])}), got "
-                          f"{f.dtype}, {tuple(f.shape[:2])}", RuntimeError)
+            raise V.error(
+                ValueError,
+                f"features[{i}] must have the dtype, batch size and "
+                f"channels of features[0] ({ref.dtype}, {tuple(ref.shape[:2])}), got "
+                f"{f.dtype}, {tuple(f.shape[:2])}",
+                RuntimeError,
+            )
         V.same_device(f, ref, f"features[{i}]", "features[0]")
     rois = V.boxes_to_rois(boxes, ref, multiscale=True)
     pooled_h, pooled_w = V.pair(output_size, "output_size")
@@ -217,8 +265,17 @@ def multiscale_roi_align(
     aligned = V.boolean(aligned, "aligned")
     V.batch_indices(rois, ref.size(0))
     return torch.ops.maskops.multiscale_roi_align(
-        list(features), rois, [float(s) for s in spatial_scales], pooled_h, pooled_w,
-        sampling_ratio, aligned, canonical_scale, float(canonical_level), k_min)
+        list(features),
+        rois,
+        [float(s) for s in spatial_scales],
+        pooled_h,
+        pooled_w,
+        sampling_ratio,
+        aligned,
+        canonical_scale,
+        float(canonical_level),
+        k_min,
+    )
 
 
 @leaf
@@ -226,13 +283,17 @@ def _select_features(x: Dict[str, Tensor], featmap_names: List[str]) -> List[Ten
     """The maps of ``x`` named in ``featmap_names``, in ``x``'s order (a leaf of fx tracing)."""
     if not isinstance(x, dict):
         # torchvision calls x.items(): AttributeError.
-        raise V.error(TypeError, f"x must be a dict of feature maps, got {V._describe(x)}",
-                      AttributeError)
+        raise V.error(
+            TypeError, f"x must be a dict of feature maps, got {V._describe(x)}", AttributeError
+        )
     features = [v for k, v in x.items() if k in featmap_names]
     if not features:
         # torchvision indexes the empty list: IndexError.
-        raise V.error(ValueError, f"x has none of the feature maps {featmap_names}; "
-                      f"keys: {list(x.keys())}", IndexError)
+        raise V.error(
+            ValueError,
+            f"x has none of the feature maps {featmap_names}; keys: {list(x.keys())}",
+            IndexError,
+        )
     return features
 
 
@@ -269,9 +330,16 @@ class MultiScaleRoIAlign(nn.Module):
     pooling; the traced graph infers the scales on every call, as the module does.
     """
 
-    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
-                 canonical_scale: int = 224, canonical_level: int = 4,
-                 aligned: bool = False) -> None:
+    def __init__(
+        self,
+        featmap_names: List[str],
+        output_size,
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+        aligned: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(featmap_names, str):
             featmap_names = [featmap_names]
@@ -283,62 +351,147 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = V.boolean(aligned, "aligned")
         self.scales: Optional[List[float]] = None
 
-    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor],
-                image_shapes: List[Tuple[int, int]]) -> Tensor:
+    def forward(
+        self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]
+    ) -> Tensor:
         """Pools ``boxes`` (per image ``Tensor[L_i, 4]``) from ``x``; ``image_shapes`` are the
         (height, width) of the images the boxes refer to (before batching/padding)."""
         features = _select_features(x, self.featmap_names)
         scales = _infer_scales(features, image_shapes)
         if not isinstance(scales, torch.fx.Proxy):  # (while fx traces, a Proxy: not kept)
             self.scales = scales
-        return multiscale_roi_align(features, boxes, self.output_size, scales,
-                                    self.sampling_ratio, self.canonical_scale,
-                                    self.canonical_level, self.aligned)
+        return multiscale_roi_align(
+            features,
+            boxes,
+            self.output_size,
+            scales,
+            self.sampling_ratio,
+            self.canonical_scale,
+            self.canonical_level,
+            self.aligned,
+        )
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
-                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})")
+        return (
+            f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
+            f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
+        )
 
 
 @torch.library.register_fake("maskops::multiscale_roi_align")
-def _multiscale_fake(features, rois, spatial_scales, pooled_height, pooled_width,
-                     sampling_ratio, aligned, canonical_scale, canonical_level, k_min):
+def _multiscale_fake(
+    features,
+    rois,
+    spatial_scales,
+    pooled_height,
+    pooled_width,
+    sampling_ratio,
+    aligned,
+    canonical_scale,
+    canonical_level,
+    k_min,
+):
     ref = features[0]
-    return torch.empty((rois.size(0), ref.size(1), pooled_height, pooled_width),
-                       dtype=ref.dtype, device=ref.device, memory_format=V.memory_format(ref))
+    return torch.empty(
+        (rois.size(0), ref.size(1), pooled_height, pooled_width),
+        dtype=ref.dtype,
+        device=ref.device,
+        memory_format=V.memory_format(ref),
+    )
 
 
 @torch.library.register_fake("maskops::_multiscale_roi_align_backward")
-def _multiscale_backward_fake(grad, rois, spatial_scales, pooled_height, pooled_width,
-                              batch_size, channels, heights, widths, sampling_ratio, aligned,
-                              canonical_scale, canonical_level, k_min):
+def _multiscale_backward_fake(
+    grad,
+    rois,
+    spatial_scales,
+    pooled_height,
+    pooled_width,
+    batch_size,
+    channels,
+    heights,
+    widths,
+    sampling_ratio,
+    aligned,
+    canonical_scale,
+    canonical_level,
+    k_min,
+):
     fmt = V.memory_format(grad)
-    return [torch.empty((batch_size, channels, h, w), dtype=grad.dtype, device=grad.device,
-                        memory_format=fmt) for h, w in zip(heights, widths)]
+    return [
+        torch.empty(
+            (batch_size, channels, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt
+        )
+        for h, w in zip(heights, widths)
+    ]
 
 
 def _multiscale_setup_context(ctx, inputs, output):
-    (features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
-     canonical_scale, canonical_level, k_min) = inputs
+    (
+        features,
+        rois,
+        spatial_scales,
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        canonical_scale,
+        canonical_level,
+        k_min,
+    ) = inputs
     ctx.save_for_backward(rois)
-    ctx.sizes = (features[0].shape[0], features[0].shape[1],
-                 [f.shape[2] for f in features], [f.shape[3] for f in features])
+    ctx.sizes = (
+        features[0].shape[0],
+        features[0].shape[1],
+        [f.shape[2] for f in features],
+        [f.shape[3] for f in features],
+    )
     ctx.formats = [V.memory_format(f) for f in features]
-    ctx.params = (spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
-                  canonical_scale, canonical_level, k_min)
+    ctx.params = (
+        spatial_scales,
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        canonical_scale,
+        canonical_level,
+        k_min,
+    )
 
 
 def _multiscale_backward(ctx, grad):
     (rois,) = ctx.saved_tensors
-    (spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale,
-     canonical_level, k_min) = ctx.params
+    (
+        spatial_scales,
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        canonical_scale,
+        canonical_level,
+        k_min,
+    ) = ctx.params
     n, c, heights, widths = ctx.sizes
     grads = torch.ops.maskops._multiscale_roi_align_backward(
-        grad, rois, spatial_scales, pooled_height, pooled_width, n, c, heights, widths,
-        sampling_ratio, aligned, canonical_scale, canonical_level, k_min)
+        grad,
+        rois,
+        spatial_scales,
+        pooled_height,
+        pooled_width,
+        n,
+        c,
+        heights,
+        widths,
+        sampling_ratio,
+        aligned,
+        canonical_scale,
+        canonical_level,
+        k_min,
+    )
     grads = [g.contiguous(memory_format=f) for g, f in zip(grads, ctx.formats)]
     return grads, None, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("maskops::multiscale_roi_align", _multiscale_backward,
-                                setup_context=_multiscale_setup_context)
+torch.library.register_autograd(
+    "maskops::multiscale_roi_align", _multiscale_backward, setup_context=_multiscale_setup_context
+)

@@ -1,6 +1,7 @@
 """The RPN proposal step as one op: torchvision ``RegionProposalNetwork``'s box decoding and
 ``filter_proposals`` for a whole batch. Kernels in csrc/rpn/.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
@@ -15,13 +16,17 @@ from ._fx import leaf
 def _anchors(anchors, batch: int, num_anchors: int, ref: Tensor) -> Tensor:
     if isinstance(anchors, (list, tuple)):
         if len(anchors) != batch:
-            raise ValueError(f"anchors given as a list must have one Tensor[A, 4] per image "
-                             f"({batch}), got {len(anchors)}")
+            raise ValueError(
+                f"anchors given as a list must have one Tensor[A, 4] per image "
+                f"({batch}), got {len(anchors)}"
+            )
         for i, a in enumerate(anchors):
             V.floating(a, f"anchors[{i}]")
             if a.dim() != 2 or a.shape != (num_anchors, 4):
-                raise ValueError(f"anchors[{i}] must have shape [A, 4] = [{num_anchors}, 4], "
-                                 f"got {tuple(a.shape)}")
+                raise ValueError(
+                    f"anchors[{i}] must have shape [A, 4] = [{num_anchors}, 4], "
+                    f"got {tuple(a.shape)}"
+                )
             V.same_device(a, ref, f"anchors[{i}]", "objectness")
         # maskops.AnchorGenerator gives every image the same tensor: no copy needed then.
         if all(a is anchors[0] for a in anchors):
@@ -29,8 +34,10 @@ def _anchors(anchors, batch: int, num_anchors: int, ref: Tensor) -> Tensor:
         return torch.stack(list(anchors))
     V.floating(anchors, "anchors")
     if not (anchors.shape == (num_anchors, 4) or anchors.shape == (batch, num_anchors, 4)):
-        raise ValueError(f"anchors must have shape [A, 4] or [B, A, 4] with A = {num_anchors}, "
-                         f"B = {batch}, got {tuple(anchors.shape)}")
+        raise ValueError(
+            f"anchors must have shape [A, 4] or [B, A, 4] with A = {num_anchors}, "
+            f"B = {batch}, got {tuple(anchors.shape)}"
+        )
     V.same_device(anchors, ref, "anchors", "objectness")
     return anchors
 
@@ -95,51 +102,85 @@ def rpn_proposals(
     On CUDA the top-k is ``torch.topk`` on the GPU, the candidates of the whole batch are
     decoded in one launch and go through one segmented NMS: a segment per image, over only its
     candidates that were not rejected, class-aware by level, so the work grows linearly with
-    the batch; the call waits for the GPU once, to read how many boxes each image kept. exp and the sigmoid
-    there are the device functions torch's CUDA kernels use.
+    the batch; the call waits for the GPU once, to read how many boxes each image kept. exp and
+    the sigmoid there are the device functions torch's CUDA kernels use.
     """
     V.floating(objectness, "objectness")
     V.floating(deltas, "deltas")
     if not isinstance(image_sizes, (list, tuple)):
-        raise TypeError(f"image_sizes must be a list of (height, width), got {V._describe(image_sizes)}")
+        raise TypeError(
+            f"image_sizes must be a list of (height, width), got {V._describe(image_sizes)}"
+        )
     sizes = [V.image_size(s, f"image_sizes[{i}]") for i, s in enumerate(image_sizes)]
     batch = len(sizes)
-    if objectness.dim() == 2 and objectness.size(1) == 1 and batch > 0 and \
-            objectness.size(0) % batch == 0 and objectness.size(0) != batch:
+    if (
+        objectness.dim() == 2
+        and objectness.size(1) == 1
+        and batch > 0
+        and objectness.size(0) % batch == 0
+        and objectness.size(0) != batch
+    ):
         objectness = objectness.reshape(batch, -1)  # torchvision's [B * A, 1]
     if objectness.dim() != 2 or objectness.size(0) != batch:
-        raise ValueError(f"objectness must have shape [B, A] (B = {batch} images), "
-                         f"got {tuple(objectness.shape)}")
+        raise ValueError(
+            f"objectness must have shape [B, A] (B = {batch} images), got {tuple(objectness.shape)}"
+        )
     num_anchors = objectness.size(1)
     if deltas.dim() == 2 and deltas.shape == (batch * num_anchors, 4):
         deltas = deltas.reshape(batch, num_anchors, 4)
     if deltas.shape != (batch, num_anchors, 4):
-        raise ValueError(f"deltas must have shape [B, A, 4] = [{batch}, {num_anchors}, 4], "
-                         f"got {tuple(deltas.shape)}")
+        raise ValueError(
+            f"deltas must have shape [B, A, 4] = [{batch}, {num_anchors}, 4], "
+            f"got {tuple(deltas.shape)}"
+        )
     V.same_device(deltas, objectness, "deltas", "objectness")
     anchors = _anchors(anchors, batch, num_anchors, objectness)
     if not isinstance(num_anchors_per_level, (list, tuple)):
-        raise TypeError(f"num_anchors_per_level must be a list of ints, got "
-                        f"{V._describe(num_anchors_per_level)}")
-    levels = [V.non_negative_int(int(n) if isinstance(n, Tensor) else n,
-                                 f"num_anchors_per_level[{i}]")
-              for i, n in enumerate(num_anchors_per_level)]
+        raise TypeError(
+            f"num_anchors_per_level must be a list of ints, got "
+            f"{V._describe(num_anchors_per_level)}"
+        )
+    levels = [
+        V.non_negative_int(int(n) if isinstance(n, Tensor) else n, f"num_anchors_per_level[{i}]")
+        for i, n in enumerate(num_anchors_per_level)
+    ]
     if sum(levels) != num_anchors:
-        raise ValueError(f"num_anchors_per_level must add up to the number of anchors "
-                         f"({num_anchors}), got {levels} (sum {sum(levels)})")
+        raise ValueError(
+            f"num_anchors_per_level must add up to the number of anchors "
+            f"({num_anchors}), got {levels} (sum {sum(levels)})"
+        )
     pre = V.non_negative_int(pre_nms_top_n, "pre_nms_top_n")
     post = V.non_negative_int(post_nms_top_n, "post_nms_top_n")
     nms_thresh = V.number(nms_thresh, "nms_thresh")
     score_thresh = V.number(score_thresh, "score_thresh")
     min_size = V.non_negative_number(min_size, "min_size")
     boxes, scores = torch.ops.maskops.rpn_proposals(
-        objectness.detach(), deltas.detach(), anchors.detach(), [x for s in sizes for x in s],
-        pre, post, nms_thresh, score_thresh, min_size, levels)
+        objectness.detach(),
+        deltas.detach(),
+        anchors.detach(),
+        [x for s in sizes for x in s],
+        pre,
+        post,
+        nms_thresh,
+        score_thresh,
+        min_size,
+        levels,
+    )
     return list(boxes), list(scores)
 
 
-def _rpn_fake(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
-              nms_thresh, score_thresh, min_size, num_anchors_per_level):
+def _rpn_fake(
+    objectness,
+    deltas,
+    anchors,
+    image_sizes,
+    pre_nms_top_n,
+    post_nms_top_n,
+    nms_thresh,
+    score_thresh,
+    min_size,
+    num_anchors_per_level,
+):
     ctx = torch.library.get_ctx()
     boxes, scores = [], []
     for _ in range(objectness.size(0)):

@@ -10,6 +10,7 @@ them through :data:`ops`::
     >>> from maskops.testing import ops
     >>> ops._nms_bitmask(boxes, scores, None, 0.5)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,7 @@ TEST_ONLY_OPS = {
 
 # ---- fake kernels: the shapes of the product ops they mirror ----
 
+
 @torch.library.register_fake("maskops_testing::_decode_boxes_elementwise")
 def _decode_elementwise_fake(rel_codes, boxes, weights, clamp):
     return _decode_fake(rel_codes, boxes, weights, clamp)
@@ -50,16 +52,26 @@ def _encode_elementwise_fake(reference_boxes, proposals, weights):
 
 
 @torch.library.register_fake("maskops_testing::_nms_bitmask")
-def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, score_threshold=None,
-                      max_output=None, removed_shared_words=None):
+def _nms_bitmask_fake(
+    boxes,
+    scores,
+    idxs,
+    iou_threshold,
+    score_threshold=None,
+    max_output=None,
+    removed_shared_words=None,
+):
     return _kept_indices_fake(boxes)
 
 
 @torch.library.register_fake("maskops_testing::_segmented_nms")
-def _segmented_nms_fake(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
-                        removed_shared_words=None):
-    return (boxes.new_empty((valid.size(0) * seg_len,), dtype=torch.int64),
-            boxes.new_empty((valid.size(0),), dtype=torch.int64))
+def _segmented_nms_fake(
+    boxes, classes, order, valid, seg_len, iou_threshold, max_output, removed_shared_words=None
+):
+    return (
+        boxes.new_empty((valid.size(0) * seg_len,), dtype=torch.int64),
+        boxes.new_empty((valid.size(0),), dtype=torch.int64),
+    )
 
 
 torch.library.register_fake("maskops_testing::_rpn_proposals_elementwise")(_rpn_fake)

@@ -1,4 +1,5 @@
 """Anchor boxes: the reference boxes the RPN's deltas are relative to."""
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -25,20 +26,30 @@ class AnchorGenerator(nn.Module):
     the graph).
     """
 
-    def __init__(self, sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
-                 aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),) * 5) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
+        aspect_ratios: Sequence[Sequence[float]] = ((0.5, 1.0, 2.0),) * 5,
+    ) -> None:
         super().__init__()
         if len(sizes) != len(aspect_ratios):
-            raise ValueError(f"sizes and aspect_ratios need one entry per level, got "
-                             f"{len(sizes)} and {len(aspect_ratios)}")
+            raise ValueError(
+                f"sizes and aspect_ratios need one entry per level, got "
+                f"{len(sizes)} and {len(aspect_ratios)}"
+            )
         self.sizes = tuple(tuple(s) for s in sizes)
         self.aspect_ratios = tuple(tuple(a) for a in aspect_ratios)
 
     def num_anchors_per_location(self) -> List[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
-    def forward(self, batch_shape: Tuple[int, int], feature_shapes: List[Tuple[int, int]],
-                dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, List[int]]:
+    def forward(
+        self,
+        batch_shape: Tuple[int, int],
+        feature_shapes: List[Tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tuple[Tensor, List[int]]:
         """The anchors (the same for every image) and how many belong to each level.
 
         Args:
@@ -50,8 +61,9 @@ class AnchorGenerator(nn.Module):
         """
         counts = [h * w * a for (h, w), a in zip(feature_shapes, self.num_anchors_per_location())]
         strides = [(batch_shape[0] // h, batch_shape[1] // w) for h, w in feature_shapes]
-        anchors = ops.generate_anchors(feature_shapes, strides, self.sizes, self.aspect_ratios,
-                                       dtype, device)
+        anchors = ops.generate_anchors(
+            feature_shapes, strides, self.sizes, self.aspect_ratios, dtype, device
+        )
         return anchors, counts
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
 """ResNet + Feature Pyramid Network backbone (torchvision's modules, torchvision's layout)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -44,9 +45,12 @@ class Bottleneck(tv_resnet.Bottleneck):
 
 
 # torchvision's ResNets, with the blocks above.
-_RESNET_LAYOUT = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-                  "resnet50": (Bottleneck, [3, 4, 6, 3]),
-                  "resnet101": (Bottleneck, [3, 4, 23, 3])}
+_RESNET_LAYOUT = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}
 
 
 class ResNetBody(nn.Module):
@@ -63,7 +67,8 @@ class ResNetBody(nn.Module):
             self.add_module(name, getattr(resnet, name))
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        """``Tensor[N, 3, H, W]`` -> ``{"0": C2 (stride 4), "1": C3, "2": C4, "3": C5 (stride 32)}``."""
+        """``Tensor[N, 3, H, W]`` -> ``{"0": C2 (stride 4), "1": C3, "2": C4,
+        "3": C5 (stride 32)}``."""
         if fuse.fast_inference_active():
             return self._fast(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -106,8 +111,9 @@ class ResNetFPN(nn.Module):
     def __init__(self, body: ResNetBody, in_channels_list, out_channels: int = 256) -> None:
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels,
-                                         extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            in_channels_list, out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
@@ -121,8 +127,12 @@ class ResNetFPN(nn.Module):
         return self.fpn(features)
 
 
-def resnet_fpn(name: str = "resnet50", trainable_bn: bool = False, trainable_layers: int = 3,
-               bn_eps: float = 1e-5) -> ResNetFPN:
+def resnet_fpn(
+    name: str = "resnet50",
+    trainable_bn: bool = False,
+    trainable_layers: int = 3,
+    bn_eps: float = 1e-5,
+) -> ResNetFPN:
     """Builds a randomly initialised ResNet-FPN backbone.
 
     Args:

@@ -3,6 +3,7 @@ one builder; :func:`build_mask_rcnn` is its keyword form (torchvision's option n
 :func:`load_model` gives the inference model the command-line tools run (weights, a training
 checkpoint, device, half precision).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,30 +45,48 @@ def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
     if cfg.norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {cfg.norm!r}")
     if len(cfg.anchor_sizes) != 5:
-        raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got "
-                         f"{cfg.anchor_sizes}")
+        raise ValueError(
+            f"anchor_sizes needs one size per pyramid level (5), got {cfg.anchor_sizes}"
+        )
     # torchvision's layout first, then the parts the size options change: the random
     # initialisation draws in this order, so a seed gives the same weights as ever.
-    body = resnet_fpn(cfg.backbone, trainable_bn=cfg.norm == "bn",
-                      trainable_layers=cfg.trainable_layers, bn_eps=cfg.bn_eps)
+    body = resnet_fpn(
+        cfg.backbone,
+        trainable_bn=cfg.norm == "bn",
+        trainable_layers=cfg.trainable_layers,
+        bn_eps=cfg.bn_eps,
+    )
     c = body.out_channels
     anchors = AnchorGenerator()
     rpn = RegionProposalNetwork(
-        anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
-        cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, cfg.rpn_batch_size_per_image,
+        anchors,
+        RPNHead(c, anchors.num_anchors_per_location()[0]),
+        cfg.rpn_fg_iou_thresh,
+        cfg.rpn_bg_iou_thresh,
+        cfg.rpn_batch_size_per_image,
         cfg.rpn_positive_fraction,
         {"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
         {"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
-        cfg.rpn_nms_thresh, cfg.rpn_score_thresh)
+        cfg.rpn_nms_thresh,
+        cfg.rpn_score_thresh,
+    )
     levels = ["0", "1", "2", "3"]
     roi_heads = RoIHeads(
         ops.MultiScaleRoIAlign(levels, 7, sampling_ratio=2),
-        BoxHead(c * 7 * 7, 1024), BoxPredictor(1024, cfg.num_classes),
+        BoxHead(c * 7 * 7, 1024),
+        BoxPredictor(1024, cfg.num_classes),
         ops.MultiScaleRoIAlign(levels, 14, sampling_ratio=2),
-        MaskHead(c), MaskPredictor(256, 256, cfg.num_classes),
-        cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, cfg.box_batch_size_per_image,
-        cfg.box_positive_fraction, tuple(cfg.bbox_reg_weights), cfg.box_score_thresh,
-        cfg.box_nms_thresh, cfg.box_detections_per_img)
+        MaskHead(c),
+        MaskPredictor(256, 256, cfg.num_classes),
+        cfg.box_fg_iou_thresh,
+        cfg.box_bg_iou_thresh,
+        cfg.box_batch_size_per_image,
+        cfg.box_positive_fraction,
+        tuple(cfg.bbox_reg_weights),
+        cfg.box_score_thresh,
+        cfg.box_nms_thresh,
+        cfg.box_detections_per_img,
+    )
     transform = ImageTransform(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
     model = MaskRCNN(transform, body, rpn, roi_heads, cfg.mask_threshold, cfg.fast_inference)
 
@@ -96,17 +115,24 @@ def build_model(cfg: ModelConfig, weights: Optional[str] = None) -> MaskRCNN:
     return model
 
 
-def build_mask_rcnn(backbone: str = "resnet50", num_classes: int = 91, *,
-                    trainable_bn: bool = False, weights: Optional[str] = None,
-                    min_size: Union[int, Sequence[int]] = 800, **options: Any) -> MaskRCNN:
+def build_mask_rcnn(
+    backbone: str = "resnet50",
+    num_classes: int = 91,
+    *,
+    trainable_bn: bool = False,
+    weights: Optional[str] = None,
+    min_size: Union[int, Sequence[int]] = 800,
+    **options: Any,
+) -> MaskRCNN:
     """:func:`build_model` with keywords: ``build_mask_rcnn("resnet50", weights=path,
     bn_eps=0.0)``. ``options`` are :class:`~models.config.ModelConfig` fields;
     ``trainable_bn=True`` is ``norm="bn"`` (a ``BatchNorm2d`` backbone, the state_dict of
     torchvision's ``weights=None`` model, ``num_batches_tracked`` included), else
     ``FrozenBatchNorm2d`` (the layout of torchvision's COCO checkpoint)."""
     norm = options.pop("norm", "bn" if trainable_bn else "frozen_bn")
-    cfg = ModelConfig(backbone=backbone, num_classes=num_classes, norm=norm, min_size=min_size,
-                      **options)
+    cfg = ModelConfig(
+        backbone=backbone, num_classes=num_classes, norm=norm, min_size=min_size, **options
+    )
     return build_model(cfg, weights)
 
 
@@ -132,18 +158,26 @@ def model_from_checkpoint(path, **overrides) -> Tuple[MaskRCNN, Dict[str, Any]]:
 
 
 def _fpn_in_channels(fpn: FeaturePyramidNetwork):
-    return [blk[0].in_channels if isinstance(blk, nn.Sequential) else blk.in_channels
-            for blk in fpn.inner_blocks]
+    return [
+        blk[0].in_channels if isinstance(blk, nn.Sequential) else blk.in_channels
+        for blk in fpn.inner_blocks
+    ]
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(cfg: Optional[ModelConfig] = None, *, weights: Optional[str] = None,
-               checkpoint: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
-               device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-               optimize: bool = True) -> MaskRCNN:
+def load_model(
+    cfg: Optional[ModelConfig] = None,
+    *,
+    weights: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    optimize: bool = True,
+) -> MaskRCNN:
     """The inference model, in eval mode on ``device``: from a training ``checkpoint`` (its
     saved config, with the ``overrides`` fields that are not None replaced) or from ``cfg``
     (with ``weights``, a state_dict file; random weights without). ``optimize``:

@@ -18,6 +18,7 @@ the same modules:
 
 The other options have torchvision's ``MaskRCNN`` names, meanings and defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,19 +44,26 @@ def option(default, help: str = "", **meta):
 @dataclass
 class ModelConfig:
     """Everything that decides a model's structure and its inference behaviour."""
+
     backbone: str = option("resnet50", choices=RESNETS)
     num_classes: int = option(91, "classes, background included (COCO: 91)")
-    norm: str = option("frozen_bn", "backbone normalisation (bn/gn: from scratch)",
-                       choices=("bn", "gn", "frozen_bn"))
+    norm: str = option(
+        "frozen_bn",
+        "backbone normalisation (bn/gn: from scratch)",
+        choices=("bn", "gn", "frozen_bn"),
+    )
     trainable_layers: int = option(3, "ResNet parts, from layer4 back to conv1, that train")
-    bn_eps: float = option(1e-5, "backbone batch-norm epsilon (0.0: what torchvision's COCO "
-                                 "checkpoint was trained with)")
+    bn_eps: float = option(
+        1e-5,
+        "backbone batch-norm epsilon (0.0: what torchvision's COCO checkpoint was trained with)",
+    )
     fpn_channels: int = option(256)
     representation_size: int = option(1024)
     mask_head_channels: int = option(256)
     mask_head_convs: int = option(4)
-    anchor_sizes: Tuple[int, ...] = option((32, 64, 128, 256, 512), "one per pyramid level",
-                                           nargs=5)
+    anchor_sizes: Tuple[int, ...] = option(
+        (32, 64, 128, 256, 512), "one per pyramid level", nargs=5
+    )
     min_size: int = option(800, "resize the shorter side to this")
     max_size: int = option(1333, "cap the longer side at this")
     rpn_pre_nms_top_n_train: int = option(2000)

@@ -27,6 +27,7 @@ The bounds leave 5x room there and still catch a real difference (a box moved by
 changed class, a missing detection). A mask pixel can flip where its probability sits at
 the 0.5 threshold, hence the agreement bound rather than equality.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,10 +80,17 @@ def export_onnx(model: MaskRCNN, image: Tensor, path: str) -> None:
 
     model.eval()
     with torch.no_grad():
-        torch.onnx.export(_OneImage(model).eval(), (image,), path, dynamo=True,
-                          opset_version=maskops.onnx.OPSET, input_names=["image"],
-                          output_names=list(OUTPUTS), verbose=False,
-                          custom_translation_table=maskops.onnx.custom_translation_table())
+        torch.onnx.export(
+            _OneImage(model).eval(),
+            (image,),
+            path,
+            dynamo=True,
+            opset_version=maskops.onnx.OPSET,
+            input_names=["image"],
+            output_names=list(OUTPUTS),
+            verbose=False,
+            custom_translation_table=maskops.onnx.custom_translation_table(),
+        )
 
 
 def onnx_runner(path: str):
@@ -94,6 +102,7 @@ def onnx_runner(path: str):
     def run(image: Tensor) -> Dict[str, Tensor]:
         out = session.run(None, {"image": image.detach().cpu().numpy()})
         return {k: torch.from_numpy(v) for k, v in zip(OUTPUTS, out)}
+
     return run
 
 
@@ -106,7 +115,8 @@ def export_aoti(model: MaskRCNN, image: Tensor, path: str) -> str:
         # the NCHW features, and the mask head then read the pooled features with the wrong
         # strides (masks differed on ~8 % of pixels, boxes did not).
         return torch._inductor.aoti_compile_and_package(
-            program, package_path=path, inductor_configs={"layout_optimization": False})
+            program, package_path=path, inductor_configs={"layout_optimization": False}
+        )
 
 
 @contextlib.contextmanager
@@ -122,9 +132,12 @@ def _nested_list_outputs():
     original = wrapper.PythonWrapperCodegen._codegen_unbacked_symbol_defs_for_outputs
 
     def patched(self, output_name, outputs, unbacked_bindings):
-        if (unbacked_bindings and isinstance(outputs, (list, tuple))
-                and any(isinstance(o, (list, tuple)) for o in outputs)
-                and torch._inductor.virtualized.V.graph.cpp_wrapper):
+        if (
+            unbacked_bindings
+            and isinstance(outputs, (list, tuple))
+            and any(isinstance(o, (list, tuple)) for o in outputs)
+            and torch._inductor.virtualized.V.graph.cpp_wrapper
+        ):
             flat, index = [], {}
             for i, o in enumerate(outputs):
                 for j, t in enumerate(o if isinstance(o, (list, tuple)) else [o]):
@@ -132,9 +145,12 @@ def _nested_list_outputs():
                     flat.append(t)
             renumbered = {}
             for sym, path in unbacked_bindings.items():
-                if (len(path) >= 2 and isinstance(path[0], pytree.SequenceKey)
-                        and isinstance(path[1], pytree.SequenceKey)
-                        and (path[0].idx, path[1].idx) in index):
+                if (
+                    len(path) >= 2
+                    and isinstance(path[0], pytree.SequenceKey)
+                    and isinstance(path[1], pytree.SequenceKey)
+                    and (path[0].idx, path[1].idx) in index
+                ):
                     path = (pytree.SequenceKey(index[(path[0].idx, path[1].idx)]),) + path[2:]
                 elif isinstance(path[0], pytree.SequenceKey) and (path[0].idx,) in index:
                     path = (pytree.SequenceKey(index[(path[0].idx,)]),) + path[1:]
@@ -157,6 +173,7 @@ def aoti_runner(path: str):
 
     def run(image: Tensor) -> Dict[str, Tensor]:
         return compiled([image])[0]
+
     return run
 
 
@@ -165,6 +182,7 @@ def pt2_runner(path: str):
 
     def run(image: Tensor) -> Dict[str, Tensor]:
         return program([image])[0]
+
     return run
 
 
@@ -186,6 +204,7 @@ def write(fmt: str, model: MaskRCNN, image: Tensor, path: str) -> None:
 class FileCheck:
     """What :func:`check_file` found: ``ok`` when the file's detections match the eager
     model's; median times in ms."""
+
     fmt: str
     diff: DetectionDiff
     ok: bool
@@ -197,8 +216,15 @@ class FileCheck:
         return self.ok
 
 
-def check_file(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: float = 0.25,
-               score_tol: float = 1e-4, reps: int = 3) -> FileCheck:
+def check_file(
+    fmt: str,
+    model: MaskRCNN,
+    image: Tensor,
+    path: str,
+    box_tol: float = 0.25,
+    score_tol: float = 1e-4,
+    reps: int = 3,
+) -> FileCheck:
     """Runs the file at ``path`` on ``image`` and compares with the eager model (see the
     module docstring), and times both runtimes: medians over ``reps`` runs after one warm-up.
     """
@@ -215,5 +241,6 @@ def check_file(fmt: str, model: MaskRCNN, image: Tensor, path: str, box_tol: flo
             file_t.append(time.perf_counter() - t)
     diff = compare_detections(expected, got, box_tol=box_tol, score_tol=score_tol)
     ok = diff.identical() and (not diff.pairs or diff.mask_agreement >= MASK_AGREEMENT)
-    return FileCheck(fmt, diff, ok, statistics.median(eager_t) * 1e3,
-                     statistics.median(file_t) * 1e3, reps)
+    return FileCheck(
+        fmt, diff, ok, statistics.median(eager_t) * 1e3, statistics.median(file_t) * 1e3, reps
+    )

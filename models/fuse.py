@@ -8,6 +8,7 @@ oneDNN) that each layer keeps for itself, remade when its own parameters change
 inference()``: the module rewrites below (:class:`ConvAct`, :class:`FusedBlock`, ...) replace
 the layers in place. Both run the same fused calls.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,12 @@ def conv_bn_pairs(module: nn.Module) -> List[Tuple[nn.Module, str, str]]:
             conv, bn = getattr(m, "conv" + k, None), getattr(m, "bn" + k, None)
             if isinstance(conv, nn.Conv2d) and _is_bn(bn):
                 pairs.append((m, "conv" + k, "bn" + k))
-        if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d)
-                and _is_bn(m[1])):
+        if (
+            isinstance(m, nn.Sequential)
+            and len(m) == 2
+            and isinstance(m[0], nn.Conv2d)
+            and _is_bn(m[1])
+        ):
             pairs.append((m, "0", "1"))
     return pairs
 
@@ -49,8 +54,9 @@ def _norm_tensors(bn: nn.Module) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module
-           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def folded(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """A convolution's ``(weight, bias)`` with ``bn`` (eval-mode statistics) folded in, new
     tensors: ``bn(conv(x)) == conv'(x)``. The arithmetic is done in float64, then rounded
     once."""
@@ -85,8 +91,10 @@ def fold_batchnorms(module: nn.Module) -> int:
     """
     pairs = conv_bn_pairs(module)
     for parent, conv_name, bn_name in pairs:
-        fold_conv_bn(getattr(parent, conv_name) if not conv_name.isdigit() else parent[int(conv_name)],
-                     getattr(parent, bn_name) if not bn_name.isdigit() else parent[int(bn_name)])
+        fold_conv_bn(
+            getattr(parent, conv_name) if not conv_name.isdigit() else parent[int(conv_name)],
+            getattr(parent, bn_name) if not bn_name.isdigit() else parent[int(bn_name)],
+        )
         if bn_name.isdigit():
             parent[int(bn_name)] = nn.Identity()
         else:
@@ -95,6 +103,7 @@ def fold_batchnorms(module: nn.Module) -> int:
 
 
 # ---- convolution + ReLU (+ residual add) in one oneDNN call (CPU inference) ----
+
 
 def onednn_available() -> bool:
     """Whether this torch has oneDNN's fused convolution (``mkldnn._convolution_pointwise``)."""
@@ -176,12 +185,12 @@ class _Derived:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device,
-            t.shape)
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device, t.shape)
 
 
-def derived(module: nn.Module, sources: Sequence[torch.Tensor], make: Callable[[], object],
-            tag: tuple = ()):
+def derived(
+    module: nn.Module, sources: Sequence[torch.Tensor], make: Callable[[], object], tag: tuple = ()
+):
     """``make()``, kept in ``module`` (no parameter or buffer: state_dicts are unchanged) and
     made again when one of ``sources`` (the layer's own tensors it is made from) is replaced,
     moved, or written in place by an op torch counts (its version counter: an optimizer
@@ -219,8 +228,9 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
     return (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
 
-def _conv_fusable(x: torch.Tensor, weight: torch.Tensor,
-                  residual: Optional[torch.Tensor] = None) -> bool:
+def _conv_fusable(
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None
+) -> bool:
     if residual is not None:
         if torch.is_grad_enabled() and residual.requires_grad:
             return False  # the sum's gradient needs autograd
@@ -232,40 +242,57 @@ def _conv_fusable(x: torch.Tensor, weight: torch.Tensor,
     return _onednn_ok(x, weight)
 
 
-def _conv_pointwise(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], relu: bool,
-                    residual: Optional[torch.Tensor], overwrite_residual: bool) -> torch.Tensor:
+def _conv_pointwise(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    relu: bool,
+    residual: Optional[torch.Tensor],
+    overwrite_residual: bool,
+) -> torch.Tensor:
     """``act(conv(x) [+ residual])`` in one oneDNN call, with ``conv``'s geometry and the
     given (packed) weight and bias."""
     padding, stride, dilation, groups = _conv_args(conv)
     post = "relu" if relu else None
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, padding, stride, dilation, groups, post or "none", [], "")
+            x, weight, bias, padding, stride, dilation, groups, post or "none", [], ""
+        )
     if overwrite_residual and _writable_output(conv, x, residual):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [],
-            "")
+            residual, x, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [], ""
+        )
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [], "")
+        x, residual, weight, bias, padding, stride, dilation, groups, "add", 1.0, post, [], ""
+    )
 
 
 def _pack_conv(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     padding, stride, dilation, groups = _conv_args(conv)
-    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation,
-                                                        groups, list(x.shape))
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, padding, stride, dilation, groups, list(x.shape)
+    )
 
 
-def conv_unit(conv: nn.Conv2d, bn: Optional[nn.Module], x: torch.Tensor, relu: bool,
-              residual: Optional[torch.Tensor] = None,
-              overwrite_residual: bool = False) -> torch.Tensor:
+def conv_unit(
+    conv: nn.Conv2d,
+    bn: Optional[nn.Module],
+    x: torch.Tensor,
+    relu: bool,
+    residual: Optional[torch.Tensor] = None,
+    overwrite_residual: bool = False,
+) -> torch.Tensor:
     """``act(bn(conv(x)) [+ residual])``: on oneDNN's path one fused call on ``conv``'s
     derived weight (``bn`` folded in, reordered for oneDNN for the first input's shape),
     kept in ``conv`` (:func:`derived`); elsewhere the modules themselves. ``bn``: None, or a
     batch norm with running statistics in eval mode (see :func:`foldable_norm`).
     ``overwrite_residual``: see :meth:`ConvAct.forward`."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not _conv_fusable(
-            x, conv.weight, residual):
+    if (
+        conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or not _conv_fusable(x, conv.weight, residual)
+    ):
         y = conv(x)
         if bn is not None:
             y = bn(y)
@@ -274,8 +301,9 @@ def conv_unit(conv: nn.Conv2d, bn: Optional[nn.Module], x: torch.Tensor, relu: b
         return torch.relu(y) if relu else y
 
     def make():
-        weight, bias = (conv.weight, conv.bias) if bn is None else folded(conv.weight,
-                                                                         conv.bias, bn)
+        weight, bias = (
+            (conv.weight, conv.bias) if bn is None else folded(conv.weight, conv.bias, bn)
+        )
         return _pack_conv(conv, weight, x), bias
 
     sources = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
@@ -292,8 +320,12 @@ def foldable_norm(bn: nn.Module) -> bool:
     eval mode with running statistics), so that it folds into the convolution before it."""
     if isinstance(bn, FrozenBatchNorm2d):
         return True
-    return (isinstance(bn, nn.BatchNorm2d) and not bn.training
-            and bn.running_mean is not None and bn.running_var is not None)
+    return (
+        isinstance(bn, nn.BatchNorm2d)
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
 
 
 def _block_plan(block: nn.Module):
@@ -312,14 +344,19 @@ def _block_plan(block: nn.Module):
     down = getattr(block, "downsample", None)
     if down is None:
         return units, None
-    if (isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[0], nn.Conv2d)
-            and foldable_norm(down[1])):
+    if (
+        isinstance(down, nn.Sequential)
+        and len(down) == 2
+        and isinstance(down[0], nn.Conv2d)
+        and foldable_norm(down[1])
+    ):
         return units, (down[0], down[1])
     return None
 
 
-def fused_block(block: nn.Module, x: torch.Tensor, overwrite_input: bool = False
-                ) -> Optional[torch.Tensor]:
+def fused_block(
+    block: nn.Module, x: torch.Tensor, overwrite_input: bool = False
+) -> Optional[torch.Tensor]:
     """A torchvision ResNet block as :class:`FusedBlock` computes it, on the derived weights
     its convolutions keep (:func:`conv_unit`); None where that does not apply (the caller
     then runs the block as it is). ``overwrite_input``: see :class:`FusedBlock`."""
@@ -339,8 +376,12 @@ def conv_relu_blocks(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``blocks`` (a ``Sequential`` of ``Sequential(conv, ReLU)``: the mask head, the RPN
     head's conv) with each block as one :func:`conv_unit`; other blocks as they are."""
     for block in blocks:
-        if (isinstance(block, nn.Sequential) and len(block) == 2
-                and isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.ReLU)):
+        if (
+            isinstance(block, nn.Sequential)
+            and len(block) == 2
+            and isinstance(block[0], nn.Conv2d)
+            and isinstance(block[1], nn.ReLU)
+        ):
             x = conv_unit(block[0], None, x, relu=True)
         else:
             x = block(x)
@@ -367,8 +408,12 @@ class ConvAct(_PrepackedWeight, nn.Module):
         self.conv = conv
         self.relu = relu
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                overwrite_residual: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
+        overwrite_residual: bool = False,
+    ) -> torch.Tensor:
         """``overwrite_residual``: the caller no longer needs ``residual`` (a tensor of its
         own), so the sum may be written into it: reading and writing the same memory costs
         less than writing a new tensor (~4 % of the backbone's time)."""
@@ -378,8 +423,9 @@ class ConvAct(_PrepackedWeight, nn.Module):
                 y = y + residual
             return torch.relu(y) if self.relu else y
         w = self._prepacked(self.conv.weight, lambda w: _pack_conv(self.conv, w, x))
-        return _conv_pointwise(self.conv, x, w, self.conv.bias, self.relu, residual,
-                               overwrite_residual)
+        return _conv_pointwise(
+            self.conv, x, w, self.conv.bias, self.relu, residual, overwrite_residual
+        )
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -389,9 +435,13 @@ def _writable_output(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -
     """Whether ``residual`` can take ``conv(x)``'s output in place: its shape, dtype and
     channels-last layout (an inference tensor only inside inference mode)."""
     fmt = torch.channels_last
-    if not (residual.dtype == x.dtype and x.dim() == 4 and x.is_contiguous(memory_format=fmt)
-            and residual.is_contiguous(memory_format=fmt)
-            and (torch.is_inference_mode_enabled() or not residual.is_inference())):
+    if not (
+        residual.dtype == x.dtype
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=fmt)
+        and residual.is_contiguous(memory_format=fmt)
+        and (torch.is_inference_mode_enabled() or not residual.is_inference())
+    ):
         return False
     size = [x.shape[0], conv.out_channels]
     for d in range(2):
@@ -433,8 +483,12 @@ class FusedLayer(nn.Sequential):
 
 def _as_conv_act(downsample):
     # The projection shortcut (1x1 conv, folded norm) on oneDNN's path too.
-    if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
-            and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], nn.Identity)):
+    if (
+        isinstance(downsample, nn.Sequential)
+        and len(downsample) == 2
+        and isinstance(downsample[0], nn.Conv2d)
+        and isinstance(downsample[1], nn.Identity)
+    ):
         return ConvAct(downsample[0], relu=False)
     return downsample
 
@@ -470,8 +524,9 @@ def fuse_conv_relu(body: nn.Module) -> int:
 def fpn_fusable(fpn: nn.Module) -> bool:
     """Whether :class:`FusedFPN` reproduces ``fpn``: convolutions only, LastLevelMaxPool."""
     blocks = list(fpn.inner_blocks) + list(fpn.layer_blocks)
-    return (isinstance(fpn.extra_blocks, LastLevelMaxPool)
-            and all(len(b) == 1 and isinstance(b[0], nn.Conv2d) for b in blocks))
+    return isinstance(fpn.extra_blocks, LastLevelMaxPool) and all(
+        len(b) == 1 and isinstance(b[0], nn.Conv2d) for b in blocks
+    )
 
 
 def _fpn(x, inner, layer):
@@ -506,8 +561,7 @@ def fused_fpn(fpn: nn.Module, x) -> Optional[OrderedDict]:
     derived weights its convolutions keep; None where it does not apply."""
     if not fpn_fusable(fpn):
         return None
-    return _fpn(x, [_Unit(b[0]) for b in fpn.inner_blocks],
-                [_Unit(b[0]) for b in fpn.layer_blocks])
+    return _fpn(x, [_Unit(b[0]) for b in fpn.inner_blocks], [_Unit(b[0]) for b in fpn.layer_blocks])
 
 
 class FusedFPN(nn.Module):
@@ -517,8 +571,10 @@ class FusedFPN(nn.Module):
     def __init__(self, fpn: nn.Module) -> None:
         super().__init__()
         if not fpn_fusable(fpn):
-            raise ValueError("FusedFPN reproduces an FPN of plain convolutions (no norm) with "
-                             "LastLevelMaxPool only")
+            raise ValueError(
+                "FusedFPN reproduces an FPN of plain convolutions (no norm) with "
+                "LastLevelMaxPool only"
+            )
         self.inner = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.inner_blocks])
         self.layer = nn.ModuleList([ConvAct(b[0], relu=False) for b in fpn.layer_blocks])
 
@@ -538,6 +594,7 @@ def fuse_heads(conv_relu_blocks: nn.Sequential) -> None:
 
 # ---- fully connected layers and the mask head's upsampling as oneDNN matmuls (CPU) ----
 
+
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Tracing (torch.compile / export) first: it keeps the portable ops, and a size test on a
     # traced batch would be a data-dependent guard.
@@ -545,8 +602,14 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     # oneDNN's fused ops have no autograd: gradients take the plain modules.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (x.device.type == "cpu" and onednn_dtype(x.dtype) and x.dtype == weight.dtype
-            and not torch.is_autocast_enabled("cpu") and not needs_grad and x.numel() > 0)
+    return (
+        x.device.type == "cpu"
+        and onednn_dtype(x.dtype)
+        and x.dtype == weight.dtype
+        and not torch.is_autocast_enabled("cpu")
+        and not needs_grad
+        and x.numel() > 0
+    )
 
 
 def onednn_dtype(dtype: torch.dtype) -> bool:
@@ -561,20 +624,21 @@ def _pack_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_pointwise(x, weight, bias, relu: bool) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [],
-                                              "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
 def nhwc_columns(weight: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
     """``fc6``'s weight with its input columns reordered from ``(c, y, x)`` to ``(y, x, c)``,
     a new tensor: channels-last pooled features then flatten without a copy."""
     out = weight.shape[0]
-    return (weight.view(out, channels, height, width).permute(0, 2, 3, 1)
-            .reshape(out, -1).contiguous())
+    return (
+        weight.view(out, channels, height, width).permute(0, 2, 3, 1).reshape(out, -1).contiguous()
+    )
 
 
-def linear_unit(linear: nn.Linear, x: torch.Tensor, relu: bool,
-                nhwc: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+def linear_unit(
+    linear: nn.Linear, x: torch.Tensor, relu: bool, nhwc: Optional[Tuple[int, int, int]] = None
+) -> torch.Tensor:
     """``act(linear(x))``: on oneDNN's path one matmul (ReLU fused) on ``linear``'s derived
     weight (reordered for oneDNN; with ``nhwc = (c, h, w)``, its columns first put in
     ``(y, x, c)`` order, see :func:`nhwc_columns`), kept in ``linear``; elsewhere ``F.linear``
@@ -599,8 +663,13 @@ def box_head_forward(head: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]
     that channels-last pooled features flatten without a copy); None where it does not
     apply."""
     fc6, fc7 = head.fc6, head.fc7
-    if (type(fc6) is not nn.Linear or type(fc7) is not nn.Linear or head.relu_fused
-            or x.dim() != 4 or not _onednn_ok(x, fc6.weight)):
+    if (
+        type(fc6) is not nn.Linear
+        or type(fc7) is not nn.Linear
+        or head.relu_fused
+        or x.dim() != 4
+        or not _onednn_ok(x, fc6.weight)
+    ):
         return None
     nhwc = None if head.nhwc_order else tuple(x.shape[1:])
     x = linear_unit(fc6, x.permute(0, 2, 3, 1).flatten(1), relu=True, nhwc=nhwc)
@@ -655,9 +724,14 @@ def fuse_linears(box_head: nn.Module, box_predictor: nn.Module) -> None:
 
 
 def _check_upsampling(deconv: nn.ConvTranspose2d) -> bool:
-    return (tuple(deconv.kernel_size) == (2, 2) and tuple(deconv.stride) == (2, 2)
-            and tuple(deconv.padding) == (0, 0) and deconv.groups == 1
-            and tuple(deconv.dilation) == (1, 1) and tuple(deconv.output_padding) == (0, 0))
+    return (
+        tuple(deconv.kernel_size) == (2, 2)
+        and tuple(deconv.stride) == (2, 2)
+        and tuple(deconv.padding) == (0, 0)
+        and deconv.groups == 1
+        and tuple(deconv.dilation) == (1, 1)
+        and tuple(deconv.output_padding) == (0, 0)
+    )
 
 
 def _upsampling_matrix(deconv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -673,28 +747,38 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
-def _matmul_mask(x: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
-                 up_weight: torch.Tensor, up_bias: torch.Tensor,
-                 logits_conv: nn.Conv2d) -> torch.Tensor:
+def _matmul_mask(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    logits_conv: nn.Conv2d,
+) -> torch.Tensor:
     # See MatmulMaskPredictor: the upsampling as one matmul, then each RoI's own class.
     k, c, h, w = x.shape
     o = up_bias.shape[0] // 4
     up = _linear_pointwise(rows, up_weight, up_bias, relu=True)
     cls_w = logits_conv.weight[:, :, 0, 0][labels].to(up.dtype)  # [K, O]
-    cls_b = logits_conv.bias[labels].to(up.dtype)                 # [K]
+    cls_b = logits_conv.bias[labels].to(up.dtype)  # [K]
     logits = torch.bmm(up.view(k, h * w * 4, o), cls_w[:, :, None]).view(k, h, w, 2, 2)
     logits = logits + cls_b[:, None, None, None, None]
     return logits.permute(0, 1, 3, 2, 4).reshape(k, 1, 2 * h, 2 * w)
 
 
-def mask_predictor_forward(predictor: nn.Module, x: torch.Tensor, labels: torch.Tensor
-                           ) -> Optional[torch.Tensor]:
+def mask_predictor_forward(
+    predictor: nn.Module, x: torch.Tensor, labels: torch.Tensor
+) -> Optional[torch.Tensor]:
     """A :class:`~models.roi_heads.MaskPredictor` as :class:`MatmulMaskPredictor` computes
     it, on the derived upsampling matrix (reordered for oneDNN) the predictor keeps; None
     where it does not apply."""
     deconv = predictor.conv5_mask
-    if (type(deconv) is not nn.ConvTranspose2d or not _check_upsampling(deconv)
-            or x.dim() != 4 or not _onednn_ok(x, deconv.weight)):
+    if (
+        type(deconv) is not nn.ConvTranspose2d
+        or not _check_upsampling(deconv)
+        or x.dim() != 4
+        or not _onednn_ok(x, deconv.weight)
+    ):
         return None
     rows = _rows(x)
 
@@ -735,15 +819,17 @@ class MatmulMaskPredictor(_PrepackedWeight, nn.Module):
             return self.predictor(x, labels)
         rows = _rows(x)
         up_weight = self._prepacked(self.up_weight, lambda w: _pack_linear(w, rows))
-        return _matmul_mask(x, rows, labels, up_weight, self.up_bias,
-                            self.predictor.mask_fcn_logits)
+        return _matmul_mask(
+            x, rows, labels, up_weight, self.up_bias, self.predictor.mask_fcn_logits
+        )
 
     def all_classes(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor.all_classes(x)
 
 
-def _pointwise(t: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor, num_anchors: int):
+def _pointwise(
+    t: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_anchors: int
+):
     n = t.shape[0]
     y = _linear_pointwise(rows, weight, bias, relu=False)
     return y[:, :num_anchors].reshape(n, -1), y[:, num_anchors:].reshape(n, -1, 4)
@@ -758,8 +844,13 @@ def rpn_predictors(head: nn.Module, t: torch.Tensor):
     the derived (concatenated, reordered for oneDNN) weight the head keeps; None where it
     does not apply."""
     cls, box = head.cls_logits, head.bbox_pred
-    if not (type(cls) is nn.Conv2d and type(box) is nn.Conv2d and cls.bias is not None
-            and box.bias is not None and _pointwise_ok(t, cls.weight)):
+    if not (
+        type(cls) is nn.Conv2d
+        and type(box) is nn.Conv2d
+        and cls.bias is not None
+        and box.bias is not None
+        and _pointwise_ok(t, cls.weight)
+    ):
         return None
     rows = _rows(t)
 

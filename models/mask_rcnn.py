@@ -3,12 +3,13 @@
 The pipeline, each stage a module::
 
     images ─▶ transform ─▶ backbone (ResNet + FPN) ─▶ rpn ─▶ roi_heads (box, mask) ─▶ postprocess
-    list[Tensor[3, H_i, W_i]]                              proposals   detections    input-size masks
+    list[Tensor[3, H_i, W_i]]                          proposals   detections    input-size masks
 
 Built by :func:`models.build.build_model` (``build_mask_rcnn("resnet50")``), it has exactly
 the state_dict keys and shapes of torchvision's ``maskrcnn_resnet50_fpn``, so torchvision
 checkpoints load with ``strict=True``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,19 @@ from maskops import cpu
 
 from . import ops
 from .backbone import ResNetFPN
-from .fuse import (FusedFPN, MatmulMaskPredictor, fast_inference, fold_batchnorms,
-                   forget_packed_weights, fpn_fusable, fuse_conv_relu, fuse_heads, fuse_linears,
-                   fuse_rpn_predictors, onednn_available)
+from .fuse import (
+    FusedFPN,
+    MatmulMaskPredictor,
+    fast_inference,
+    fold_batchnorms,
+    forget_packed_weights,
+    fpn_fusable,
+    fuse_conv_relu,
+    fuse_heads,
+    fuse_linears,
+    fuse_rpn_predictors,
+    onednn_available,
+)
 from .profiling import StageRecorder, keep, stage
 from .roi_heads import BoxHead, MaskPredictor, RoIHeads
 from .rpn import RegionProposalNetwork
@@ -67,9 +78,15 @@ class MaskRCNN(nn.Module):
     linear layers in half precision; box coordinates, scores and masks stay float32.
     """
 
-    def __init__(self, transform: ImageTransform, backbone: ResNetFPN,
-                 rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 mask_threshold: Optional[float] = 0.5, fast_inference: bool = True) -> None:
+    def __init__(
+        self,
+        transform: ImageTransform,
+        backbone: ResNetFPN,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        mask_threshold: Optional[float] = 0.5,
+        fast_inference: bool = True,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.backbone = backbone
@@ -80,8 +97,9 @@ class MaskRCNN(nn.Module):
         self.inference_optimized = False
         self.recorder: Optional[StageRecorder] = None
 
-    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
-                ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+    def forward(
+        self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+    ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         if torch.is_autocast_enabled("cpu"):
             cpu.warn_if_slow(torch.get_autocast_dtype("cpu"), stacklevel=3)
         if self._use_fast_path():
@@ -92,8 +110,9 @@ class MaskRCNN(nn.Module):
                 return self._forward(images, targets)
         return self._forward(images, targets)
 
-    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]
-                 ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+    def _forward(
+        self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]
+    ) -> Union[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         rec = self.recorder
         if self.training:
             _check_targets(targets, len(images))
@@ -107,17 +126,20 @@ class MaskRCNN(nn.Module):
             features = self.backbone(batch.tensors)
         keep(rec, "features", features)
         with stage(rec, "rpn"):
-            proposals, proposal_scores, rpn_losses = self.rpn(batch, list(features.values()),
-                                                              targets)
+            proposals, proposal_scores, rpn_losses = self.rpn(
+                batch, list(features.values()), targets
+            )
         keep(rec, "proposals", (proposals, proposal_scores))
-        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes,
-                                                targets, rec)
+        detections, roi_losses = self.roi_heads(
+            features, proposals, batch.image_sizes, targets, rec
+        )
         if self.training:
             return {**roi_losses, **rpn_losses}
         keep(rec, "mask_probs", [d["masks"] for d in detections])
         with stage(rec, "paste"):
-            detections = self.transform.postprocess(detections, batch.image_sizes,
-                                                    original_sizes, self.mask_threshold)
+            detections = self.transform.postprocess(
+                detections, batch.image_sizes, original_sizes, self.mask_threshold
+            )
         return detections
 
     @contextlib.contextmanager
@@ -138,8 +160,12 @@ class MaskRCNN(nn.Module):
             self.recorder = previous
 
     @torch.no_grad()
-    def optimize_for_inference(self, channels_last: bool = True, fuse: bool = True,
-                               dtype: Union[torch.dtype, str, None] = None) -> "MaskRCNN":
+    def optimize_for_inference(
+        self,
+        channels_last: bool = True,
+        fuse: bool = True,
+        dtype: Union[torch.dtype, str, None] = None,
+    ) -> "MaskRCNN":
         """Rewrites the model, in place, for fast inference, and returns it in eval mode.
 
         - folds the backbone's batch norms into the convolutions before them;
@@ -177,8 +203,16 @@ class MaskRCNN(nn.Module):
         forget_packed_weights(self)  # fast inference's derived weights: not used any more
         heads = self.roi_heads
         heads.mask_predictor = _rewrite_for_inference(
-            self.backbone, self.rpn.head, heads.box_head, heads.box_predictor, heads.mask_head,
-            heads.mask_predictor, heads.box_roi_pool.output_size, channels_last, fuse)
+            self.backbone,
+            self.rpn.head,
+            heads.box_head,
+            heads.box_predictor,
+            heads.mask_head,
+            heads.mask_predictor,
+            heads.box_roi_pool.output_size,
+            channels_last,
+            fuse,
+        )
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self.transform.channels_last = True
@@ -226,26 +260,38 @@ class MaskRCNN(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.inference_optimized:
-            raise RuntimeError("this model was rewritten by optimize_for_inference(); load "
-                               "weights into a fresh model, then optimize it")
+            raise RuntimeError(
+                "this model was rewritten by optimize_for_inference(); load "
+                "weights into a fresh model, then optimize it"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return (f"mask_threshold={self.mask_threshold}, fast_inference={self.fast_inference}, "
-                f"inference_optimized={self.inference_optimized}")
+        return (
+            f"mask_threshold={self.mask_threshold}, fast_inference={self.fast_inference}, "
+            f"inference_optimized={self.inference_optimized}"
+        )
 
 
 def _check_dtype(dtype) -> None:
     if dtype not in (None, "auto", torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.bfloat16, torch.float16, 'auto' or None, got "
-                         f"{dtype!r}")
+        raise ValueError(
+            f"dtype must be torch.bfloat16, torch.float16, 'auto' or None, got {dtype!r}"
+        )
 
 
 @torch.no_grad()
-def _rewrite_for_inference(backbone: ResNetFPN, rpn_head: nn.Module, box_head: BoxHead,
-                           box_predictor: nn.Module, mask_head: nn.Module,
-                           mask_predictor: nn.Module, box_pool_size, channels_last: bool,
-                           fuse: bool) -> nn.Module:
+def _rewrite_for_inference(
+    backbone: ResNetFPN,
+    rpn_head: nn.Module,
+    box_head: BoxHead,
+    box_predictor: nn.Module,
+    mask_head: nn.Module,
+    mask_predictor: nn.Module,
+    box_pool_size,
+    channels_last: bool,
+    fuse: bool,
+) -> nn.Module:
     """The module rewrites of :meth:`MaskRCNN.optimize_for_inference`, in place; returns the
     mask predictor to use (the given one, or a :class:`MatmulMaskPredictor` around it)."""
     fold_batchnorms(backbone.body)
@@ -273,10 +319,14 @@ def _check_targets(targets, num_images: int) -> None:
     for i, t in enumerate(targets):
         boxes = t.get("boxes")
         if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"targets[{i}]['boxes'] must be a Tensor[G, 4], got "
-                             f"{getattr(boxes, 'shape', type(boxes))}")
+            raise ValueError(
+                f"targets[{i}]['boxes'] must be a Tensor[G, 4], got "
+                f"{getattr(boxes, 'shape', type(boxes))}"
+            )
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():
             j = int(torch.where(bad)[0][0])
-            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive "
-                             "width and height; boxes are (x1, y1, x2, y2) with x1 < x2, y1 < y2")
+            raise ValueError(
+                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no positive "
+                "width and height; boxes are (x1, y1, x2, y2) with x1 < x2, y1 < y2"
+            )

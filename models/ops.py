@@ -4,12 +4,14 @@ The rest of ``models/`` calls these names only, never torchvision's detection op
 ``torch.ops.maskops`` directly, so the model's use of maskops can be read off this file.
 Boxes are ``(x1, y1, x2, y2)`` in image pixels throughout.
 """
+
 from __future__ import annotations
 
 import math
 
-import maskops
 import torch
+
+import maskops
 
 # Box regression deltas are clamped at log(1000 / 16) before exp(), as in Detectron and
 # torchvision, so that one wild delta cannot produce an infinite box.
@@ -43,11 +45,13 @@ def decode_boxes(deltas, boxes, weights, clip: float = BBOX_XFORM_CLIP):
     return maskops.decode_boxes(deltas, boxes, weights, clip)
 
 
-def generate_anchors(feature_sizes, strides, sizes, aspect_ratios, dtype=torch.float32,
-                     device=None):
+def generate_anchors(
+    feature_sizes, strides, sizes, aspect_ratios, dtype=torch.float32, device=None
+):
     """``maskops.generate_anchors`` with the model's positional dtype and device."""
-    return maskops.generate_anchors(feature_sizes, strides, sizes, aspect_ratios, dtype=dtype,
-                                    device=device)
+    return maskops.generate_anchors(
+        feature_sizes, strides, sizes, aspect_ratios, dtype=dtype, device=device
+    )
 
 
 rpn_proposals = maskops.rpn_proposals

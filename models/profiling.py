@@ -1,4 +1,5 @@
 """Per-stage wall-clock timing of a forward pass, and the pipeline trace made from it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -79,30 +80,46 @@ def trace_rows(rec, batch_shape, detections: List[Dict[str, torch.Tensor]]) -> L
     out = rec.outputs
     h = batch_shape[-2]
     # Strides are powers of two; the coarsest map of a size not divisible by 64 rounds up.
-    levels = ", ".join(f"{LEVEL_NAMES.get(k, k)} {_shape(f.shape)} "
-                       f"(stride {2 ** round(math.log2(h / f.shape[-2]))})"
-                       for k, f in out["features"].items())
+    levels = ", ".join(
+        f"{LEVEL_NAMES.get(k, k)} {_shape(f.shape)} "
+        f"(stride {2 ** round(math.log2(h / f.shape[-2]))})"
+        for k, f in out["features"].items()
+    )
     proposals, scores = out["proposals"]
     n_prop = " + ".join(str(len(p)) for p in proposals)
     n_det = " + ".join(str(len(d["boxes"])) for d in detections)
     masks = ", ".join(_shape(d["masks"].shape) for d in detections)
     lowres = " + ".join(_shape(m.shape) for m in out["mask_probs"])
     return [
-        {"stage": "1 Input image", "output": _shape(batch_shape),
-         "ms": t.get("transform", 0.0), "detail": "normalised, resized, padded to /32"},
+        {
+            "stage": "1 Input image",
+            "output": _shape(batch_shape),
+            "ms": t.get("transform", 0.0),
+            "detail": "normalised, resized, padded to /32",
+        },
         {"stage": "2 Backbone CNN (ResNet-FPN)", "output": levels, "ms": t.get("backbone", 0.0)},
-        {"stage": "3 Region Proposal Network", "output": f"{n_prop} boxes x 4 + scores",
-         "ms": t.get("rpn", 0.0)},
-        {"stage": "4 RoI Align",
-         "output": f"{_shape(out['box_roi_features'])} (box) and "
-                   f"{_shape(out['mask_roi_features'])} (mask)",
-         "ms": t.get("roi_align", 0.0)},
-        {"stage": "5 Box & classifier head",
-         "output": f"{n_det} boxes with class labels and refined coordinates",
-         "ms": t.get("box_head", 0.0)},
-        {"stage": "6 Mask head", "output": f"{lowres} masks, pasted to full size: {masks}",
-         "ms": t.get("mask_head", 0.0) + t.get("paste", 0.0),
-         "detail": f"head {t.get('mask_head', 0.0):.1f} ms + paste {t.get('paste', 0.0):.1f} ms"},
+        {
+            "stage": "3 Region Proposal Network",
+            "output": f"{n_prop} boxes x 4 + scores",
+            "ms": t.get("rpn", 0.0),
+        },
+        {
+            "stage": "4 RoI Align",
+            "output": f"{_shape(out['box_roi_features'])} (box) and "
+            f"{_shape(out['mask_roi_features'])} (mask)",
+            "ms": t.get("roi_align", 0.0),
+        },
+        {
+            "stage": "5 Box & classifier head",
+            "output": f"{n_det} boxes with class labels and refined coordinates",
+            "ms": t.get("box_head", 0.0),
+        },
+        {
+            "stage": "6 Mask head",
+            "output": f"{lowres} masks, pasted to full size: {masks}",
+            "ms": t.get("mask_head", 0.0) + t.get("paste", 0.0),
+            "detail": f"head {t.get('mask_head', 0.0):.1f} ms + paste {t.get('paste', 0.0):.1f} ms",
+        },
     ]
 
 
@@ -116,11 +133,12 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def trace(model, image: torch.Tensor, warmup: int = 1, autocast=None
-          ) -> Tuple[List[dict], StageRecorder, Dict[str, torch.Tensor]]:
+def trace(
+    model, image: torch.Tensor, warmup: int = 1, autocast=None
+) -> Tuple[List[dict], StageRecorder, Dict[str, torch.Tensor]]:
     """``(rows, recorder, detections)`` of one recorded forward of ``model`` on ``image``
     after ``warmup`` untimed ones (under the context manager ``autocast``, if given)."""
-    with torch.inference_mode(), (autocast or contextlib.nullcontext()):
+    with torch.inference_mode(), autocast or contextlib.nullcontext():
         for _ in range(warmup):
             model([image])
         with model.record_stages(keep_outputs=True) as rec:

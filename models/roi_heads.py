@@ -1,4 +1,5 @@
 """RoI heads: box classification and refinement, then instance masks, for each proposal."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -65,10 +66,15 @@ class BoxPredictor(nn.Module):
         self.bbox_pred = nn.Linear(in_features, num_classes * 4)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        if (fuse.fast_inference_active() and type(self.cls_score) is nn.Linear
-                and type(self.bbox_pred) is nn.Linear):
-            return (fuse.linear_unit(self.cls_score, x, relu=False),
-                    fuse.linear_unit(self.bbox_pred, x, relu=False))
+        if (
+            fuse.fast_inference_active()
+            and type(self.cls_score) is nn.Linear
+            and type(self.bbox_pred) is nn.Linear
+        ):
+            return (
+                fuse.linear_unit(self.cls_score, x, relu=False),
+                fuse.linear_unit(self.bbox_pred, x, relu=False),
+            )
         return self.cls_score(x), self.bbox_pred(x)
 
 
@@ -119,7 +125,7 @@ class MaskPredictor(nn.Module):
                 return y
         x = self.relu(self.conv5_mask(x))
         w = self.mask_fcn_logits.weight[:, :, 0, 0][labels]  # [K, D]
-        b = self.mask_fcn_logits.bias[labels]                # [K]
+        b = self.mask_fcn_logits.bias[labels]  # [K]
         logits = torch.einsum("kdhw,kd->khw", x, w.to(x.dtype)) + b.to(x.dtype)[:, None, None]
         return logits[:, None]
 
@@ -144,13 +150,23 @@ class RoIHeads(nn.Module):
         detections_per_img: inference: detections kept per image (best first).
     """
 
-    def __init__(self, box_roi_pool: nn.Module, box_head: BoxHead, box_predictor: BoxPredictor,
-                 mask_roi_pool: nn.Module, mask_head: MaskHead, mask_predictor: MaskPredictor,
-                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
-                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
-                 bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100) -> None:
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: BoxHead,
+        box_predictor: BoxPredictor,
+        mask_roi_pool: nn.Module,
+        mask_head: MaskHead,
+        mask_predictor: MaskPredictor,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ) -> None:
         super().__init__()
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
@@ -167,11 +183,14 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
 
-    def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
-                image_sizes: List[Tuple[int, int]],
-                targets: Optional[List[Dict[str, Tensor]]] = None,
-                recorder: Optional[StageRecorder] = None
-                ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+        recorder: Optional[StageRecorder] = None,
+    ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         """Detections (inference) or losses (training).
 
         Args:
@@ -197,19 +216,26 @@ class RoIHeads(nn.Module):
             class_logits, box_deltas = self.box_predictor(self.box_head(box_features))
             del box_features
             boxes, scores, labels = self.postprocess_detections(
-                to_float32(class_logits), to_float32(box_deltas), proposals, image_sizes)
+                to_float32(class_logits), to_float32(box_deltas), proposals, image_sizes
+            )
         with stage(recorder, "roi_align"):
             mask_features = self.mask_roi_pool(features, boxes, image_sizes)
         keep(recorder, "mask_roi_features", tuple(mask_features.shape))
         with stage(recorder, "mask_head"):
             mask_logits = self.mask_predictor(self.mask_head(mask_features), torch.cat(labels))
             mask_probs = to_float32(mask_logits).sigmoid().split([b.shape[0] for b in boxes])
-        return [{"boxes": b, "labels": l, "scores": s, "masks": m}
-                for b, l, s, m in zip(boxes, labels, scores, mask_probs)], {}
+        return [
+            {"boxes": b, "labels": l, "scores": s, "masks": m}
+            for b, l, s, m in zip(boxes, labels, scores, mask_probs)
+        ], {}
 
-    def postprocess_detections(self, class_logits: Tensor, box_deltas: Tensor,
-                               proposals: List[Tensor], image_sizes: List[Tuple[int, int]]
-                               ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def postprocess_detections(
+        self,
+        class_logits: Tensor,
+        box_deltas: Tensor,
+        proposals: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """From ``Tensor[K, C]`` logits and ``Tensor[K, 4 * C]`` deltas of all proposals to
         per-image boxes, scores and labels: one candidate per (proposal, foreground class),
         thresholded, NMS per class, best ``detections_per_img`` kept."""
@@ -227,7 +253,7 @@ class RoIHeads(nn.Module):
             b, s, labels = b[keep_idx], s[keep_idx], labels[keep_idx]
             keep_idx = ops.remove_small_boxes(b, 1e-2)
             b, s, labels = b[keep_idx], s[keep_idx], labels[keep_idx]
-            keep_idx = ops.batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]
+            keep_idx = ops.batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_img]
             out_boxes.append(b[keep_idx])
             out_scores.append(s[keep_idx])
             out_labels.append(labels[keep_idx])
@@ -242,11 +268,13 @@ class RoIHeads(nn.Module):
             if t["labels"].dtype != torch.int64:
                 raise TypeError(f"target labels must be int64, got {t['labels'].dtype}")
         proposals, matched_idxs, labels, reg_targets = self.select_training_samples(
-            proposals, targets)
+            proposals, targets
+        )
         box_features = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(box_features))
         loss_classifier, loss_box_reg = fastrcnn_loss(
-            to_float32(class_logits), to_float32(box_deltas), labels, reg_targets)
+            to_float32(class_logits), to_float32(box_deltas), labels, reg_targets
+        )
 
         # The mask head trains on the foreground proposals only.
         mask_boxes, mask_idxs = [], []
@@ -257,13 +285,18 @@ class RoIHeads(nn.Module):
         gt_labels = torch.cat([t["labels"][i] for t, i in zip(targets, mask_idxs)])
         mask_features = self.mask_roi_pool(features, mask_boxes, image_sizes)
         mask_logits = self.mask_predictor(self.mask_head(mask_features), gt_labels)
-        loss_mask = mask_loss(to_float32(mask_logits)[:, 0], mask_boxes,
-                              [t["masks"] for t in targets], mask_idxs)
-        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
-                "loss_mask": loss_mask}
+        loss_mask = mask_loss(
+            to_float32(mask_logits)[:, 0], mask_boxes, [t["masks"] for t in targets], mask_idxs
+        )
+        return {
+            "loss_classifier": loss_classifier,
+            "loss_box_reg": loss_box_reg,
+            "loss_mask": loss_mask,
+        }
 
-    def select_training_samples(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
-                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+    def select_training_samples(
+        self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
         """Adds the ground-truth boxes to the proposals, labels every proposal with its best
         ground truth, samples a mini-batch and computes its regression targets.
 
@@ -280,8 +313,9 @@ class RoIHeads(nn.Module):
                 matched_idxs.append(torch.zeros(p.shape[0], dtype=torch.int64, device=device))
                 labels.append(torch.zeros(p.shape[0], dtype=torch.int64, device=device))
                 continue
-            m = match(ops.box_iou(g, p), self.fg_iou_thresh, self.bg_iou_thresh,
-                      allow_low_quality=False)
+            m = match(
+                ops.box_iou(g, p), self.fg_iou_thresh, self.bg_iou_thresh, allow_low_quality=False
+            )
             idx = m.clamp(min=0)
             lab = t["labels"][idx].to(torch.int64)
             lab[m == BELOW_LOW] = 0
@@ -293,19 +327,31 @@ class RoIHeads(nn.Module):
         reg_targets = []
         for i in range(len(proposals)):
             s = torch.where(pos[i] | neg[i])[0]
-            proposals[i], labels[i], matched_idxs[i] = proposals[i][s], labels[i][s], matched_idxs[i][s]
-            g = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=device)
-            reg_targets.append(ops.encode_boxes(g[matched_idxs[i]], proposals[i],
-                                                self.bbox_reg_weights))
+            proposals[i], labels[i], matched_idxs[i] = (
+                proposals[i][s],
+                labels[i][s],
+                matched_idxs[i][s],
+            )
+            g = (
+                gt_boxes[i]
+                if gt_boxes[i].numel()
+                else torch.zeros((1, 4), dtype=dtype, device=device)
+            )
+            reg_targets.append(
+                ops.encode_boxes(g[matched_idxs[i]], proposals[i], self.bbox_reg_weights)
+            )
         return proposals, matched_idxs, labels, reg_targets
 
     def extra_repr(self) -> str:
-        return (f"score_thresh={self.score_thresh}, nms_thresh={self.nms_thresh}, "
-                f"detections_per_img={self.detections_per_img}")
+        return (
+            f"score_thresh={self.score_thresh}, nms_thresh={self.nms_thresh}, "
+            f"detections_per_img={self.detections_per_img}"
+        )
 
 
-def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: List[Tensor],
-                  reg_targets: List[Tensor]) -> Tuple[Tensor, Tensor]:
+def fastrcnn_loss(
+    class_logits: Tensor, box_deltas: Tensor, labels: List[Tensor], reg_targets: List[Tensor]
+) -> Tuple[Tensor, Tensor]:
     """Classification (cross-entropy over all sampled proposals) and box regression
     (smooth L1 on the foreground proposals' own class, summed, divided by the number of
     sampled proposals) losses.
@@ -319,13 +365,16 @@ def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: List[Tensor]
     cls_loss = F.cross_entropy(class_logits, labels)
     pos = torch.where(labels > 0)[0]
     deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)
-    box_loss = F.smooth_l1_loss(deltas[pos, labels[pos]], reg_targets[pos], beta=1 / 9,
-                                reduction="sum") / labels.numel()
+    box_loss = (
+        F.smooth_l1_loss(deltas[pos, labels[pos]], reg_targets[pos], beta=1 / 9, reduction="sum")
+        / labels.numel()
+    )
     return cls_loss, box_loss
 
 
-def mask_loss(mask_logits: Tensor, boxes: List[Tensor], gt_masks: List[Tensor],
-              matched_idxs: List[Tensor]) -> Tensor:
+def mask_loss(
+    mask_logits: Tensor, boxes: List[Tensor], gt_masks: List[Tensor], matched_idxs: List[Tensor]
+) -> Tensor:
     """Binary cross-entropy between each foreground RoI's mask logits (its class's map) and
     its ground-truth mask cropped to the RoI and resampled to the logits' size.
 

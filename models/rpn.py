@@ -1,4 +1,5 @@
 """Region Proposal Network: objectness and box deltas per anchor, then proposal selection."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -32,8 +33,9 @@ class RPNHead(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int) -> None:
         super().__init__()
         # conv.0.0: the layout of torchvision's RPNHead (a Conv2dNormActivation in a Sequential).
-        self.conv = nn.Sequential(nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True)))
+        self.conv = nn.Sequential(
+            nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True))
+        )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for m in self.modules():
@@ -82,12 +84,19 @@ class RegionProposalNetwork(nn.Module):
 
     min_size = 1e-3  # proposals with a side under this many pixels are dropped
 
-    def __init__(self, anchor_generator: AnchorGenerator, head: RPNHead,
-                 fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-                 pre_nms_top_n: Optional[Dict[str, int]] = None,
-                 post_nms_top_n: Optional[Dict[str, int]] = None,
-                 nms_thresh: float = 0.7, score_thresh: float = 0.0) -> None:
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: RPNHead,
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_top_n: Optional[Dict[str, int]] = None,
+        post_nms_top_n: Optional[Dict[str, int]] = None,
+        nms_thresh: float = 0.7,
+        score_thresh: float = 0.0,
+    ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
         self.head = head
@@ -106,9 +115,12 @@ class RegionProposalNetwork(nn.Module):
     def post_nms_top_n(self) -> int:
         return self._post_nms_top_n["training" if self.training else "testing"]
 
-    def forward(self, batch: ImageBatch, features: List[Tensor],
-                targets: Optional[List[Dict[str, Tensor]]] = None
-                ) -> Tuple[List[Tensor], List[Tensor], Dict[str, Tensor]]:
+    def forward(
+        self,
+        batch: ImageBatch,
+        features: List[Tensor],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Tensor], List[Tensor], Dict[str, Tensor]]:
         """Proposals for each image.
 
         Args:
@@ -126,13 +138,24 @@ class RegionProposalNetwork(nn.Module):
         logits = to_float32(torch.cat(logits, dim=1))
         deltas = to_float32(torch.cat(deltas, dim=1))
         anchors, per_level = self.anchor_generator(
-            tuple(batch.tensors.shape[-2:]), [tuple(f.shape[-2:]) for f in features],
-            logits.dtype, logits.device)
+            tuple(batch.tensors.shape[-2:]),
+            [tuple(f.shape[-2:]) for f in features],
+            logits.dtype,
+            logits.device,
+        )
         with torch.no_grad():  # proposals are not differentiated through (Faster R-CNN)
             proposals, scores = ops.rpn_proposals(
-                logits.detach(), deltas.detach(), anchors, batch.image_sizes,
-                self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
-                self.score_thresh, self.min_size, per_level)
+                logits.detach(),
+                deltas.detach(),
+                anchors,
+                batch.image_sizes,
+                self.pre_nms_top_n(),
+                self.post_nms_top_n(),
+                self.nms_thresh,
+                self.score_thresh,
+                self.min_size,
+                per_level,
+            )
         losses: Dict[str, Tensor] = {}
         if self.training:
             if targets is None:
@@ -140,8 +163,9 @@ class RegionProposalNetwork(nn.Module):
             losses = self.loss(logits, deltas, anchors, targets)
         return proposals, scores, losses
 
-    def loss(self, objectness: Tensor, deltas: Tensor, anchors: Tensor,
-             targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def loss(
+        self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: List[Dict[str, Tensor]]
+    ) -> Dict[str, Tensor]:
         """Objectness (binary cross-entropy) and box (smooth L1) losses on sampled anchors.
 
         Args:
@@ -155,8 +179,12 @@ class RegionProposalNetwork(nn.Module):
                 labels.append(anchors.new_zeros(anchors.shape[0]))
                 reg_targets.append(torch.zeros_like(anchors))
                 continue
-            m = match(ops.box_iou(gt, anchors), self.fg_iou_thresh, self.bg_iou_thresh,
-                      allow_low_quality=True)
+            m = match(
+                ops.box_iou(gt, anchors),
+                self.fg_iou_thresh,
+                self.bg_iou_thresh,
+                allow_low_quality=True,
+            )
             lab = (m >= 0).to(torch.float32)
             lab[m == BELOW_LOW] = 0.0
             lab[m == BETWEEN] = -1.0
@@ -171,11 +199,15 @@ class RegionProposalNetwork(nn.Module):
         reg_targets = torch.cat(reg_targets)
         objectness = objectness.flatten()
         deltas = deltas.reshape(-1, 4)
-        box_loss = F.smooth_l1_loss(deltas[pos], reg_targets[pos], beta=1 / 9,
-                                    reduction="sum") / sampled.numel()
+        box_loss = (
+            F.smooth_l1_loss(deltas[pos], reg_targets[pos], beta=1 / 9, reduction="sum")
+            / sampled.numel()
+        )
         obj_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
         return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
 
     def extra_repr(self) -> str:
-        return (f"pre_nms_top_n={self._pre_nms_top_n}, post_nms_top_n={self._post_nms_top_n}, "
-                f"nms_thresh={self.nms_thresh}, score_thresh={self.score_thresh}")
+        return (
+            f"pre_nms_top_n={self._pre_nms_top_n}, post_nms_top_n={self._post_nms_top_n}, "
+            f"nms_thresh={self.nms_thresh}, score_thresh={self.score_thresh}"
+        )

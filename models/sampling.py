@@ -1,4 +1,5 @@
 """Training-time assignment of ground truth to anchors/proposals, and mini-batch sampling."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -7,7 +8,7 @@ import torch
 from torch import Tensor
 
 BELOW_LOW = -1  # IoU below the low threshold: background
-BETWEEN = -2    # IoU between the thresholds: ignored
+BETWEEN = -2  # IoU between the thresholds: ignored
 
 
 def match(quality: Tensor, high: float, low: float, allow_low_quality: bool) -> Tensor:
@@ -39,8 +40,9 @@ def match(quality: Tensor, high: float, low: float, allow_low_quality: bool) -> 
     return matches
 
 
-def sample(labels: List[Tensor], batch_size_per_image: int, positive_fraction: float
-           ) -> Tuple[List[Tensor], List[Tensor]]:
+def sample(
+    labels: List[Tensor], batch_size_per_image: int, positive_fraction: float
+) -> Tuple[List[Tensor], List[Tensor]]:
     """Draws up to ``batch_size_per_image`` examples per image, at most a
     ``positive_fraction`` of them positive (label >= 1), the rest negative (label 0);
     label -1 is never drawn.

@@ -1,4 +1,5 @@
 """Image preparation before the backbone, and mapping of results back to the input images."""
+
 from __future__ import annotations
 
 import math
@@ -34,10 +35,12 @@ def resize_boxes(boxes: Tensor, old_size: Sequence[int], new_size: Sequence[int]
     """Scales ``Tensor[N, 4]`` boxes from an image of ``old_size`` (h, w) to ``new_size``."""
     # The ratios are float32 quotients, as torchvision computes them, so that boxes match
     # torchvision's to the last bit.
-    ratio_h = (torch.tensor(float(new_size[0]), dtype=torch.float32, device=boxes.device)
-               / torch.tensor(float(old_size[0]), dtype=torch.float32, device=boxes.device))
-    ratio_w = (torch.tensor(float(new_size[1]), dtype=torch.float32, device=boxes.device)
-               / torch.tensor(float(old_size[1]), dtype=torch.float32, device=boxes.device))
+    ratio_h = torch.tensor(
+        float(new_size[0]), dtype=torch.float32, device=boxes.device
+    ) / torch.tensor(float(old_size[0]), dtype=torch.float32, device=boxes.device)
+    ratio_w = torch.tensor(
+        float(new_size[1]), dtype=torch.float32, device=boxes.device
+    ) / torch.tensor(float(old_size[1]), dtype=torch.float32, device=boxes.device)
     scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
     return boxes * scale
 
@@ -61,11 +64,16 @@ class ImageTransform(nn.Module):
             in their own precision first.
     """
 
-    def __init__(self, min_size=800, max_size: int = 1333,
-                 image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD,
-                 size_divisible: int = 32, channels_last: bool = False,
-                 dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        min_size=800,
+        max_size: int = 1333,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        size_divisible: int = 32,
+        channels_last: bool = False,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
         self.max_size = max_size
@@ -75,8 +83,9 @@ class ImageTransform(nn.Module):
         self.channels_last = channels_last
         self.dtype = dtype
 
-    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
-                ) -> Tuple[ImageBatch, Optional[List[Dict[str, Tensor]]]]:
+    def forward(
+        self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+    ) -> Tuple[ImageBatch, Optional[List[Dict[str, Tensor]]]]:
         """Prepares a batch.
 
         Args:
@@ -92,11 +101,13 @@ class ImageTransform(nn.Module):
         new_targets = [] if targets is not None else None
         for i, image in enumerate(images):
             if image.dim() != 3:
-                raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got shape "
-                                 f"{tuple(image.shape)}")
+                raise ValueError(
+                    f"images[{i}] must be a [C, H, W] tensor, got shape {tuple(image.shape)}"
+                )
             if not image.is_floating_point():
-                raise TypeError(f"images[{i}] must be a floating tensor in [0, 1], got "
-                                f"{image.dtype}")
+                raise TypeError(
+                    f"images[{i}] must be a floating tensor in [0, 1], got {image.dtype}"
+                )
             image = self.normalize(image)
             target = dict(targets[i]) if targets is not None else None
             image, target = self.resize(image, target)
@@ -119,16 +130,22 @@ class ImageTransform(nn.Module):
         index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
         return self.min_size[index]
 
-    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
-               ) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+    def resize(
+        self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
+    ) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
         """Resizes one ``Tensor[C, H, W]`` image (and its target's boxes and masks)."""
         h, w = image.shape[-2:]
         min_size = self._pick_min_size()
         scale = min(min_size / min(h, w), self.max_size / max(h, w))
         # recompute_scale_factor: the output size is floor(side * scale), and the sampling
         # grid follows that size, as in torchvision.
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]
+        image = F.interpolate(
+            image[None],
+            scale_factor=scale,
+            mode="bilinear",
+            recompute_scale_factor=True,
+            align_corners=False,
+        )[0]
         if target is None:
             return image, None
         target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
@@ -149,16 +166,20 @@ class ImageTransform(nn.Module):
         dtype = self.dtype or images[0].dtype
         if len(images) == 1 and images[0].shape[1:] == (h, w):  # nothing to pad
             return images[0][None].to(dtype).contiguous(memory_format=fmt)
-        out = torch.empty((len(images), c, h, w), dtype=dtype,
-                          device=images[0].device, memory_format=fmt).zero_()
+        out = torch.empty(
+            (len(images), c, h, w), dtype=dtype, device=images[0].device, memory_format=fmt
+        ).zero_()
         for i, im in enumerate(images):
-            out[i, :, :im.shape[1], :im.shape[2]].copy_(im)
+            out[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         return out
 
-    def postprocess(self, detections: List[Dict[str, Tensor]],
-                    image_sizes: List[Tuple[int, int]],
-                    original_sizes: List[Tuple[int, int]],
-                    mask_threshold: Optional[float] = 0.5) -> List[Dict[str, Tensor]]:
+    def postprocess(
+        self,
+        detections: List[Dict[str, Tensor]],
+        image_sizes: List[Tuple[int, int]],
+        original_sizes: List[Tuple[int, int]],
+        mask_threshold: Optional[float] = 0.5,
+    ) -> List[Dict[str, Tensor]]:
         """Maps detections from the resized images back to the input images.
 
         Boxes are rescaled; ``masks`` (``Tensor[K, 1, 28, 28]`` probabilities) are pasted
@@ -168,12 +189,15 @@ class ImageTransform(nn.Module):
         for det, size, orig in zip(detections, image_sizes, original_sizes):
             det["boxes"] = resize_boxes(det["boxes"], size, orig)
             if "masks" in det:
-                det["masks"] = ops.paste_masks(det["masks"], det["boxes"], orig,
-                                               threshold=mask_threshold)
+                det["masks"] = ops.paste_masks(
+                    det["masks"], det["boxes"], orig, threshold=mask_threshold
+                )
         return detections
 
     def extra_repr(self) -> str:
-        return (f"min_size={self.min_size}, max_size={self.max_size}, "
-                f"mean={self.image_mean}, std={self.image_std}, "
-                f"size_divisible={self.size_divisible}, channels_last={self.channels_last}, "
-                f"dtype={self.dtype}")
+        return (
+            f"min_size={self.min_size}, max_size={self.max_size}, "
+            f"mean={self.image_mean}, std={self.image_std}, "
+            f"size_divisible={self.size_divisible}, channels_last={self.channels_last}, "
+            f"dtype={self.dtype}"
+        )

@@ -1,4 +1,5 @@
 """Reading images and drawing detections, proposals and feature maps (for the CLIs)."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,13 @@ def palette(n: int) -> list:
     return out
 
 
-def draw_detections(image: Tensor, det: Dict[str, Tensor], score_thresh: float = 0.5,
-                    names: Optional[Sequence[str]] = None, mask_alpha: float = 0.45) -> Tensor:
+def draw_detections(
+    image: Tensor,
+    det: Dict[str, Tensor],
+    score_thresh: float = 0.5,
+    names: Optional[Sequence[str]] = None,
+    mask_alpha: float = 0.45,
+) -> Tensor:
     """The image with each detection's mask (coloured), box and ``label score`` drawn.
 
     Args:
@@ -69,10 +75,14 @@ def draw_detections(image: Tensor, det: Dict[str, Tensor], score_thresh: float =
         masks = det["masks"].cpu()[sel][:, 0]
         masks = masks if masks.dtype == torch.bool else masks >= 0.5
         out = draw_segmentation_masks(out, masks, alpha=mask_alpha, colors=colours)
-    labels = [(names[int(l)] if names is not None and int(l) < len(names) else category_name(int(l)))
-              + f" {float(s):.2f}" for l, s in zip(det["labels"].cpu()[sel], det["scores"].cpu()[sel])]
-    return draw_bounding_boxes(out, det["boxes"].cpu()[sel].float(), labels=labels,
-                               colors=colours, width=2)
+    labels = [
+        (names[int(l)] if names is not None and int(l) < len(names) else category_name(int(l)))
+        + f" {float(s):.2f}"
+        for l, s in zip(det["labels"].cpu()[sel], det["scores"].cpu()[sel])
+    ]
+    return draw_bounding_boxes(
+        out, det["boxes"].cpu()[sel].float(), labels=labels, colors=colours, width=2
+    )
 
 
 def draw_boxes(image: Tensor, boxes: Tensor, colour=(255, 200, 0), width: int = 1) -> Tensor:
@@ -95,8 +105,9 @@ def feature_heatmap(feature: Tensor) -> Tensor:
     return rgb.permute(2, 0, 1).round().to(torch.uint8)
 
 
-def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_hw,
-                      names=None) -> List[str]:
+def save_stage_images(
+    save_dir: str, image: torch.Tensor, rec, det, batch_size_hw, names=None
+) -> List[str]:
     """Writes one image per stage into ``save_dir`` (detections labelled with ``names``, COCO's
     by default); returns the paths."""
     os.makedirs(save_dir, exist_ok=True)
@@ -107,8 +118,12 @@ def save_stage_images(save_dir: str, image: torch.Tensor, rec, det, batch_size_h
         save_image(img, path)
         paths.append(path)
 
-    save(draw_detections(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0),
-                                 "scores": torch.zeros(0)}), "1_input.png")
+    save(
+        draw_detections(
+            image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "scores": torch.zeros(0)}
+        ),
+        "1_input.png",
+    )
     for k, f in rec.outputs["features"].items():
         save(feature_heatmap(f[0]), f"2_features_{LEVEL_NAMES.get(k, k)}.png")
     proposals, scores = rec.outputs["proposals"]

@@ -41,8 +41,10 @@ def pytest_report_header(config):
     # headers): "No space left on device" in a test is then the machine's, as this line shows.
     tmp = tempfile.gettempdir()
     free_gb = shutil.disk_usage(tmp).free / 2**30
-    lines.append(f"free disk in {tmp}: {free_gb:.1f} GiB"
-                 + (" (under 1.5 GiB: the suite holds up to ~1 GiB at once)" if free_gb < 1.5 else ""))
+    lines.append(
+        f"free disk in {tmp}: {free_gb:.1f} GiB"
+        + (" (under 1.5 GiB: the suite holds up to ~1 GiB at once)" if free_gb < 1.5 else "")
+    )
     return lines
 
 

@@ -1,12 +1,13 @@
 """One rank of the DDP test (run by torchrun): trains the tiny model and saves this rank's
 final weights as rank<R>.pt in the output folder's parent."""
+
 import sys
 from pathlib import Path
 
 import torch
 
-from models.engine import distributed as dist_utils
 from models.engine import TrainConfig
+from models.engine import distributed as dist_utils
 from tools.train import train
 
 from train_helpers import tiny_model
@@ -27,9 +28,16 @@ def ddp_config(data, out) -> TrainConfig:
     each rank's images: DDP's average of the ranks' gradients can then be compared with a
     single process that averages the gradients of the same per-rank batches."""
     from train_helpers import tiny_config
-    return tiny_config(data, out, model=tiny_model(rpn_batch_size_per_image=100_000,
-                                                   box_batch_size_per_image=100_000),
-                       epochs=2, iters_per_epoch=2, batch_size=1, flip_prob=0.5)
+
+    return tiny_config(
+        data,
+        out,
+        model=tiny_model(rpn_batch_size_per_image=100_000, box_batch_size_per_image=100_000),
+        epochs=2,
+        iters_per_epoch=2,
+        batch_size=1,
+        flip_prob=0.5,
+    )
 
 
 if __name__ == "__main__":

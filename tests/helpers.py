@@ -1,4 +1,5 @@
 """Input generators shared by the op tests, and the CPU-dependent cases."""
+
 import contextlib
 
 import pytest
@@ -12,8 +13,9 @@ def random_boxes(n, image_size, generator=None, min_size=1.0, max_size=None, dty
     """Tensor[n, 4] of (x1, y1, x2, y2) boxes starting inside an image of `image_size` (h, w),
     drawn in float32."""
     max_size = max_size or max(image_size) / 2
-    return inputs.random_boxes(generator, n, image_size, min_size, max_size, margin=0,
-                               dtype=torch.float32).to(dtype)
+    return inputs.random_boxes(
+        generator, n, image_size, min_size, max_size, margin=0, dtype=torch.float32
+    ).to(dtype)
 
 
 def random_rois(k, batch, image_size, generator=None, dtype=torch.float32, outside=False):

@@ -6,6 +6,7 @@ here, so that AP measures something; ``benchmarks/bench_bf16_accuracy.py`` check
 bound on the fully trained demo model. The check is shown to fail on a real difference:
 detections moved by 2 pixels change AP by more than the bound.
 """
+
 import copy
 
 import pytest
@@ -14,9 +15,9 @@ import torch
 from models.build import model_from_checkpoint
 from models.data import CocoDataset, collate
 from models.data.shapes import generate
+from models.engine import ShardSampler, train
 from models.engine.demo import demo_config
 from models.evaluation import evaluate
-from models.engine import ShardSampler, train
 
 BOUND = 0.01  # AP, box and mask
 
@@ -28,8 +29,9 @@ def trained(tmp_path_factory):
     train(demo_config(str(root / "shapes"), str(root / "run"), epochs=4))
     model, _ = model_from_checkpoint(root / "run" / "best.pt")
     val = CocoDataset(root / "shapes", "val")
-    loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate,
-                                         sampler=ShardSampler(len(val), 0, 1))
+    loader = torch.utils.data.DataLoader(
+        val, batch_size=8, collate_fn=collate, sampler=ShardSampler(len(val), 0, 1)
+    )
     return model.eval(), loader
 
 

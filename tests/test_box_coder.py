@@ -6,6 +6,7 @@ compute in float32 (torchvision rounds after every operation), so they are compa
 the float32 result. The test-only ops run the CUDA functors, whose exp / log are the C
 library's rather than torch's vectorised ones: they agree to about an ulp.
 """
+
 import math
 
 import pytest
@@ -42,10 +43,13 @@ def random_codes(n, k, g, dtype=torch.float32):
 
 def assert_equal(got, expected):
     assert got.shape == expected.shape and got.dtype == expected.dtype
-    assert torch.equal(got, expected), f"max difference {(got.double() - expected.double()).abs().max()}"
+    assert torch.equal(got, expected), (
+        f"max difference {(got.double() - expected.double()).abs().max()}"
+    )
 
 
 # ---- decode ----
+
 
 @pytest.mark.parametrize("dtype", EXACT)
 @pytest.mark.parametrize("weights", WEIGHTS)
@@ -65,7 +69,9 @@ def test_decode_shapes_and_edge_cases():
     tv, mo = tv_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)), maskops.BoxCoder((1.0, 1.0, 1.0, 1.0))
     empty = torch.zeros(0, 4)
     assert_equal(mo.decode(torch.zeros(0, 4), [empty]), tv.decode(torch.zeros(0, 4), [empty]))
-    assert_equal(mo.decode_single(torch.zeros(0, 8), empty), tv.decode_single(torch.zeros(0, 8), empty))
+    assert_equal(
+        mo.decode_single(torch.zeros(0, 8), empty), tv.decode_single(torch.zeros(0, 8), empty)
+    )
     g = gen(3)
     boxes = random_boxes(10, g)
     codes = random_codes(10, 2, g).flatten()  # decode accepts any layout of N * 4K values
@@ -74,18 +80,28 @@ def test_decode_shapes_and_edge_cases():
     codes2 = random_codes(10, 1, g)
     assert_equal(mo.decode_single(codes2, boxes.double()), tv.decode_single(codes2, boxes.double()))
     # A weights tensor works as well as a tuple.
-    assert_equal(maskops.decode_boxes(codes2, boxes, torch.tensor([2.0, 2.0, 1.0, 1.0])),
-                 tv_utils.BoxCoder((2.0, 2.0, 1.0, 1.0)).decode(codes2, [boxes]))
+    assert_equal(
+        maskops.decode_boxes(codes2, boxes, torch.tensor([2.0, 2.0, 1.0, 1.0])),
+        tv_utils.BoxCoder((2.0, 2.0, 1.0, 1.0)).decode(codes2, [boxes]),
+    )
     # Non-contiguous inputs.
     wide = random_codes(10, 2, g)
-    assert_equal(mo.decode_single(wide[:, :4], boxes), tv.decode_single(wide[:, :4].contiguous(), boxes))
+    assert_equal(
+        mo.decode_single(wide[:, :4], boxes), tv.decode_single(wide[:, :4].contiguous(), boxes)
+    )
 
 
 def test_extreme_deltas_are_clamped():
     g = gen(4)
     boxes = random_boxes(100, g)
-    codes = torch.tensor([[50.0, -50.0, 1e6, -1e6], [-50.0, 50.0, math.inf, 1e30],
-                          [0.0, 0.0, -math.inf, 88.0], [3.0, 3.0, 1e4, 1e4]]).repeat(25, 1)
+    codes = torch.tensor(
+        [
+            [50.0, -50.0, 1e6, -1e6],
+            [-50.0, 50.0, math.inf, 1e30],
+            [0.0, 0.0, -math.inf, 88.0],
+            [3.0, 3.0, 1e4, 1e4],
+        ]
+    ).repeat(25, 1)
     out = maskops.decode_boxes(codes, boxes, (1.0, 1.0, 1.0, 1.0))
     assert torch.isfinite(out).all()
     assert_equal(out, tv_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)).decode(codes, [boxes]))
@@ -110,6 +126,7 @@ def test_decode_half_types_compute_in_float32(dtype):
 
 # ---- encode ----
 
+
 @pytest.mark.parametrize("dtype", EXACT)
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_encode_matches_torchvision(dtype, weights):
@@ -117,8 +134,10 @@ def test_encode_matches_torchvision(dtype, weights):
     anchors, gt = random_boxes(5000, g, dtype=dtype), random_boxes(5000, g, dtype=dtype)
     tv, mo = tv_utils.BoxCoder(weights), maskops.BoxCoder(weights)
     assert_equal(mo.encode_single(gt, anchors), tv.encode_single(gt, anchors))
-    got, expected = mo.encode([gt[:100], gt[100:]], [anchors[:100], anchors[100:]]), \
-        tv.encode([gt[:100], gt[100:]], [anchors[:100], anchors[100:]])
+    got, expected = (
+        mo.encode([gt[:100], gt[100:]], [anchors[:100], anchors[100:]]),
+        tv.encode([gt[:100], gt[100:]], [anchors[:100], anchors[100:]]),
+    )
     assert isinstance(got, tuple) and len(got) == 2
     for a, b in zip(got, expected):
         assert_equal(a, b)
@@ -131,10 +150,15 @@ def test_encode_promotes_and_handles_half():
     anchors, gt = random_boxes(100, g), random_boxes(100, g)
     got = maskops.encode_boxes(gt.double(), anchors, (1.0, 1.0, 1.0, 1.0))
     assert got.dtype == torch.float64
-    assert_equal(got, tv_utils.encode_boxes(gt.double(), anchors.double(), torch.ones(4, dtype=torch.float64)))
+    assert_equal(
+        got,
+        tv_utils.encode_boxes(gt.double(), anchors.double(), torch.ones(4, dtype=torch.float64)),
+    )
     for dtype in (torch.float16, torch.bfloat16):
         h = maskops.encode_boxes(gt.to(dtype), anchors.to(dtype), (10.0, 10.0, 5.0, 5.0))
-        ref = maskops.encode_boxes(gt.to(dtype).float(), anchors.to(dtype).float(), (10.0, 10.0, 5.0, 5.0))
+        ref = maskops.encode_boxes(
+            gt.to(dtype).float(), anchors.to(dtype).float(), (10.0, 10.0, 5.0, 5.0)
+        )
         assert h.dtype == dtype and torch.equal(h, ref.to(dtype))
     assert maskops.encode_boxes(gt[:0], anchors[:0], (1.0, 1.0, 1.0, 1.0)).shape == (0, 4)
 
@@ -155,6 +179,7 @@ def test_round_trip(dtype, weights):
 
 # ---- the CUDA functors on the CPU ----
 
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_elementwise_functors_agree(dtype):
     g = gen(9)
@@ -174,12 +199,15 @@ def test_elementwise_functors_agree(dtype):
 
 # ---- clip, remove small ----
 
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", [(1000,), (3, 50), (0,)])
 def test_clip_matches_torchvision(dtype, shape):
     g = gen(10)
     n = math.prod(shape)
-    boxes = (random_boxes(n, g, scale=1200.0, dtype=torch.float64) - 200).to(dtype).reshape(*shape, 4)
+    boxes = (
+        (random_boxes(n, g, scale=1200.0, dtype=torch.float64) - 200).to(dtype).reshape(*shape, 4)
+    )
     if n:
         boxes.view(-1)[::97] = math.nan
     for size in [(517, 703), (800, 800), (0, 5)]:
@@ -187,8 +215,10 @@ def test_clip_matches_torchvision(dtype, shape):
         expected = tv_boxes.clip_boxes_to_image(boxes, size)
         assert got.shape == expected.shape and got.dtype == dtype
         assert torch.equal(got.nan_to_num(-1), expected.nan_to_num(-1))
-    assert torch.equal(maskops.clip_boxes(boxes, torch.Size([300, 400])).nan_to_num(-1),
-                       tv_boxes.clip_boxes_to_image(boxes, (300, 400)).nan_to_num(-1))
+    assert torch.equal(
+        maskops.clip_boxes(boxes, torch.Size([300, 400])).nan_to_num(-1),
+        tv_boxes.clip_boxes_to_image(boxes, (300, 400)).nan_to_num(-1),
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -199,12 +229,15 @@ def test_remove_small_matches_torchvision(dtype):
     boxes[::7, 3] = boxes[::7, 1]
     boxes = boxes.to(dtype)
     for min_size in (0.0, 1e-3, 3.0, 7.3, 1e9):
-        assert_equal(maskops.remove_small_boxes(boxes, min_size),
-                     tv_boxes.remove_small_boxes(boxes, min_size))
+        assert_equal(
+            maskops.remove_small_boxes(boxes, min_size),
+            tv_boxes.remove_small_boxes(boxes, min_size),
+        )
     assert maskops.remove_small_boxes(boxes[:0], 1.0).shape == (0,)
 
 
 # ---- autograd ----
+
 
 def test_gradients():
     g = gen(12)
@@ -281,17 +314,23 @@ def test_clip_gradient_is_the_bounds_rule(dtype, shape):
     g = gen(16)
     n = math.prod(shape)
     for height, width in ((517, 703), (800, 1333), (0, 5), (70000, 1)):
-        boxes = ((torch.rand(n, 4, generator=g, dtype=torch.float64) * 1.4 - 0.2) *
-                 torch.tensor([width, height] * 2, dtype=torch.float64)).to(dtype).reshape(*shape, 4)
+        boxes = (
+            (
+                (torch.rand(n, 4, generator=g, dtype=torch.float64) * 1.4 - 0.2)
+                * torch.tensor([width, height] * 2, dtype=torch.float64)
+            )
+            .to(dtype)
+            .reshape(*shape, 4)
+        )
         flat = boxes.view(-1)
         if n:
             for k, v in enumerate([math.nan, math.inf, -math.inf, -0.0, 0.0]):
                 flat[k::53] = v
             for k, bound in enumerate((width, height)):
                 b = torch.tensor(float(bound), dtype=dtype)
-                flat[4 + k::41] = b
-                flat[6 + k::43] = torch.nextafter(b, torch.tensor(math.inf, dtype=dtype))
-                flat[8 + k::47] = torch.nextafter(b, torch.tensor(-math.inf, dtype=dtype))
+                flat[4 + k :: 41] = b
+                flat[6 + k :: 43] = torch.nextafter(b, torch.tensor(math.inf, dtype=dtype))
+                flat[8 + k :: 47] = torch.nextafter(b, torch.tensor(-math.inf, dtype=dtype))
         leaf = boxes.clone().requires_grad_()
         grad = torch.randn(leaf.shape, generator=g, dtype=torch.float64).to(dtype)
         (got,) = torch.autograd.grad(maskops.clip_boxes(leaf, (height, width)), leaf, grad)
@@ -299,12 +338,14 @@ def test_clip_gradient_is_the_bounds_rule(dtype, shape):
         assert torch.equal(got, _clip_backward_reference(boxes, grad, height, width))
         if dtype in EXACT:  # autograd through torchvision's clamps, bounds included
             leaf_tv = boxes.clone().requires_grad_()
-            (tv,) = torch.autograd.grad(tv_boxes.clip_boxes_to_image(leaf_tv, (height, width)), leaf_tv,
-                                        grad)
+            (tv,) = torch.autograd.grad(
+                tv_boxes.clip_boxes_to_image(leaf_tv, (height, width)), leaf_tv, grad
+            )
             assert torch.equal(got, tv)
 
 
 # ---- registration ----
+
 
 def _opcheck_samples():
     g = gen(13)
@@ -314,11 +355,17 @@ def _opcheck_samples():
     w = [10.0, 10.0, 5.0, 5.0]
     return [
         (ops.decode_boxes.default, (codes, boxes, w, CLIP)),
-        (ops.decode_boxes.default, (codes.double().requires_grad_(), boxes.double().requires_grad_(), w, CLIP)),
+        (
+            ops.decode_boxes.default,
+            (codes.double().requires_grad_(), boxes.double().requires_grad_(), w, CLIP),
+        ),
         (ops.decode_boxes.default, (codes.half(), boxes, w, 2.0)),
         (testing_ops._decode_boxes_elementwise.default, (codes, boxes, w, CLIP)),
         (ops.encode_boxes.default, (gt, boxes, w)),
-        (ops.encode_boxes.default, (gt.double().requires_grad_(), boxes.double().requires_grad_(), w)),
+        (
+            ops.encode_boxes.default,
+            (gt.double().requires_grad_(), boxes.double().requires_grad_(), w),
+        ),
         (testing_ops._encode_boxes_elementwise.default, (gt, boxes, w)),
         (ops.clip_boxes.default, ((boxes - 100).reshape(5, 10, 4), 300, 400)),
         (ops.clip_boxes.default, ((boxes - 100).double().requires_grad_(), 300, 400)),
@@ -398,25 +445,39 @@ def test_bad_input_direct(case):
 
 # ---- CUDA ----
 
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_cuda_matches_cpu_functors(dtype):
     g = gen(14)
-    boxes, codes, gt = random_boxes(5000, g, dtype=dtype), random_codes(5000, 2, g, dtype), \
-        random_boxes(5000, g, dtype=dtype)
+    boxes, codes, gt = (
+        random_boxes(5000, g, dtype=dtype),
+        random_codes(5000, 2, g, dtype),
+        random_boxes(5000, g, dtype=dtype),
+    )
     w = [10.0, 10.0, 5.0, 5.0]
     rtol = 1e-6 if dtype in EXACT else 1e-2
-    torch.testing.assert_close(maskops.decode_boxes(codes.cuda(), boxes.cuda(), w).cpu(),
-                               testing_ops._decode_boxes_elementwise(codes, boxes, w, CLIP),
-                               rtol=rtol, atol=1e-3)
-    torch.testing.assert_close(maskops.encode_boxes(gt.cuda(), boxes.cuda(), w).cpu(),
-                               testing_ops._encode_boxes_elementwise(gt, boxes, w),
-                               rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(
+        maskops.decode_boxes(codes.cuda(), boxes.cuda(), w).cpu(),
+        testing_ops._decode_boxes_elementwise(codes, boxes, w, CLIP),
+        rtol=rtol,
+        atol=1e-3,
+    )
+    torch.testing.assert_close(
+        maskops.encode_boxes(gt.cuda(), boxes.cuda(), w).cpu(),
+        testing_ops._encode_boxes_elementwise(gt, boxes, w),
+        rtol=rtol,
+        atol=1e-5,
+    )
     wide = boxes - 300
-    assert torch.equal(maskops.clip_boxes(wide.cuda(), (500, 600)).cpu(), maskops.clip_boxes(wide, (500, 600)))
-    assert torch.equal(maskops.remove_small_boxes(boxes.cuda(), 100.0).cpu(),
-                       maskops.remove_small_boxes(boxes, 100.0))
+    assert torch.equal(
+        maskops.clip_boxes(wide.cuda(), (500, 600)).cpu(), maskops.clip_boxes(wide, (500, 600))
+    )
+    assert torch.equal(
+        maskops.remove_small_boxes(boxes.cuda(), 100.0).cpu(),
+        maskops.remove_small_boxes(boxes, 100.0),
+    )
 
 
 @pytest.mark.cuda
@@ -434,7 +495,7 @@ def test_cuda_opcheck():
 @needs_cuda
 def test_cuda_clip_backward_never_waits():
     g = gen(17)
-    boxes = (random_boxes(500, g, scale=900.0) - 100)
+    boxes = random_boxes(500, g, scale=900.0) - 100
     boxes[::13, 1] = math.nan
     grad = torch.randn(500, 4, generator=g)
     expected = _clip_backward_reference(boxes, grad, 500, 600)

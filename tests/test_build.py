@@ -1,4 +1,5 @@
 """The package's build metadata."""
+
 import re
 
 import torch
@@ -22,19 +23,36 @@ def test_every_op_has_a_cpu_kernel():
 
 
 def _ops_of(namespace):
-    return {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
-            if name.split("::", 1)[0] == namespace}
+    return {
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.split("::", 1)[0] == namespace
+    }
 
 
 # The library's ops: the product, its backward passes and internals, nothing test-only.
 PRODUCT_OPS = {
-    "roi_align", "_roi_align_backward", "multiscale_roi_align", "_multiscale_roi_align_backward",
-    "paste_masks", "_masks_to_rle",
-    "nms", "batched_nms", "box_area", "box_iou",
+    "roi_align",
+    "_roi_align_backward",
+    "multiscale_roi_align",
+    "_multiscale_roi_align_backward",
+    "paste_masks",
+    "_masks_to_rle",
+    "nms",
+    "batched_nms",
+    "box_area",
+    "box_iou",
     "generate_anchors",
-    "decode_boxes", "encode_boxes", "clip_boxes", "remove_small_boxes",
+    "decode_boxes",
+    "encode_boxes",
+    "clip_boxes",
+    "remove_small_boxes",
     "rpn_proposals",
-    "_cpu_cache_release", "_cpu_cache_stats", "_cpu_cache_set_limit", "_cpu_cache_route_torch",
+    "_cpu_cache_release",
+    "_cpu_cache_stats",
+    "_cpu_cache_set_limit",
+    "_cpu_cache_route_torch",
+    "_cpu_cache_torch_allocator",
 }
 
 
@@ -51,7 +69,8 @@ def test_test_only_ops_live_in_their_own_namespace():
     assert _ops_of("maskops_testing") == set(TEST_ONLY_OPS)
     for name, twin_of in TEST_ONLY_OPS.items():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"maskops_testing::{name}", "CPU")
-        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"maskops_testing::{name}",
-                                                                  "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"maskops_testing::{name}", "CUDA"
+        )
         assert twin_of in PRODUCT_OPS
         assert getattr(ops, name).default.name() == f"maskops_testing::{name}"

@@ -7,6 +7,7 @@ kernels at a lower SIMD level than the CPU's (real code, real instructions), and
 AVX2 without AVX-512 or native bfloat16; -cpu Nehalem: no AVX), where the real answers are
 the missing ones.
 """
+
 import os
 import re
 import subprocess
@@ -26,8 +27,9 @@ from helpers import in_layout, random_boxes, random_rois
 
 pytestmark = pytest.mark.cpu_kinds
 
-LEVELS = [lvl for lvl in cpu.ISAS if cpu.ISAS.index(lvl) <= cpu.ISAS.index(
-    cpu.features().isa_supported)]
+LEVELS = [
+    lvl for lvl in cpu.ISAS if cpu.ISAS.index(lvl) <= cpu.ISAS.index(cpu.features().isa_supported)
+]
 
 
 def test_features_are_consistent():
@@ -54,8 +56,12 @@ def test_pretend_changes_the_answers_inside_only():
             pass
 
 
-LAYOUTS = [("nchw", torch.float32), ("channels_last", torch.float32),
-           ("channels_last", torch.bfloat16), ("nchw", torch.float64)]
+LAYOUTS = [
+    ("nchw", torch.float32),
+    ("channels_last", torch.float32),
+    ("channels_last", torch.bfloat16),
+    ("nchw", torch.float64),
+]
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -71,11 +77,16 @@ def test_every_kernel_level_matches_torchvision(level, rng):
     got = []
     with cpu.use_isa(level) as now:
         assert now == level == cpu.isa() == cpu.features().isa
-        keep = [maskops.nms(boxes.to(dt), scores.to(dt), 0.5) for dt in (torch.float32,
-                                                                         torch.float64)]
+        keep = [
+            maskops.nms(boxes.to(dt), scores.to(dt), 0.5) for dt in (torch.float32, torch.float64)
+        ]
         for layout, dtype in LAYOUTS:
-            x = in_layout(feats.to(dtype), layout).detach().clone(
-                memory_format=torch.preserve_format).requires_grad_()
+            x = (
+                in_layout(feats.to(dtype), layout)
+                .detach()
+                .clone(memory_format=torch.preserve_format)
+                .requires_grad_()
+            )
             # (float32 boxes with bfloat16 features: bfloat16 coordinates lose whole pixels)
             box_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
             out = maskops.roi_align(x, rois.to(box_dtype), 7, 1 / 16, 2, True)
@@ -88,8 +99,7 @@ def test_every_kernel_level_matches_torchvision(level, rng):
         x_tv = feats.to(dtype).double().requires_grad_()
         want = torchvision.ops.roi_align(x_tv, rois.double(), 7, 1 / 16, 2, True)
         want.backward(grad.to(dtype).double())
-        tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-4,
-                                                                            rtol=1e-5)
+        tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out.double(), want, **tol, msg=f"{layout} {dtype}")
         torch.testing.assert_close(dx.double(), x_tv.grad, **tol, msg=f"{layout} {dtype}")
     assert cpu.isa() == cpu.features().isa_supported or "MASKOPS_CPU_ISA" in os.environ
@@ -104,8 +114,13 @@ def test_a_level_above_the_cpu_is_clamped():
 
 
 def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
 
 
 def test_the_environment_caps_the_kernels():
@@ -124,8 +139,11 @@ def test_onednn_cap_counts_as_no_native_half():
 
 # ---- the dtype the model runs in ----
 
-@pytest.mark.parametrize("native,units,want", [
-    (True, True, torch.bfloat16), (True, False, torch.float32), (False, False, torch.float32)])
+
+@pytest.mark.parametrize(
+    "native,units,want",
+    [(True, True, torch.bfloat16), (True, False, torch.float32), (False, False, torch.float32)],
+)
 def test_auto_dtype_takes_bfloat16_only_where_native_and_faster(native, units, want):
     with cpu.pretend(native_bf16=native, avx512_bf16=units, amx=False):
         assert cpu.inference_dtype("cpu") == want
@@ -147,19 +165,33 @@ def test_fused_path_takes_bfloat16_only_where_native():
 
 
 def _slow_warnings(record):
-    return [w for w in record if issubclass(w.category, RuntimeWarning)
-            and "float32 is faster here" in str(w.message)]
+    return [
+        w
+        for w in record
+        if issubclass(w.category, RuntimeWarning) and "float32 is faster here" in str(w.message)
+    ]
 
 
 def _tiny():
     # Small enough for an emulated CPU (make test-cpu-kinds): narrow pyramid and heads, a
     # 96-pixel image, 20 detections.
     torch.manual_seed(0)
-    return build_model(ModelConfig(
-        backbone="resnet18", num_classes=5, fpn_channels=32, representation_size=64,
-        mask_head_channels=16, mask_head_convs=1, min_size=96, max_size=96,
-        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_score_thresh=0.0,
-        box_detections_per_img=20)).eval()
+    return build_model(
+        ModelConfig(
+            backbone="resnet18",
+            num_classes=5,
+            fpn_channels=32,
+            representation_size=64,
+            mask_head_channels=16,
+            mask_head_convs=1,
+            min_size=96,
+            max_size=96,
+            rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=50,
+            box_score_thresh=0.0,
+            box_detections_per_img=20,
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +258,8 @@ def test_autocast_around_the_model_warns_once_where_slow(float32_detections):
 def test_command_line_amp_choices():
     import argparse
 
-    from tools._options import _half, autocast
     from models.engine import autocast_dtype
+    from tools._options import _half, autocast
 
     with cpu.pretend(native_bf16=False):
         a = argparse.Namespace(amp="auto", device="cpu", no_optimize=True)
@@ -248,9 +280,14 @@ def test_command_line_amp_choices():
 
 def test_check_prints_the_cpu_record():
     # (A subprocess: under qemu-user it runs on the host's CPU, so no answer is compared.)
-    run = subprocess.run([sys.executable, "-m", "maskops.check", "--quick", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=600, env={
-                             **os.environ, "MASKOPS_CPU_ISA": "avx2"})
+    run = subprocess.run(
+        [sys.executable, "-m", "maskops.check", "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MASKOPS_CPU_ISA": "avx2"},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert re.search(r"^cpu: .*; maskops kernels: (avx2|default)(; | \(capped)", run.stdout,
-                     re.M), run.stdout[:2000]
+    assert re.search(
+        r"^cpu: .*; maskops kernels: (avx2|default)(; | \(capped)", run.stdout, re.M
+    ), run.stdout[:2000]

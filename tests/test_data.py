@@ -1,4 +1,5 @@
 """The COCO-format loader and the synthetic shapes dataset."""
+
 import json
 import warnings
 
@@ -28,8 +29,12 @@ def test_counts_and_layout(shapes):
     ds = CocoDataset(shapes, "train")
     assert len(ds) == 12 == len(data["images"])
     assert len(ds.coco.anns) == len(data["annotations"]) > 12
-    assert ds.num_classes == 4 and ds.class_names == ["__background__", "circle", "square",
-                                                      "triangle"]
+    assert ds.num_classes == 4 and ds.class_names == [
+        "__background__",
+        "circle",
+        "square",
+        "triangle",
+    ]
     total = sum(len(ds.load_target(i)["labels"]) for i in range(len(ds)))
     assert total == len(data["annotations"])
     assert len(CocoDataset(shapes, "val")) == 4
@@ -76,14 +81,28 @@ def test_empty_images_and_collate(shapes):
 
 def test_generator_is_deterministic(tmp_path, capsys):
     for name in ("a", "b"):
-        shapes_main(["--out", str(tmp_path / name), "--train", "3", "--val", "2",
-                     "--size", "48", "--seed", "7"])
+        shapes_main(
+            [
+                "--out",
+                str(tmp_path / name),
+                "--train",
+                "3",
+                "--val",
+                "2",
+                "--size",
+                "48",
+                "--seed",
+                "7",
+            ]
+        )
     for f in sorted((tmp_path / "a").rglob("*.*")):
         assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
-    shapes_main(["--out", str(tmp_path / "c"), "--train", "3", "--val", "2", "--size", "48",
-                 "--seed", "8"])
-    assert ((tmp_path / "a/train/000001.png").read_bytes()
-            != (tmp_path / "c/train/000001.png").read_bytes())
+    shapes_main(
+        ["--out", str(tmp_path / "c"), "--train", "3", "--val", "2", "--size", "48", "--seed", "8"]
+    )
+    assert (tmp_path / "a/train/000001.png").read_bytes() != (
+        tmp_path / "c/train/000001.png"
+    ).read_bytes()
 
 
 def test_flip(shapes):
@@ -108,12 +127,16 @@ def _write_custom(root, anns, categories=None, files=("a.png",), size=(20, 30)):
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     from PIL import Image
+
     images = []
     for k, f in enumerate(files, 1):
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / "images" / f)
         images.append({"id": k, "file_name": f, "height": h, "width": w})
-    data = {"images": images, "annotations": anns,
-            "categories": categories or [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": categories or [{"id": 1, "name": "thing"}],
+    }
     (root / "annotations" / "instances_x.json").write_text(json.dumps(data))
     return root
 
@@ -121,8 +144,16 @@ def _write_custom(root, anns, categories=None, files=("a.png",), size=(20, 30)):
 def _poly_ann(id, poly, image_id=1, cat=1, **kw):
     xs, ys = poly[0::2], poly[1::2]
     bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-    return {"id": id, "image_id": image_id, "category_id": cat, "segmentation": [poly],
-            "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0, **kw}
+    return {
+        "id": id,
+        "image_id": image_id,
+        "category_id": cat,
+        "segmentation": [poly],
+        "bbox": bbox,
+        "area": bbox[2] * bbox[3],
+        "iscrowd": 0,
+        **kw,
+    }
 
 
 def test_crowd_uncompressed_rle_and_label_modes(tmp_path):
@@ -138,11 +169,19 @@ def test_crowd_uncompressed_rle_and_label_modes(tmp_path):
             cur, run = v, 0
         run += 1
     counts.append(run)
-    crowd = {"id": 2, "image_id": 1, "category_id": 9, "iscrowd": 1, "area": int(m.sum()),
-             "bbox": [3, 2, 9, 7], "segmentation": {"size": [h, w], "counts": counts}}
+    crowd = {
+        "id": 2,
+        "image_id": 1,
+        "category_id": 9,
+        "iscrowd": 1,
+        "area": int(m.sum()),
+        "bbox": [3, 2, 9, 7],
+        "segmentation": {"size": [h, w], "counts": counts},
+    }
     cats = [{"id": 5, "name": "five"}, {"id": 9, "name": "nine"}]
-    root = _write_custom(tmp_path, [_poly_ann(1, [10, 10, 20, 10, 20, 18], cat=5), crowd],
-                         categories=cats)
+    root = _write_custom(
+        tmp_path, [_poly_ann(1, [10, 10, 20, 10, 20, 18], cat=5), crowd], categories=cats
+    )
     ds = CocoDataset(root, "x")
     t = ds.load_target(0)
     assert t["labels"].tolist() == [1] and ds.num_classes == 3
@@ -158,7 +197,8 @@ def test_coco2017_layout(tmp_path):
     root = _write_custom(tmp_path, [_poly_ann(1, [1, 1, 10, 1, 10, 10])])
     (root / "images").rename(root / "val2017")
     (root / "annotations" / "instances_x.json").rename(
-        root / "annotations" / "instances_val2017.json")
+        root / "annotations" / "instances_val2017.json"
+    )
     images, ann = find_split(root, "val")
     assert images == root / "val2017" and ann.name == "instances_val2017.json"
     assert len(CocoDataset(root, "val")) == 1
@@ -167,6 +207,7 @@ def test_coco2017_layout(tmp_path):
 
 
 # ---- bad data ----
+
 
 def test_malformed_json_names_the_file(tmp_path):
     root = _write_custom(tmp_path, [])
@@ -179,14 +220,17 @@ def test_malformed_json_names_the_file(tmp_path):
         CocoDataset(root, "x")
 
 
-@pytest.mark.parametrize("bad, why", [
-    ({"segmentation": [[1, 1, 500, 1, 500, 10]]}, "reaches outside the 30x20 image"),
-    ({"segmentation": []}, "empty polygon list"),
-    ({"segmentation": [[1, 1, 5, 5]]}, "at least 3"),
-    ({"bbox": [40, 40, 5, 5]}, "no area inside"),
-    ({"category_id": 77}, "category id 77"),
-    ({"segmentation": {"size": [5, 5], "counts": "abc"}}, "RLE size"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ({"segmentation": [[1, 1, 500, 1, 500, 10]]}, "reaches outside the 30x20 image"),
+        ({"segmentation": []}, "empty polygon list"),
+        ({"segmentation": [[1, 1, 5, 5]]}, "at least 3"),
+        ({"bbox": [40, 40, 5, 5]}, "no area inside"),
+        ({"category_id": 77}, "category id 77"),
+        ({"segmentation": {"size": [5, 5], "counts": "abc"}}, "RLE size"),
+    ],
+)
 def test_bad_annotation_skipped_with_warning_or_strict_error(tmp_path, bad, why):
     good = _poly_ann(1, [1, 1, 10, 1, 10, 10])
     broken = {**_poly_ann(42, [2, 2, 12, 2, 12, 12]), **bad}
@@ -200,9 +244,11 @@ def test_bad_annotation_skipped_with_warning_or_strict_error(tmp_path, bad, why)
 
 
 def test_missing_and_corrupt_image_files(tmp_path):
-    root = _write_custom(tmp_path, [_poly_ann(1, [1, 1, 10, 1, 10, 10]),
-                                    _poly_ann(2, [1, 1, 10, 1, 10, 10], image_id=2)],
-                         files=("a.png", "b.png"))
+    root = _write_custom(
+        tmp_path,
+        [_poly_ann(1, [1, 1, 10, 1, 10, 10]), _poly_ann(2, [1, 1, 10, 1, 10, 10], image_id=2)],
+        files=("a.png", "b.png"),
+    )
     (root / "images" / "b.png").unlink()
     with pytest.warns(UserWarning, match=r"images/b.png \(image id 2\)"):
         ds = CocoDataset(root, "x")

@@ -1,4 +1,5 @@
 """Distributed data parallel training: 2 CPU processes (gloo) launched by torchrun."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,8 @@ from pathlib import Path
 import torch
 
 from models.build import build_model
-from models.engine.checkpoint import load_checkpoint
 from models.engine import make_loaders, make_optimizer, make_schedule, seed_everything, train_step
+from models.engine.checkpoint import load_checkpoint
 from models.engine.schedule import build_scheduler
 
 from ddp_worker import ddp_config
@@ -33,8 +34,9 @@ def _single_process_reference(cfg, ranks=(0, 1)):
         for it, batches in enumerate(zip(*loaders)):
             if it >= iters:
                 break
-            train_step(model.train(), opt, list(batches), torch.device("cpu"),
-                       clip_grad=cfg.clip_grad)
+            train_step(
+                model.train(), opt, list(batches), torch.device("cpu"), clip_grad=cfg.clip_grad
+            )
             sched.step()
     return model.state_dict()
 
@@ -42,13 +44,30 @@ def _single_process_reference(cfg, ranks=(0, 1)):
 def test_two_process_gloo_matches_single_process(tmp_path):
     data = make_shapes(tmp_path / "shapes", train=8, val=2)
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "ddp_worker.py"),
-         str(data), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(29500 + os.getpid() % 1000),
+            str(REPO / "tests" / "ddp_worker.py"),
+            str(data),
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -73,5 +92,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert any(not torch.allclose(init[k], ref[k]) for k in ref if ref[k].is_floating_point())
     # ... and only if one rank's batches alone would give other weights.
     alone = _single_process_reference(ddp_config(data, out), ranks=(0,))
-    assert any(not torch.allclose(alone[k], ref[k], rtol=1e-4, atol=1e-5) for k in ref
-               if ref[k].is_floating_point())
+    assert any(
+        not torch.allclose(alone[k], ref[k], rtol=1e-4, atol=1e-5)
+        for k in ref
+        if ref[k].is_floating_point()
+    )

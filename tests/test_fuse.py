@@ -4,6 +4,7 @@ layers they replace computed in float64, on fresh random inputs of several shape
 inputs included, and their fallbacks (gradients, autocast, other dtypes); and the weights
 they keep reordered for oneDNN (reused across input shapes, remade when the weight
 changes, left out of copies, pickles and state_dicts)."""
+
 import copy
 import io
 import pickle
@@ -12,16 +13,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fuse import (ConvAct, LinearAct, MatmulMaskPredictor, PointwisePredictor,
-                         fold_batchnorms, forget_packed_weights, fuse_conv_relu,
-                         onednn_available)
+from models.fuse import (
+    ConvAct,
+    LinearAct,
+    MatmulMaskPredictor,
+    PointwisePredictor,
+    fold_batchnorms,
+    forget_packed_weights,
+    fuse_conv_relu,
+    onednn_available,
+)
 from models.roi_heads import MaskPredictor
 from models.rpn import RPNHead
 
 from helpers import FUSED_CASES, fused_case
 
-pytestmark = [pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's fused ops"),
-              pytest.mark.cpu_kinds]
+pytestmark = [
+    pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's fused ops"),
+    pytest.mark.cpu_kinds,
+]
 
 # float32 sums of a few hundred products against float64: ~1e-6 relative; bf16: ~1e-2.
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -29,12 +39,15 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2
 
 def _double(module):
     import copy
+
     return copy.deepcopy(module).double()
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("rows,cin,cout,relu", [(0, 16, 8, True), (1, 7, 3, False),
-                                                (37, 300, 91, False), (200, 1024, 1024, True)])
+@pytest.mark.parametrize(
+    "rows,cin,cout,relu",
+    [(0, 16, 8, True), (1, 7, 3, False), (37, 300, 91, False), (200, 1024, 1024, True)],
+)
 def test_linear_act_matches_float64(case, rows, cin, cout, relu):
     with fused_case(case) as (dtype, onednn):
         _linear_act_matches_float64(dtype, onednn, rows, cin, cout, relu)
@@ -44,7 +57,7 @@ def _linear_act_matches_float64(dtype, onednn, rows, cin, cout, relu):
     g = torch.Generator().manual_seed(rows + cin)
     lin = torch.nn.Linear(cin, cout)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(cout, cin, generator=g) / cin ** 0.5)
+        lin.weight.copy_(torch.randn(cout, cin, generator=g) / cin**0.5)
         lin.bias.copy_(torch.randn(cout, generator=g))
     x = torch.randn(rows, cin, generator=g)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
@@ -93,11 +106,19 @@ def _mask_predictor(g, cin, dim, classes):
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("k,cin,dim,classes,h,w", [(0, 16, 8, 5, 14, 14), (1, 8, 4, 3, 14, 14),
-                                                   (7, 32, 16, 11, 5, 9), (20, 256, 256, 91, 14, 14)])
+@pytest.mark.parametrize(
+    "k,cin,dim,classes,h,w",
+    [
+        (0, 16, 8, 5, 14, 14),
+        (1, 8, 4, 3, 14, 14),
+        (7, 32, 16, 11, 5, 9),
+        (20, 256, 256, 91, 14, 14),
+    ],
+)
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_matmul_mask_predictor_matches_the_transposed_conv(case, k, cin, dim, classes, h, w,
-                                                           channels_last):
+def test_matmul_mask_predictor_matches_the_transposed_conv(
+    case, k, cin, dim, classes, h, w, channels_last
+):
     with fused_case(case) as (dtype, onednn):
         _matmul_mask_predictor_matches(dtype, onednn, k, cin, dim, classes, h, w, channels_last)
 
@@ -165,6 +186,7 @@ def test_pointwise_predictor_matches_the_two_convolutions(n, h, w):
 
 # ---- weights kept in oneDNN's layout ----
 
+
 def _conv(g, cin, cout, k, stride=1):
     conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
     with torch.no_grad():
@@ -181,8 +203,9 @@ def _conv_ref(conv, x, residual=None, relu=True):
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cin,cout,k,stride", [(64, 256, 1, 1), (256, 64, 3, 1), (32, 48, 1, 2),
-                                               (16, 16, 3, 2)])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride", [(64, 256, 1, 1), (256, 64, 3, 1), (32, 48, 1, 2), (16, 16, 3, 2)]
+)
 def test_conv_act_packed_once_serves_every_input_shape(case, cin, cout, k, stride):
     with fused_case(case) as (dtype, onednn):
         _conv_act_packed_once(dtype, onednn, cin, cout, k, stride)
@@ -218,21 +241,36 @@ def test_packed_weights_follow_the_weights():
         fused(x), lin(rows)
         conv.weight.mul_(-2.0)  # written in place
         lin.weight.mul_(-2.0)
-        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
-        torch.testing.assert_close(lin(rows).double(), F.linear(rows.double(), lin.weight.double(),
-                                                                 lin.bias.double()), **TOL[torch.float32])
-        conv.weight = torch.nn.Parameter(torch.randn(conv.weight.shape, generator=g) * 0.1)  # replaced
-        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32]
+        )
+        torch.testing.assert_close(
+            lin(rows).double(),
+            F.linear(rows.double(), lin.weight.double(), lin.bias.double()),
+            **TOL[torch.float32],
+        )
+        conv.weight = torch.nn.Parameter(
+            torch.randn(conv.weight.shape, generator=g) * 0.1
+        )  # replaced
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32]
+        )
         new = torch.randn(conv.weight.shape, generator=g) * 0.1
         conv.load_state_dict({"weight": new, "bias": conv.bias.detach().clone()})  # loaded
-        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32])
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32]
+        )
         for _ in range(3):  # .data replaced, again and again (old memory may be reused)
             conv.weight.data = torch.randn(conv.weight.shape, generator=g) * 0.1
             lin.weight.data = torch.randn(lin.weight.shape, generator=g) * 0.1
-            torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False),
-                                       **TOL[torch.float32])
-            torch.testing.assert_close(lin(rows).double(), F.linear(
-                rows.double(), lin.weight.double(), lin.bias.double()), **TOL[torch.float32])
+            torch.testing.assert_close(
+                fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32]
+            )
+            torch.testing.assert_close(
+                lin(rows).double(),
+                F.linear(rows.double(), lin.weight.double(), lin.bias.double()),
+                **TOL[torch.float32],
+            )
 
 
 def test_writes_through_data_need_forget_packed_weights():
@@ -247,8 +285,9 @@ def test_writes_through_data_need_forget_packed_weights():
         conv.weight.data.mul_(-1.0)
         assert torch.equal(fused(x), before)  # the stale copy, as documented
         assert forget_packed_weights(fused) == 1
-        torch.testing.assert_close(fused(x).double(), _conv_ref(conv, x, relu=False),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(conv, x, relu=False), **TOL[torch.float32]
+        )
 
 
 def test_packed_weights_stay_out_of_copies_pickles_and_state_dicts():
@@ -264,8 +303,11 @@ def test_packed_weights_stay_out_of_copies_pickles_and_state_dicts():
     buf = io.BytesIO()
     torch.save((fused, lin), buf)
     buf.seek(0)
-    for f2, l2 in (copy.deepcopy((fused, lin)), pickle.loads(pickle.dumps((fused, lin))),
-                   torch.load(buf, weights_only=False)):
+    for f2, l2 in (
+        copy.deepcopy((fused, lin)),
+        pickle.loads(pickle.dumps((fused, lin))),
+        torch.load(buf, weights_only=False),
+    ):
         assert "_packed" not in f2.__dict__ and "_packed" not in l2.__dict__
         with torch.no_grad():
             assert torch.equal(f2(x), want[0]) and torch.equal(l2(rows), want[1])
@@ -284,13 +326,17 @@ def test_packed_weights_of_inference_tensors():
         conv = _conv(g, 8, 16, 3)
         fused = copy.deepcopy(ConvAct(conv, relu=True)).to(memory_format=torch.channels_last)
         assert fused.conv.weight.is_inference()
-        torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32]
+        )
         fused.conv.weight = torch.nn.Parameter(-fused.conv.weight)
-        torch.testing.assert_close(fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32])
-
+        torch.testing.assert_close(
+            fused(x).double(), _conv_ref(fused.conv, x), **TOL[torch.float32]
+        )
 
 
 # ---- sums written into the residual's memory ----
+
 
 @pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("cin,cout,k,stride", [(16, 64, 1, 1), (32, 32, 3, 1), (16, 32, 1, 2)])
@@ -331,7 +377,9 @@ def test_fused_resnet_body_keeps_its_input_and_its_layer_outputs():
     # Blocks after the first write over the previous block's output; the body's input and
     # the layer outputs it returns (C2-C5) must stay as the unfused body computes them.
     import torchvision
+
     from models.backbone import ResNetBody
+
     g = torch.Generator().manual_seed(16)
     body = ResNetBody(torchvision.models.resnet50(weights=None)).eval()
     with torch.no_grad():
@@ -363,8 +411,10 @@ def test_fused_layer_leaves_its_input_and_the_fpn_its_inputs_alone():
     import torchvision
     from torchvision.ops import FeaturePyramidNetwork
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
     from models.backbone import ResNetBody
     from models.fuse import FusedFPN
+
     g = torch.Generator().manual_seed(17)
     cl = torch.channels_last
     body = ResNetBody(torchvision.models.resnet18(weights=None)).eval()
@@ -379,8 +429,10 @@ def test_fused_layer_leaves_its_input_and_the_fpn_its_inputs_alone():
         assert torch.equal(x, keep)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         fpn = FeaturePyramidNetwork([8, 16, 32], 16, extra_blocks=LastLevelMaxPool()).eval()
-        feats = {str(i): torch.randn(1, c, s, s, generator=g).contiguous(memory_format=cl)
-                 for i, (c, s) in enumerate([(8, 32), (16, 16), (32, 8)])}
+        feats = {
+            str(i): torch.randn(1, c, s, s, generator=g).contiguous(memory_format=cl)
+            for i, (c, s) in enumerate([(8, 32), (16, 16), (32, 8)])
+        }
         kept = {k: v.clone() for k, v in feats.items()}
         out = FusedFPN(fpn).to(memory_format=cl)(feats)
         ref = fpn(kept)

@@ -2,9 +2,9 @@
 channels_last, sliced, expanded) and coordinates (NaN, inf, huge, negative, inverted).
 Properties: equal to the reference wherever the reference is defined (finite boxes), and
 never a crash; non-finite boxes give finite output (they pool / paste nothing)."""
+
 import math
 
-import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +14,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 import maskops
 from maskops.check.references import ref_iou
 from maskops.testing import ops as testing_ops
+
 from helpers import in_layout
 
 ops = torch.ops.maskops
@@ -32,12 +33,15 @@ def roi_align_case(draw, finite):
     c_ = finite_coord if finite else coord
     coords = [[draw(st.integers(0, n - 1))] + [draw(c_) for _ in range(4)] for _ in range(k)]
     return dict(
-        shape=(n, c, h, w), rois=torch.tensor(coords, dtype=torch.float32).reshape(k, 5),
+        shape=(n, c, h, w),
+        rois=torch.tensor(coords, dtype=torch.float32).reshape(k, 5),
         output=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
-        scale=draw(st.sampled_from([1.0, 0.5, 0.25])), sr=draw(st.integers(-1, 3)),
+        scale=draw(st.sampled_from([1.0, 0.5, 0.25])),
+        sr=draw(st.integers(-1, 3)),
         aligned=draw(st.booleans()),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced", "expanded"])),
-        seed=draw(st.integers(0, 2**16)))
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @SETTINGS
@@ -77,8 +81,9 @@ def test_roi_align_never_crashes_and_stays_finite(case):
     out = ops.roi_align(x, case["rois"], *args)
     assert torch.isfinite(out).all()
     # The GPU algorithm's body agrees with the CPU loops on any input.
-    el = testing_ops._multiscale_roi_align_forward_elementwise([x], case["rois"], [args[0]],
-                                                               *args[1:], 224.0, 4.0, 0)
+    el = testing_ops._multiscale_roi_align_forward_elementwise(
+        [x], case["rois"], [args[0]], *args[1:], 224.0, 4.0, 0
+    )
     torch.testing.assert_close(el, out, rtol=1e-5, atol=1e-5)
 
 
@@ -86,9 +91,13 @@ def test_roi_align_never_crashes_and_stays_finite(case):
 def nms_case(draw, finite):
     n = draw(st.integers(0, 40))
     c_ = finite_coord if finite else coord
-    boxes = torch.tensor([[draw(c_) for _ in range(4)] for _ in range(n)], dtype=torch.float32).reshape(n, 4)
+    boxes = torch.tensor(
+        [[draw(c_) for _ in range(4)] for _ in range(n)], dtype=torch.float32
+    ).reshape(n, 4)
     # Few distinct scores, so ties are common.
-    scores = torch.tensor([draw(st.sampled_from([0.1, 0.5, 0.5, 0.9, 0.3])) for _ in range(n)], dtype=torch.float32)
+    scores = torch.tensor(
+        [draw(st.sampled_from([0.1, 0.5, 0.5, 0.9, 0.3])) for _ in range(n)], dtype=torch.float32
+    )
     return boxes, scores, draw(st.sampled_from([0.0, 0.3, 0.5, 1.0]))
 
 
@@ -97,8 +106,9 @@ def nms_case(draw, finite):
 def test_nms_equals_torchvision(case):
     boxes, scores, thr = case
     assert torch.equal(maskops.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
-    assert torch.equal(testing_ops._nms_bitmask(boxes, scores, None, thr),
-                       torchvision.ops.nms(boxes, scores, thr))
+    assert torch.equal(
+        testing_ops._nms_bitmask(boxes, scores, None, thr), torchvision.ops.nms(boxes, scores, thr)
+    )
 
 
 @SETTINGS
@@ -139,18 +149,32 @@ def paste_case(draw, finite):
     for _ in range(n):
         if finite:  # boxes torchvision handles: right/bottom edge inside the image
             x1, y1 = draw(st.floats(-10, w - 1, width=32)), draw(st.floats(-10, h - 1, width=32))
-            boxes.append([x1, y1, max(x1, 0) + draw(st.floats(0, 40, width=32)),
-                          max(y1, 0) + draw(st.floats(0, 40, width=32))])
+            boxes.append(
+                [
+                    x1,
+                    y1,
+                    max(x1, 0) + draw(st.floats(0, 40, width=32)),
+                    max(y1, 0) + draw(st.floats(0, 40, width=32)),
+                ]
+            )
         else:
             boxes.append([draw(coord) for _ in range(4)])
-    return dict(n=n, size=(h, w), m=m, boxes=torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                padding=draw(st.integers(0, 2)), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=n,
+        size=(h, w),
+        m=m,
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+        padding=draw(st.integers(0, 2)),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @SETTINGS
 @given(paste_case(finite=True))
 def test_paste_equals_torchvision(case):
-    masks = torch.rand(case["n"], 1, case["m"], case["m"], generator=torch.Generator().manual_seed(case["seed"]))
+    masks = torch.rand(
+        case["n"], 1, case["m"], case["m"], generator=torch.Generator().manual_seed(case["seed"])
+    )
     if case["n"] == 0:
         return
     expected = paste_masks_in_image(masks, case["boxes"], case["size"], case["padding"])
@@ -161,9 +185,12 @@ def test_paste_equals_torchvision(case):
 @SETTINGS
 @given(paste_case(finite=False))
 def test_paste_never_crashes(case):
-    masks = torch.rand(case["n"], 1, case["m"], case["m"], generator=torch.Generator().manual_seed(case["seed"]))
+    masks = torch.rand(
+        case["n"], 1, case["m"], case["m"], generator=torch.Generator().manual_seed(case["seed"])
+    )
     out = maskops.paste_masks(masks, case["boxes"], case["size"], None, case["padding"])
     assert out.shape == (case["n"], 1, *case["size"]) and torch.isfinite(out).all()
-    el = testing_ops._paste_masks_elementwise(masks, case["boxes"], *case["size"], case["padding"],
-                                              None, False)
+    el = testing_ops._paste_masks_elementwise(
+        masks, case["boxes"], *case["size"], case["padding"], None, False
+    )
     torch.testing.assert_close(el, out, rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ zero-area, inverted boxes; huge deltas). Properties:
   scores, n < 1000 (above, torchvision's merge sort is unstable).
 - masks_to_rle gives pycocotools.mask.encode's counts byte for byte, and decodes back.
 """
+
 import math
 from collections import OrderedDict
 
@@ -28,6 +29,7 @@ import torch
 import torchvision
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_rpn_proposals import make_rpn, torchvision_proposals
 from torchvision.models.detection import _utils as tv_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -35,8 +37,8 @@ from torchvision.ops import boxes as tv_boxes
 from torchvision.ops.poolers import LevelMapper
 
 import maskops
+
 from helpers import in_layout
-from test_rpn_proposals import make_rpn, torchvision_proposals
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,14 +63,19 @@ def sliced_rows(x: torch.Tensor) -> torch.Tensor:
 
 def exactly_equal(got, expected):
     """Bit for bit, inf and NaN included (and in the same places)."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, got.shape,
-                                                                         expected.dtype, expected.shape)
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (
+        got.dtype,
+        got.shape,
+        expected.dtype,
+        expected.shape,
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # multi-level RoIAlign
 # ---------------------------------------------------------------------------------------------
+
 
 @st.composite
 def box_rows(draw, k, image, finite):
@@ -81,7 +88,10 @@ def box_rows(draw, k, image, finite):
         x1 = draw(st.floats(-20, w + 10, width=32))
         y1 = draw(st.floats(-20, h + 10, width=32))
         if kind == "normal":
-            bw, bh = draw(st.floats(0.5, 1.5 * w, width=32)), draw(st.floats(0.5, 1.5 * h, width=32))
+            bw, bh = (
+                draw(st.floats(0.5, 1.5 * w, width=32)),
+                draw(st.floats(0.5, 1.5 * h, width=32)),
+            )
         elif kind == "tiny":
             bw, bh = draw(st.floats(0, 1e-3)), draw(st.floats(0, 1e-3))
         elif kind == "huge":
@@ -108,8 +118,13 @@ def msroi_case(draw, finite=True):
     sizes = [(top[0] << (levels - 1 - i), top[1] << (levels - 1 - i)) for i in range(levels)]
     image = (sizes[0][0] << k0, sizes[0][1] << k0)
     batch = draw(st.integers(1, 2))
-    shapes = [image] + [(image[0] - draw(st.integers(0, image[0] - 1)),
-                         image[1] - draw(st.integers(0, image[1] - 1))) for _ in range(batch - 1)]
+    shapes = [image] + [
+        (
+            image[0] - draw(st.integers(0, image[0] - 1)),
+            image[1] - draw(st.integers(0, image[1] - 1)),
+        )
+        for _ in range(batch - 1)
+    ]
     boxes, any_huge = [], False
     for s in shapes:
         b, huge = draw(box_rows(draw(st.integers(0, 8)), s, finite))
@@ -120,12 +135,21 @@ def msroi_case(draw, finite=True):
     sr = draw(st.integers(1, 3) if any_huge or not finite else st.integers(-1, 3))
     output = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     return dict(
-        sizes=sizes, scales=[2.0 ** -(k0 + i) for i in range(levels)], shapes=shapes, boxes=boxes,
-        channels=draw(st.integers(1, 5)), batch=batch, sr=sr, output=output,
+        sizes=sizes,
+        scales=[2.0 ** -(k0 + i) for i in range(levels)],
+        shapes=shapes,
+        boxes=boxes,
+        channels=draw(st.integers(1, 5)),
+        batch=batch,
+        sr=sr,
+        output=output,
         canonical=(draw(st.sampled_from([224, 56, 100])), draw(st.sampled_from([4, 2, 3]))),
-        aligned=draw(st.booleans()), dtype=draw(st.sampled_from(FLOATS + [torch.float32] * 2)),
+        aligned=draw(st.booleans()),
+        dtype=draw(st.sampled_from(FLOATS + [torch.float32] * 2)),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced"])),
-        grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+        grad=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _reference_msroi(features, boxes, output, scales, sr, canonical, aligned):
@@ -145,7 +169,9 @@ def _reference_msroi(features, boxes, output, scales, sr, canonical, aligned):
     for level, (f, scale) in enumerate(zip(features, scales)):
         for i in torch.where(levels == level)[0].tolist():
             try:
-                result[i] = torchvision.ops.roi_align(f, rois[i:i + 1], output, scale, sr, aligned)[0]
+                result[i] = torchvision.ops.roi_align(
+                    f, rois[i : i + 1], output, scale, sr, aligned
+                )[0]
             except (RuntimeError, ValueError):
                 failed[i] = True
     return result, failed
@@ -154,8 +180,10 @@ def _reference_msroi(features, boxes, output, scales, sr, canonical, aligned):
 def _msroi_inputs(case):
     g = gen(case["seed"])
     n, c = case["batch"], case["channels"]
-    base = [torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(case["dtype"])
-            for h, w in case["sizes"]]
+    base = [
+        torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(case["dtype"])
+        for h, w in case["sizes"]
+    ]
     names = [f"p{i}" for i in range(len(base))]
     return g, base, names
 
@@ -182,21 +210,34 @@ def test_multiscale_roi_align_equals_torchvision(case):
     assert got.dtype == dtype and got.shape == expected.shape
     assert ours.scales == theirs.scales == case["scales"]
     if dtype in HALF:  # float32 math, rounded once
-        rel = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        rel = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
         torch.testing.assert_close(got.float(), expected, rtol=rel, atol=1e-5)
     else:
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    if case["layout"] == "channels_last" and not feats[0].is_contiguous() and got.shape[1] > 1 \
-            and got.shape[2:] != (1, 1):
+    if (
+        case["layout"] == "channels_last"
+        and not feats[0].is_contiguous()
+        and got.shape[1] > 1
+        and got.shape[2:] != (1, 1)
+    ):
         assert got.is_contiguous(memory_format=torch.channels_last)  # the layout of features[0]
 
     # The function, with aligned and a (non-contiguous) Tensor[K, 5] of rois.
     aligned = case["aligned"]
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
-    got = maskops.multiscale_roi_align(feats, sliced_rows(rois), case["output"], case["scales"],
-                                       case["sr"], canonical_scale, canonical_level, aligned)
-    expected, failed = _reference_msroi(ref_feats, boxes, case["output"], case["scales"], case["sr"],
-                                        case["canonical"], aligned)
+    got = maskops.multiscale_roi_align(
+        feats,
+        sliced_rows(rois),
+        case["output"],
+        case["scales"],
+        case["sr"],
+        canonical_scale,
+        canonical_level,
+        aligned,
+    )
+    expected, failed = _reference_msroi(
+        ref_feats, boxes, case["output"], case["scales"], case["sr"], case["canonical"], aligned
+    )
     assert not failed.any() or (aligned and case["sr"] <= 0)
     assert (got[failed] == 0).all()
     if dtype in HALF:
@@ -225,11 +266,19 @@ def test_multiscale_roi_align_equals_torchvision(case):
 def test_multiscale_roi_align_non_finite_boxes_stay_finite(case):
     _, base, names = _msroi_inputs(case)
     feats = [in_layout(f, case["layout"]) for f in base]
-    boxes = [b.to(torch.float64 if case["dtype"] == torch.float64 else torch.float32)
-             for b in case["boxes"]]
+    boxes = [
+        b.to(torch.float64 if case["dtype"] == torch.float64 else torch.float32)
+        for b in case["boxes"]
+    ]
     canonical_scale, canonical_level = case["canonical"]
-    ours = maskops.MultiScaleRoIAlign(names, case["output"], case["sr"], canonical_scale=canonical_scale,
-                                      canonical_level=canonical_level, aligned=case["aligned"])
+    ours = maskops.MultiScaleRoIAlign(
+        names,
+        case["output"],
+        case["sr"],
+        canonical_scale=canonical_scale,
+        canonical_level=canonical_level,
+        aligned=case["aligned"],
+    )
     out = ours(OrderedDict(zip(names, feats)), boxes, case["shapes"])
     k = sum(b.shape[0] for b in boxes)
     assert out.shape == (k, case["channels"], *case["output"]) and out.dtype == case["dtype"]
@@ -252,14 +301,23 @@ aspect_ratio = st.one_of(st.sampled_from([0.5, 1.0, 2.0]), st.floats(0.05, 20))
 def anchor_case(draw):
     levels = draw(st.integers(1, 4))
     sizes = tuple(tuple(draw(st.lists(anchor_size, min_size=1, max_size=3))) for _ in range(levels))
-    ratios = tuple(tuple(draw(st.lists(aspect_ratio, min_size=1, max_size=3))) for _ in range(levels))
+    ratios = tuple(
+        tuple(draw(st.lists(aspect_ratio, min_size=1, max_size=3))) for _ in range(levels)
+    )
     grids = [(draw(st.integers(0, 7)), draw(st.integers(0, 7))) for _ in range(levels)]
     # Strides up to 1000: past 2048 pixels the half types round, as torchvision's do.
     stride = st.one_of(st.integers(0, 64), st.integers(64, 1000))
     strides = [(draw(stride), draw(stride)) for _ in range(levels)]
     image = (draw(st.integers(1, 1500)), draw(st.integers(1, 1500)))
-    return dict(sizes=sizes, ratios=ratios, grids=grids, strides=strides, image=image,
-                dtype=draw(st.sampled_from(FLOATS)), cache=draw(st.booleans()))
+    return dict(
+        sizes=sizes,
+        ratios=ratios,
+        grids=grids,
+        strides=strides,
+        image=image,
+        dtype=draw(st.sampled_from(FLOATS)),
+        cache=draw(st.booleans()),
+    )
 
 
 def assert_all_identical(got, expected):
@@ -284,8 +342,9 @@ def test_anchors_equal_torchvision(case):
     tv_strides = [[torch.tensor(s) for s in st_] for st_ in case["strides"]]
     expected = tv.grid_anchors([list(gs) for gs in case["grids"]], tv_strides)
     assert_all_identical(mo.grid_anchors(case["grids"], case["strides"]), expected)
-    flat = maskops.generate_anchors(case["grids"], case["strides"], sizes, ratios, dtype=dtype,
-                                    cache=case["cache"])
+    flat = maskops.generate_anchors(
+        case["grids"], case["strides"], sizes, ratios, dtype=dtype, cache=case["cache"]
+    )
     assert_all_identical([flat], [torch.cat(expected)])
 
     # forward: strides image_size // feature size, feature maps of the dtype (sliced: only
@@ -305,14 +364,20 @@ def test_anchors_equal_torchvision(case):
 # box coding
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def coder_case(draw):
     return dict(
-        n=draw(st.integers(0, 40)), k=draw(st.integers(1, 3)),
-        weights=tuple(draw(st.one_of(st.sampled_from([1.0, 5.0, 10.0]), st.floats(0.1, 20)))
-                      for _ in range(4)),
+        n=draw(st.integers(0, 40)),
+        k=draw(st.integers(1, 3)),
+        weights=tuple(
+            draw(st.one_of(st.sampled_from([1.0, 5.0, 10.0]), st.floats(0.1, 20))) for _ in range(4)
+        ),
         clip=draw(st.one_of(st.just(DEFAULT_CLIP), st.floats(0.1, 10))),
-        dtype=draw(st.sampled_from(FLOATS)), sliced=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+        dtype=draw(st.sampled_from(FLOATS)),
+        sliced=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _coder_boxes(n, g, zero_frac=0.25):
@@ -326,7 +391,9 @@ def _coder_boxes(n, g, zero_frac=0.25):
 def _coder_codes(n, k, g):
     """float64 codes: mostly ordinary, some huge (beyond the clamp, 1e4, 1e30, inf)."""
     codes = torch.randn(n, 4 * k, generator=g, dtype=torch.float64) * 2
-    special = torch.tensor([1e4, -1e4, 1e30, -1e30, math.inf, -math.inf, 50.0, -50.0], dtype=torch.float64)
+    special = torch.tensor(
+        [1e4, -1e4, 1e30, -1e30, math.inf, -math.inf, 50.0, -50.0], dtype=torch.float64
+    )
     pick = torch.rand(n, 4 * k, generator=g) < 0.1
     codes[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=g)]
     return codes
@@ -350,9 +417,13 @@ def test_box_coder_equals_torchvision(case):
     got = mo.decode_single(codes, boxes)
     exactly_equal(got, expected)
     if n:
-        exactly_equal(mo.decode(codes, [boxes[: n // 2], boxes[n // 2:]]),
-                      tv.decode(up(codes), [up(boxes[: n // 2]), up(boxes[n // 2:])]).to(dtype))
-    exactly_equal(maskops.decode_boxes(codes, boxes, case["weights"], case["clip"]).flatten(1), expected)
+        exactly_equal(
+            mo.decode(codes, [boxes[: n // 2], boxes[n // 2 :]]),
+            tv.decode(up(codes), [up(boxes[: n // 2]), up(boxes[n // 2 :])]).to(dtype),
+        )
+    exactly_equal(
+        maskops.decode_boxes(codes, boxes, case["weights"], case["clip"]).flatten(1), expected
+    )
     # Huge deltas are clamped: non-finite output only where torchvision's (computing in the
     # dtype itself, half types included) has it, and never from ordinary codes.
     tv_own = tv.decode_single(codes.contiguous(), boxes.contiguous())
@@ -369,10 +440,13 @@ def test_box_coder_equals_torchvision(case):
 
 @st.composite
 def round_trip_case(draw):
-    return dict(n=draw(st.integers(0, 40)),
-                weights=tuple(draw(st.floats(0.1, 20)) for _ in range(4)),
-                clip=draw(st.one_of(st.just(DEFAULT_CLIP), st.floats(0.2, 6))),
-                dtype=draw(st.sampled_from(FLOATS)), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=draw(st.integers(0, 40)),
+        weights=tuple(draw(st.floats(0.1, 20)) for _ in range(4)),
+        clip=draw(st.one_of(st.just(DEFAULT_CLIP), st.floats(0.2, 6))),
+        dtype=draw(st.sampled_from(FLOATS)),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @SETTINGS
@@ -392,25 +466,38 @@ def test_box_coder_round_trip(case):
     lr = torch.rand(n, 2, generator=g, dtype=torch.float64) * (3 + 0.95 * clip) - 3
     size = torch.stack([pw, ph], 1) * lr.exp()
     size[torch.rand(n, 2, generator=g) < 0.2] = 0
-    ctr = (anchors[:, :2] + anchors[:, 2:]) / 2 + (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) \
-        * 4 * torch.stack([pw, ph], 1)
+    ctr = (anchors[:, :2] + anchors[:, 2:]) / 2 + (
+        torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5
+    ) * 4 * torch.stack([pw, ph], 1)
     gt = torch.cat([ctr - size / 2, ctr + size / 2], 1).to(dtype)
     gt_ = gt.double()
     ex_w, ex_h = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     gt_w, gt_h = gt_[:, 2] - gt_[:, 0], gt_[:, 3] - gt_[:, 1]
-    ref_codes = torch.stack([
-        wx * ((gt_[:, 0] + 0.5 * gt_w) - (anchors[:, 0] + 0.5 * ex_w)) / ex_w,
-        wy * ((gt_[:, 1] + 0.5 * gt_h) - (anchors[:, 1] + 0.5 * ex_h)) / ex_h,
-        ww * torch.log(gt_w / ex_w), wh * torch.log(gt_h / ex_h)], 1)
+    ref_codes = torch.stack(
+        [
+            wx * ((gt_[:, 0] + 0.5 * gt_w) - (anchors[:, 0] + 0.5 * ex_w)) / ex_w,
+            wy * ((gt_[:, 1] + 0.5 * gt_h) - (anchors[:, 1] + 0.5 * ex_h)) / ex_h,
+            ww * torch.log(gt_w / ex_w),
+            wh * torch.log(gt_h / ex_h),
+        ],
+        1,
+    )
     assume(bool((ref_codes[:, 2:] / torch.tensor([ww, wh], dtype=torch.float64) <= clip).all()))
 
     coder = maskops.BoxCoder(case["weights"], clip)
     codes = coder.encode_single(gt, anchors.to(dtype))
     assert codes.dtype == dtype
-    u = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    u = {
+        torch.float64: 2.0**-53,
+        torch.float32: 2.0**-24,
+        torch.float16: 2.0**-11,
+        torch.bfloat16: 2.0**-8,
+    }[dtype]
     scale = 1 + gt_.abs().amax(1) + anchors.abs().amax(1)
     # Centre codes: the cancellation in (centre - centre) relative to the anchor side.
-    tol_c = 4 * u * (torch.stack([wx * scale / ex_w, wy * scale / ex_h], 1) + ref_codes[:, :2].abs())
+    tol_c = (
+        4 * u * (torch.stack([wx * scale / ex_w, wy * scale / ex_h], 1) + ref_codes[:, :2].abs())
+    )
     # Size codes: side differences are exact or off by u relative (Sterbenz), then log.
     tol_s = 4 * u * (torch.tensor([ww, wh], dtype=torch.float64) + ref_codes[:, 2:].abs())
     err_c = (codes[:, :2].double() - ref_codes[:, :2]).abs()
@@ -425,8 +512,15 @@ def test_box_coder_round_trip(case):
     # Errors: the codes' (above, times the anchor side), exp's relative error times the size,
     # and the final rounding of each coordinate.
     side = torch.stack([ex_w, ex_h, ex_w, ex_h], 1)
-    tol = 8 * u * (scale[:, None] + side * (1 + ref_codes[:, :2].abs().amax(1, keepdim=True))
-                    + torch.stack([gt_w, gt_h, gt_w, gt_h], 1) * (1 + lr.abs().amax(1, keepdim=True)))
+    tol = (
+        8
+        * u
+        * (
+            scale[:, None]
+            + side * (1 + ref_codes[:, :2].abs().amax(1, keepdim=True))
+            + torch.stack([gt_w, gt_h, gt_w, gt_h], 1) * (1 + lr.abs().amax(1, keepdim=True))
+        )
+    )
     err = (back.double() - gt_).abs()
     assert (err <= tol).all(), f"max excess {(err - tol).max()}"
 
@@ -435,11 +529,13 @@ def test_box_coder_round_trip(case):
 # RPN proposals
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def rpn_case(draw):
     batch = draw(st.integers(1, 2))
     return dict(
-        batch=batch, per_level=draw(st.lists(st.integers(0, 150), min_size=1, max_size=3)),
+        batch=batch,
+        per_level=draw(st.lists(st.integers(0, 150), min_size=1, max_size=3)),
         image_sizes=[(draw(st.integers(8, 300)), draw(st.integers(8, 300))) for _ in range(batch)],
         pre=draw(st.sampled_from([1, 10, 50, 200, 200, 10**6, 0])),
         post=draw(st.sampled_from([1, 20, 100, 1000, 1000, 0])),
@@ -447,7 +543,10 @@ def rpn_case(draw):
         score_thresh=draw(st.sampled_from([0.0, 0.0, 0.3, 0.6])),
         min_size=draw(st.sampled_from([1e-3, 1.0, 10.0])),
         anchors_kind=draw(st.sampled_from(["shared", "per_image", "list"])),
-        dtype=draw(st.sampled_from(FLOATS)), sliced=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+        dtype=draw(st.sampled_from(FLOATS)),
+        sliced=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @FEW
@@ -460,7 +559,11 @@ def test_rpn_proposals_equal_torchvision(case):
     # Anchors over (and past) the padded image, some zero-area; one set per image.
     anchors = []
     for _ in range(b):
-        xy = torch.rand(a, 2, generator=g, dtype=torch.float64) * torch.tensor([wmax + 40.0, hmax + 40.0]) - 20
+        xy = (
+            torch.rand(a, 2, generator=g, dtype=torch.float64)
+            * torch.tensor([wmax + 40.0, hmax + 40.0])
+            - 20
+        )
         wh = torch.rand(a, 2, generator=g, dtype=torch.float64) * 120
         wh[torch.rand(a, 2, generator=g) < 0.05] = 0
         anchors.append(torch.cat([xy, xy + wh], 1).to(dtype))
@@ -468,16 +571,27 @@ def test_rpn_proposals_equal_torchvision(case):
         anchors = [anchors[0]] * b
     # Distinct logits (a permutation over [-3, 3]), deltas mostly small, a few huge.
     n = b * a
-    objectness = (torch.randperm(n, generator=g).double() / max(n, 1) * 6 - 3).to(dtype).reshape(b, a)
+    objectness = (
+        (torch.randperm(n, generator=g).double() / max(n, 1) * 6 - 3).to(dtype).reshape(b, a)
+    )
     deltas = torch.randn(b, a, 4, generator=g, dtype=torch.float64) * 0.5
     deltas[torch.rand(b, a, 4, generator=g) < 0.02] = 30.0
     deltas = deltas.to(dtype)
     if case["sliced"]:
         objectness = sliced_rows(objectness)
-        deltas = torch.zeros(b, a, 8, dtype=dtype).index_copy_(2, torch.arange(0, 8, 2), deltas)[..., ::2]
+        deltas = torch.zeros(b, a, 8, dtype=dtype).index_copy_(2, torch.arange(0, 8, 2), deltas)[
+            ..., ::2
+        ]
 
-    args = (case["image_sizes"], case["pre"], case["post"], case["nms_thresh"], case["score_thresh"],
-            case["min_size"], case["per_level"])
+    args = (
+        case["image_sizes"],
+        case["pre"],
+        case["post"],
+        case["nms_thresh"],
+        case["score_thresh"],
+        case["min_size"],
+        case["per_level"],
+    )
     if case["anchors_kind"] == "per_image":
         mo_anchors = torch.stack(anchors)
     elif case["anchors_kind"] == "shared":
@@ -500,8 +614,15 @@ def test_rpn_proposals_equal_torchvision(case):
     assume(ref_obj.unique().numel() == ref_obj.numel())  # bfloat16 can round logits together
     rpn = make_rpn(case["pre"], case["post"], case["nms_thresh"], case["score_thresh"])
     images = ImageList(torch.zeros(b, 1, hmax, wmax), case["image_sizes"])
-    eb, es = torchvision_proposals(rpn, images, [x.to(ref_dtype) for x in anchors], case["per_level"],
-                                   ref_obj, deltas.to(ref_dtype).reshape(-1, 4), min_size=case["min_size"])
+    eb, es = torchvision_proposals(
+        rpn,
+        images,
+        [x.to(ref_dtype) for x in anchors],
+        case["per_level"],
+        ref_obj,
+        deltas.to(ref_dtype).reshape(-1, 4),
+        min_size=case["min_size"],
+    )
     for gb, gs, rb, rs in zip(boxes, scores, eb, es):
         exactly_equal(gb, rb.to(dtype))
         exactly_equal(gs, rs.to(dtype))
@@ -511,15 +632,21 @@ def test_rpn_proposals_equal_torchvision(case):
 # batched NMS
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def batched_nms_case(draw):
     n = draw(st.one_of(st.integers(0, 60), st.integers(60, 300), st.integers(900, 999)))
     return dict(
-        n=n, classes=draw(st.sampled_from(["single", "distinct", "few", "many"])),
+        n=n,
+        classes=draw(st.sampled_from(["single", "distinct", "few", "many"])),
         idx_dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.int16])),
-        dtype=draw(st.sampled_from(FLOATS)), score_dtype=draw(st.sampled_from(FLOATS)),
-        thresh=draw(st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0])), inverted=draw(st.booleans()),
-        sliced=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+        dtype=draw(st.sampled_from(FLOATS)),
+        score_dtype=draw(st.sampled_from(FLOATS)),
+        thresh=draw(st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0])),
+        inverted=draw(st.booleans()),
+        sliced=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @SETTINGS
@@ -557,22 +684,28 @@ def test_batched_nms_equals_torchvision(case):
     got = maskops.batched_nms(boxes, scores, idxs, case["thresh"])
     exact = tv_boxes._batched_nms_vanilla(ref_boxes, ref_scores, idxs, case["thresh"])
     assert torch.equal(got, exact)
-    assert torch.equal(got, torchvision.ops.batched_nms(ref_boxes, ref_scores, idxs, case["thresh"]))
+    assert torch.equal(
+        got, torchvision.ops.batched_nms(ref_boxes, ref_scores, idxs, case["thresh"])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # COCO RLE
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def rle_case(draw):
     side = st.one_of(st.just(1), st.just(0), st.integers(1, 40))
     return dict(
-        n=draw(st.sampled_from([0, 1, 2, 3])), h=draw(side), w=draw(side),
+        n=draw(st.sampled_from([0, 1, 2, 3])),
+        h=draw(side),
+        w=draw(side),
         fill=draw(st.sampled_from(["zeros", "ones", "random", "sparse", "dense", "blocks"])),
         dtype=draw(st.sampled_from([torch.bool, torch.uint8])),
         layout=draw(st.sampled_from(["contiguous", "sliced", "transposed", "4d"])),
-        seed=draw(st.integers(0, 2**16)))
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @SETTINGS
@@ -591,13 +724,15 @@ def test_masks_to_rle_equals_pycocotools(case):
             if h and w:
                 y0 = torch.randint(0, h, (2,), generator=g).tolist()
                 x0 = torch.randint(0, w, (2,), generator=g).tolist()
-                binary[i, min(y0):max(y0) + 1, min(x0):max(x0) + 1] = True
+                binary[i, min(y0) : max(y0) + 1, min(x0) : max(x0) + 1] = True
     else:
         p = {"random": 0.5, "sparse": 0.05, "dense": 0.95}[fill]
         binary = torch.rand(n, h, w, generator=g) < p
     masks = binary
     if case["dtype"] == torch.uint8:  # any nonzero value is in the mask
-        masks = binary.to(torch.uint8) * torch.randint(1, 256, (n, h, w), generator=g, dtype=torch.uint8)
+        masks = binary.to(torch.uint8) * torch.randint(
+            1, 256, (n, h, w), generator=g, dtype=torch.uint8
+        )
     if case["layout"] == "sliced":
         wide = torch.zeros(n, h, 2 * w, dtype=masks.dtype)
         wide[..., ::2] = masks

@@ -1,5 +1,6 @@
 """Long-running-use properties: no leaks over many calls, thread safety, results independent of
 the thread count, and indexing past 32 bits."""
+
 import threading
 
 import pytest
@@ -36,16 +37,21 @@ def _workloads(device="cpu"):
 
     return {
         "roi_align": roi_align_fwd_bwd,
-        "multiscale_roi_align": lambda: maskops.multiscale_roi_align(levels, [boxes], 4, [0.5, 0.25, 0.125], 2),
+        "multiscale_roi_align": lambda: maskops.multiscale_roi_align(
+            levels, [boxes], 4, [0.5, 0.25, 0.125], 2
+        ),
         "nms": lambda: maskops.nms(boxes, scores, 0.5),
         "batched_nms": lambda: maskops.batched_nms(boxes, scores, idxs, 0.5),
         "box_iou": lambda: maskops.box_iou(boxes, boxes),
         "paste_masks": lambda: maskops.paste_masks(masks, boxes, (100, 100)),
-        "masks_to_rle": lambda: maskops.masks_to_rle(torch.zeros(4, 30, 30, dtype=torch.bool)),  # CPU only
+        "masks_to_rle": lambda: maskops.masks_to_rle(
+            torch.zeros(4, 30, 30, dtype=torch.bool)
+        ),  # CPU only
         # Outputs of megabytes come from maskops' CPU buffer cache (maskops/memory.py).
         "paste_masks_large": lambda: maskops.paste_masks(masks[:6], boxes[:6], (900, 1000)),
         "multiscale_roi_align_large": lambda: maskops.multiscale_roi_align(
-            levels, [boxes.repeat(8, 1)], 14, [0.5, 0.25, 0.125], 2),
+            levels, [boxes.repeat(8, 1)], 14, [0.5, 0.25, 0.125], 2
+        ),
     }
 
 
@@ -102,8 +108,10 @@ def test_bit_identical_for_one_and_two_threads(name):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["roi_align", "multiscale_roi_align", "nms", "batched_nms",
-                                  "paste_masks", "paste_masks_large"])
+@pytest.mark.parametrize(
+    "name",
+    ["roi_align", "multiscale_roi_align", "nms", "batched_nms", "paste_masks", "paste_masks_large"],
+)
 def test_cuda_memory_stays_flat(name):
     """1,000 calls on the GPU: allocated memory returns to where it was (no leak)."""
     fn = _workloads("cuda")[name]
@@ -125,9 +133,11 @@ def test_paste_indexes_past_32_bits():
     mask = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     box = torch.tensor([[w - 60.0, h - 50.0, w - 10.0, h - 5.0]])
     big = maskops.paste_masks(mask, box, (h, w))
-    small = maskops.paste_masks(mask, box - torch.tensor([[w - 100.0, h - 100.0, w - 100.0, h - 100.0]]), (100, 100))
-    assert torch.equal(big[0, 0, h - 100:, w - 100:], small[0, 0])
+    small = maskops.paste_masks(
+        mask, box - torch.tensor([[w - 100.0, h - 100.0, w - 100.0, h - 100.0]]), (100, 100)
+    )
+    assert torch.equal(big[0, 0, h - 100 :, w - 100 :], small[0, 0])
     assert int(small.sum()) > 0
     # Nothing set elsewhere. (any(), not sum(): a bool sum widens to a 17 GB int64 copy.)
-    assert not big[0, 0, :h - 100].any() and not big[0, 0, h - 100:, :w - 100].any()
+    assert not big[0, 0, : h - 100].any() and not big[0, 0, h - 100 :, : w - 100].any()
     del big

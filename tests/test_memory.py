@@ -1,6 +1,7 @@
 """The CPU buffer cache (maskops.memory, csrc/common/cpu_allocator.h): reused memory never
 leaks stale values into results, cached tensors behave as ordinary tensors, the limit and
 empty_cache() work, and concurrent use is safe."""
+
 import os
 import pickle
 import subprocess
@@ -49,8 +50,9 @@ def test_reused_memory_never_shows_in_results():
     and pool RoIs into memory that held them: results equal the references."""
     g = torch.Generator().manual_seed(1)
     image = (600, 700)
-    ones = maskops.paste_masks(torch.ones(6, 1, 28, 28), torch.tensor([[0.0, 0, 700, 600]] * 6),
-                               image, threshold=None)
+    ones = maskops.paste_masks(
+        torch.ones(6, 1, 28, 28), torch.tensor([[0.0, 0, 700, 600]] * 6), image, threshold=None
+    )
     assert bool((ones > 0.2).all())  # (padding fades the edges)
     del ones
     masks, boxes = _paste_case(g, 6, image, side=40.0)
@@ -119,8 +121,13 @@ def test_concurrent_calls_and_frees():
 
 
 def _run(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 PASTE_TWICE = """
@@ -188,7 +195,8 @@ def test_a_miss_gives_idle_blocks_back_first_and_a_block_over_the_limit_is_not_k
         maskops.empty_cache()
         m = torch.rand(2, 1, 28, 28)
         b = torch.tensor([[1.0, 1, 90, 90]] * 2)
-        out = maskops.paste_masks(m, b, (1000, 1000)); del out  # 2 MB: kept
+        out = maskops.paste_masks(m, b, (1000, 1000))
+        del out  # 2 MB: kept
         assert maskops.cpu_cache_info()["kept_bytes"] > 0
         big = maskops.paste_masks(m, b, (4000, 4000))  # 32 MB: a miss
         assert maskops.cpu_cache_info()["kept_bytes"] == 0
@@ -210,8 +218,9 @@ def test_a_miss_gives_idle_blocks_back_first_and_a_block_over_the_limit_is_not_k
 def test_profiler_sees_cached_memory_and_lazy_clone_works():
     m = torch.rand(5, 1, 28, 28)
     b = torch.tensor([[1.0, 1, 90, 90]] * 5)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         out = maskops.paste_masks(m, b, (1000, 1000))
     mem = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
     assert mem["maskops::paste_masks"] >= out.numel()
@@ -223,15 +232,17 @@ def test_profiler_sees_cached_memory_and_lazy_clone_works():
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
 def test_set_limit_at_run_time():
-    out = maskops.paste_masks(torch.rand(4, 1, 28, 28), torch.tensor([[1.0, 1, 90, 90]] * 4),
-                              (1000, 1000))
+    out = maskops.paste_masks(
+        torch.rand(4, 1, 28, 28), torch.tensor([[1.0, 1, 90, 90]] * 4), (1000, 1000)
+    )
     del out
     assert maskops.cpu_cache_info()["kept_bytes"] > 0
     previous = maskops.set_cpu_cache_limit(0)
     try:
         assert maskops.cpu_cache_info()["kept_bytes"] == 0
-        out = maskops.paste_masks(torch.rand(4, 1, 28, 28),
-                                  torch.tensor([[1.0, 1, 90, 90]] * 4), (1000, 1000))
+        out = maskops.paste_masks(
+            torch.rand(4, 1, 28, 28), torch.tensor([[1.0, 1, 90, 90]] * 4), (1000, 1000)
+        )
         del out
         assert maskops.cpu_cache_info()["kept_bytes"] == 0
     finally:
@@ -259,8 +270,10 @@ def _thp_mode():
         return None
 
 
-@pytest.mark.skipif(SANITIZED or _thp_mode() != "madvise",
-                    reason="needs the cache and transparent huge pages in madvise mode")
+@pytest.mark.skipif(
+    SANITIZED or _thp_mode() != "madvise",
+    reason="needs the cache and transparent huge pages in madvise mode",
+)
 def test_huge_pages_and_turning_them_off():
     on = _run(HUGE_PAGES_USED)
     off = _run(HUGE_PAGES_USED, MASKOPS_CPU_HUGE_PAGES="0")
@@ -275,8 +288,10 @@ def test_huge_pages_and_turning_them_off():
 
 # ---- cpu_cache_for_torch: torch's own CPU allocations through the cache ----
 
+
 def _minor_faults() -> int:
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -473,22 +488,27 @@ def test_tensors_made_inside_outlive_the_block(tmp_path):
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
-@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
-                         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")),
-                    reason="needs oneDNN")
+@pytest.mark.skipif(
+    not (hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_convolution_pointwise")),
+    reason="needs oneDNN",
+)
 def test_onednn_ops_inside_match_outside_and_reuse_memory():
     """oneDNN allocates through the raw allocator interface (raw_allocate / raw_deallocate)
     as well: fused convolutions and matmuls inside the block give the same results, and once
     warm, a repeated call maps no new pages."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 64, 160, 160, generator=g).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(128, 64, 3, 3, generator=g) * 0.05).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, generator=g) * 0.05).contiguous(
+        memory_format=torch.channels_last
+    )
     b = torch.randn(128, generator=g)
     a = torch.randn(1500, 1024, generator=g)
     lw = torch.randn(1024, 1024, generator=g) * 0.03
 
     def call():
-        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], ""
+        )
         z = torch.ops.mkldnn._linear_pointwise(a, lw, None, "relu", [], "")
         return y, z
 
@@ -533,9 +553,10 @@ print("ok", kept_inside, released, s["current"] == s["default"])
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
-@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
-                         and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
-                    reason="needs oneDNN")
+@pytest.mark.skipif(
+    not (hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
+    reason="needs oneDNN",
+)
 def test_onednn_buffers_freed_after_the_block_go_back_to_their_owner():
     # oneDNN frees its tensors' memory through torch's CPU allocator of the moment; a buffer
     # taken from the cache inside the block and freed outside it reaches torch's default
@@ -567,9 +588,10 @@ print("ok", s["current"] == s["default"])
 
 
 @pytest.mark.skipif(SANITIZED, reason="the cache is bypassed under AddressSanitizer")
-@pytest.mark.skipif(not (hasattr(torch.ops, "mkldnn")
-                         and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
-                    reason="needs oneDNN")
+@pytest.mark.skipif(
+    not (hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")),
+    reason="needs oneDNN",
+)
 @pytest.mark.parametrize("thp", ["0", "1"])
 def test_onednn_buffers_freed_between_blocks_never_enter_the_cache(thp):
     # A cache block that oneDNN frees after the block goes to the C library, which may give

@@ -3,11 +3,11 @@
 Whole-model cases use a ResNet-18 backbone at a small resolution to stay fast; the
 ResNet-50 comparisons with torchvision are in test_model_equivalence.py.
 """
+
 import copy
 import dataclasses
 import json
 
-import maskops
 import pytest
 import torch
 import torchvision
@@ -21,13 +21,20 @@ from torchvision.ops import FrozenBatchNorm2d
 from models import STAGES, build_mask_rcnn, ops
 from models.anchors import AnchorGenerator
 from models.evaluation import compare_detections
-from models.testing.equivalence import compare_stages, record_stages
 from models.fuse import ConvAct, fold_batchnorms, fold_conv_bn
+from models.testing.equivalence import compare_stages, record_stages
 
 # Small images, and few proposals and detections: the heads' cost scales with them.
-TINY = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
-            box_batch_size_per_image=64, box_detections_per_img=20)
+TINY = dict(
+    min_size=128,
+    max_size=192,
+    rpn_pre_nms_top_n_test=300,
+    rpn_post_nms_top_n_test=100,
+    rpn_pre_nms_top_n_train=300,
+    rpn_post_nms_top_n_train=100,
+    box_batch_size_per_image=64,
+    box_detections_per_img=20,
+)
 
 
 def tiny_model(seed=0, **kw):
@@ -41,17 +48,20 @@ def tiny_targets(g, sizes, n=2):
     out = []
     for h, w in sizes:
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
-        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * torch.tensor(
-            [w * 0.4, h * 0.4]) + 6], dim=1)
+        boxes = torch.cat(
+            [xy, xy + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4]) + 6], dim=1
+        )
         masks = torch.zeros(n, h, w, dtype=torch.uint8)
         for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
             masks[i, y1:y2, x1:x2] = 1
-        out.append({"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g),
-                    "masks": masks})
+        out.append(
+            {"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g), "masks": masks}
+        )
     return out
 
 
 # ---- parts against torchvision ----
+
 
 def test_anchors_match_torchvision():
     ours = AnchorGenerator()
@@ -66,21 +76,50 @@ def test_anchors_match_torchvision():
 
 def test_rpn_proposals_match_torchvision_filter_proposals(rng):
     from torchvision.models.detection.rpn import RegionProposalNetwork as TVRPN
+
     levels = [2000, 500, 120]
     n = 2
-    anchors = [torch.cat([xy := torch.rand(k, 2, generator=rng) * 300,
-                          xy + torch.rand(k, 2, generator=rng) * 100 + 1], 1) for k in levels]
+    anchors = [
+        torch.cat(
+            [
+                xy := torch.rand(k, 2, generator=rng) * 300,
+                xy + torch.rand(k, 2, generator=rng) * 100 + 1,
+            ],
+            1,
+        )
+        for k in levels
+    ]
     logits = [torch.randn(n, k, generator=rng) for k in levels]
     deltas = [torch.randn(n, k, 4, generator=rng) * 0.3 for k in levels]
     sizes = [(300, 320), (280, 400)]
-    tv = TVRPN(None, None, 0.7, 0.3, 256, 0.5, {"training": 0, "testing": 600},
-               {"training": 0, "testing": 300}, 0.7).eval()
+    tv = TVRPN(
+        None,
+        None,
+        0.7,
+        0.3,
+        256,
+        0.5,
+        {"training": 0, "testing": 600},
+        {"training": 0, "testing": 300},
+        0.7,
+    ).eval()
     coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
     proposals = coder.decode(torch.cat(deltas, 1).reshape(-1, 4), [torch.cat(anchors)] * n)
-    exp_boxes, exp_scores = tv.filter_proposals(proposals.view(n, -1, 4), torch.cat(logits, 1),
-                                                sizes, levels)
-    boxes, scores = ops.rpn_proposals(torch.cat(logits, 1), torch.cat(deltas, 1),
-                                      torch.cat(anchors), sizes, 600, 300, 0.7, 0.0, 1e-3, levels)
+    exp_boxes, exp_scores = tv.filter_proposals(
+        proposals.view(n, -1, 4), torch.cat(logits, 1), sizes, levels
+    )
+    boxes, scores = ops.rpn_proposals(
+        torch.cat(logits, 1),
+        torch.cat(deltas, 1),
+        torch.cat(anchors),
+        sizes,
+        600,
+        300,
+        0.7,
+        0.0,
+        1e-3,
+        levels,
+    )
 
     def by_score(b, s):  # equal scores (sigmoid can map two logits to one float) in any order
         rows = sorted(zip(s.tolist(), b.tolist()), key=lambda r: (-r[0], r[1]))
@@ -101,15 +140,19 @@ def test_batched_nms_matches_torchvision_per_class_nms(rng):
     scores[::7] = scores[1::7][: len(scores[::7])]  # some exact ties
     classes = torch.randint(0, 40, (n,), generator=rng)
     expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, classes, 0.5)
-    assert torch.equal(ops.batched_nms(boxes, scores, classes, 0.5).sort().values,
-                       expected.sort().values)
+    assert torch.equal(
+        ops.batched_nms(boxes, scores, classes, 0.5).sort().values, expected.sort().values
+    )
 
 
 def test_other_backbones_match_torchvision_layout():
     for name in ("resnet18", "resnet34"):
         tv = torchvision.models.detection.MaskRCNN(
-            resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5,
-                                norm_layer=FrozenBatchNorm2d), num_classes=5)
+            resnet_fpn_backbone(
+                backbone_name=name, weights=None, trainable_layers=5, norm_layer=FrozenBatchNorm2d
+            ),
+            num_classes=5,
+        )
         expected = {k: v.shape for k, v in tv.state_dict().items()}
         got = {k: v.shape for k, v in build_mask_rcnn(name, 5).state_dict().items()}
         assert got == expected, name
@@ -129,6 +172,7 @@ def test_trainable_layers_freeze_the_rest():
 
 
 # ---- inference rewrites ----
+
 
 @pytest.mark.parametrize("bn_type", ["frozen", "batchnorm"])
 def test_fold_conv_bn_is_exact_up_to_rounding(rng, bn_type):
@@ -150,16 +194,19 @@ def test_conv_act_fusion_matches_separate_ops(rng):
     res = torch.randn(1, 16, 20, 20, generator=rng)
     with torch.inference_mode():
         torch.testing.assert_close(ConvAct(conv, relu=True)(x), torch.relu(conv(x)))
-        torch.testing.assert_close(ConvAct(conv, relu=True)(x, residual=res),
-                                   torch.relu(conv(x) + res))
+        torch.testing.assert_close(
+            ConvAct(conv, relu=True)(x, residual=res), torch.relu(conv(x) + res)
+        )
         torch.testing.assert_close(ConvAct(conv, relu=False)(x, residual=res), conv(x) + res)
 
 
 def test_fusion_leaves_unfoldable_norms_alone(rng):
     from models.backbone import ResNetBody
     from models.fuse import fuse_conv_relu
-    body = ResNetBody(torchvision.models.resnet18(
-        weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))).eval()
+
+    body = ResNetBody(
+        torchvision.models.resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(8, c))
+    ).eval()
     x = torch.rand(1, 3, 64, 64, generator=rng)
     with torch.no_grad():
         expected = body(x)
@@ -174,8 +221,9 @@ def stage_report(model, tested_model, images, device="cpu"):
     in float32 the measure of rounding (models/equivalence.py)."""
     truth = record_stages(copy.deepcopy(model).double(), [im.double() for im in images])
     spread = record_stages(model, images, forced_by=truth)
-    tested = record_stages(tested_model, [im.to(device) for im in images],
-                           forced_by=truth.to(device))
+    tested = record_stages(
+        tested_model, [im.to(device) for im in images], forced_by=truth.to(device)
+    )
     return compare_stages(truth, spread, tested), tested
 
 
@@ -203,8 +251,9 @@ def test_fast_inference_by_default_leaves_the_model_as_it_is(rng):
     # Without gradients, eval-mode inference runs rewritten copies: fused, channels-last.
     with torch.inference_mode(), model.record_stages(keep_outputs=True) as rec:
         model(images)
-    assert all(f.is_contiguous(memory_format=torch.channels_last)
-               for f in rec.outputs["features"].values())
+    assert all(
+        f.is_contiguous(memory_format=torch.channels_last) for f in rec.outputs["features"].values()
+    )
     report, _ = stage_report(plain, model, images)
     assert report.ok, report.summary()
     # ... and the model itself is untouched: same modules, same state_dict.
@@ -246,6 +295,7 @@ def test_inference_sees_weights_changed_every_way(rng, optimized):
     plain = copy.deepcopy(model)
     plain.fast_inference = False
     from models.fuse import _PrepackedWeight
+
     for m in plain.modules():  # the reference reorders per call: nothing cached
         if isinstance(m, _PrepackedWeight):
             m._prepacked = lambda w, pack: w
@@ -325,8 +375,11 @@ def test_fast_inference_is_pure(rng, monkeypatch):
     # Copies and pickles of a model that ran carry no derived weights.
     monkeypatch.undo()
     clone = copy.deepcopy(model)
-    assert all(m.__dict__["_derived_weights"].value is None for m in clone.modules()
-               if "_derived_weights" in m.__dict__)
+    assert all(
+        m.__dict__["_derived_weights"].value is None
+        for m in clone.modules()
+        if "_derived_weights" in m.__dict__
+    )
     model.clear_inference_cache()
     assert not any("_derived_weights" in m.__dict__ for m in model.modules())
 
@@ -344,16 +397,25 @@ def test_model_built_under_inference_mode_runs_the_fast_path(rng):
 
 # ---- modes and options ----
 
+
 def test_training_returns_torchvision_loss_names_and_trains(rng):
     model = tiny_model(trainable_bn=True, trainable_layers=5).train()
     sizes = [(120, 160), (150, 110)]
     images = [torch.rand(3, h, w, generator=rng) for h, w in sizes]
     targets = tiny_targets(rng, sizes)
-    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                  "masks": torch.zeros(0, 150, 110, dtype=torch.uint8)}  # no objects
+    targets[1] = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 150, 110, dtype=torch.uint8),
+    }  # no objects
     losses = model(images, targets)
-    assert list(losses) == ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
-                            "loss_rpn_box_reg"]
+    assert list(losses) == [
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    ]
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.roi_heads.mask_head[0][0].weight.grad.abs().sum() > 0
@@ -421,10 +483,16 @@ def test_record_stages_times_every_stage(rng):
 
 
 def test_compare_detections_matches_by_content():
-    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]),
-           "labels": torch.tensor([1, 2, 3]), "scores": torch.tensor([0.9, 0.90001, 0.5])}
-    got = {"boxes": ref["boxes"][[1, 0, 2]] + 0.001, "labels": ref["labels"][[1, 0, 2]],
-           "scores": ref["scores"][[1, 0, 2]]}
+    ref = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]),
+        "labels": torch.tensor([1, 2, 3]),
+        "scores": torch.tensor([0.9, 0.90001, 0.5]),
+    }
+    got = {
+        "boxes": ref["boxes"][[1, 0, 2]] + 0.001,
+        "labels": ref["labels"][[1, 0, 2]],
+        "scores": ref["scores"][[1, 0, 2]],
+    }
     d = compare_detections(ref, got)
     assert d.identical() and not d.in_order
     got["labels"] = torch.tensor([3, 1, 3])  # the best detection's class changed
@@ -440,11 +508,13 @@ def test_compare_detections_matches_by_content():
 
 # ---- CLIs ----
 
+
 @pytest.fixture
 def image_file(tmp_path, rng):
     path = tmp_path / "img.png"
-    torchvision.io.write_png((torch.rand(3, 96, 128, generator=rng) * 255).to(torch.uint8),
-                             str(path))
+    torchvision.io.write_png(
+        (torch.rand(3, 96, 128, generator=rng) * 255).to(torch.uint8), str(path)
+    )
     return str(path)
 
 
@@ -453,9 +523,14 @@ CLI_MODEL = ["--backbone", "resnet18", "--min-size", "96", "--max-size", "128"]
 
 def test_predict_cli(image_file, tmp_path, capsys):
     from tools import predict
+
     out = tmp_path / "pred.png"
-    assert predict.main(["--image", image_file, "--out", str(out), "--score-thresh", "0.0"]
-                        + CLI_MODEL) == 0
+    assert (
+        predict.main(
+            ["--image", image_file, "--out", str(out), "--score-thresh", "0.0"] + CLI_MODEL
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "random weights" in captured.err
     assert "detections with score >= 0.0" in captured.out
@@ -465,8 +540,13 @@ def test_predict_cli(image_file, tmp_path, capsys):
 
 def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
     from tools import trace
-    assert trace.main(["--image", image_file, "--json", "--save-dir", str(tmp_path / "st")]
-                      + CLI_MODEL) == 0
+
+    assert (
+        trace.main(
+            ["--image", image_file, "--json", "--save-dir", str(tmp_path / "st")] + CLI_MODEL
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["stage"][0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     assert rows[0]["output"] == "1 x 3 x 96 x 128"
@@ -480,23 +560,42 @@ def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
 def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, capsys):
     """--checkpoint rebuilds the model from the config a models.train checkpoint holds and
     names detections with its class names; the detections equal the model's own."""
-    from tools import predict, trace
     from models.build import build_model
     from models.engine.checkpoint import save_checkpoint
     from models.visualize import read_image
+    from tools import predict, trace
+
     from train_helpers import tiny_model as tiny_config_model
 
-    cfg = dataclasses.replace(tiny_config_model(), box_score_thresh=0.0, min_size=96,
-                              max_size=128)
+    cfg = dataclasses.replace(tiny_config_model(), box_score_thresh=0.0, min_size=96, max_size=128)
     torch.manual_seed(5)
     model = build_model(cfg).eval()
     names = ["__background__", "zebra-like", "quokka-ish", "axolotl-ish"]
     path = tmp_path / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "config": {"model": cfg.to_dict()},
-                     "class_names": names, "epoch": 3}, path)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": {"model": cfg.to_dict()},
+            "class_names": names,
+            "epoch": 3,
+        },
+        path,
+    )
     # The checkpoint's own sizes (96 / 128) apply unless --min-size / --max-size are given.
-    assert predict.main(["--image", image_file, "--checkpoint", str(path), "--score-thresh",
-                         "0.0", "--no-optimize"]) == 0
+    assert (
+        predict.main(
+            [
+                "--image",
+                image_file,
+                "--checkpoint",
+                str(path),
+                "--score-thresh",
+                "0.0",
+                "--no-optimize",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "random weights" not in out.err
     with torch.inference_mode():
@@ -511,8 +610,22 @@ def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, caps
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert "x 32 x 7 x 7 (box)" in rows[3]["output"]  # the checkpoint's 32-channel FPN
     assert rows[0]["output"] == "1 x 3 x 96 x 128"  # its sizes: the 96 x 128 image as it is
-    assert trace.main(["--image", image_file, "--checkpoint", str(path), "--json",
-                       "--min-size", "192", "--max-size", "256"]) == 0
+    assert (
+        trace.main(
+            [
+                "--image",
+                image_file,
+                "--checkpoint",
+                str(path),
+                "--json",
+                "--min-size",
+                "192",
+                "--max-size",
+                "256",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["rows"][0]["output"] == "1 x 3 x 192 x 256"
     with pytest.raises(SystemExit):  # one source of weights at a time
         predict.main(["--image", image_file, "--checkpoint", str(path), "--weights", str(path)])
@@ -524,8 +637,10 @@ def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, caps
 
 # ---- torch.export ----
 
+
 def test_exported_program_gives_the_same_detections(tmp_path):
     from models.deploy import export_model
+
     g = torch.Generator().manual_seed(3)
     model = tiny_model(box_score_thresh=0.0).eval().optimize_for_inference()
     images = [torch.rand(3, 100, 140, generator=g) for _ in range(2)]
@@ -543,6 +658,7 @@ def test_exported_program_gives_the_same_detections(tmp_path):
 def test_exported_program_handles_no_detections():
     # maskops.nms's fake kernel allows 0 kept boxes (torchvision's declares at least 2).
     from models.deploy import export_model
+
     model = tiny_model(box_score_thresh=1.0).eval()  # nothing passes: empty outputs
     image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -551,6 +667,7 @@ def test_exported_program_handles_no_detections():
 
 
 # ---- CUDA ----
+
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu(rng):

@@ -10,6 +10,7 @@ must stay within a small factor of that at every stage, and may differ in a dete
 proposal only where it sits at a decision boundary. The injection tests show the check
 fails on real differences.
 """
+
 import copy
 import dataclasses
 
@@ -53,7 +54,8 @@ class References:
 
 def assert_equivalent(report):
     assert report.ok, "stages that differ:\n" + "\n".join(
-        f"{c.stage}: {c.detail}" for c in report.failed())
+        f"{c.stage}: {c.detail}" for c in report.failed()
+    )
 
 
 def assert_output_types(got, image):
@@ -121,15 +123,26 @@ def test_batch_of_two_images_matches_torchvision_stage_by_stage(ours_on_two):
     assert_equivalent(report)
     # Every stage of both images was judged, and the float32 reference passes its own checks.
     stages = {c.stage.split(",")[0] for c in report.checks}
-    assert {"transform: batch", "backbone: stem", "backbone: layer1.0", "backbone: layer4.2",
-            "backbone: level 0", "rpn head: objectness", "rpn: proposals",
-            "rpn: proposals (float32 reference)", "box head: class_logits",
-            "box head: detections", "box head: detections (float32 reference)",
-            "mask head: logits", "paste: masks"} <= stages
+    assert {
+        "transform: batch",
+        "backbone: stem",
+        "backbone: layer1.0",
+        "backbone: layer4.2",
+        "backbone: level 0",
+        "rpn head: objectness",
+        "rpn: proposals",
+        "rpn: proposals (float32 reference)",
+        "box head: class_logits",
+        "box head: detections",
+        "box head: detections (float32 reference)",
+        "mask head: logits",
+        "paste: masks",
+    } <= stages
     assert sum(c.stage.endswith("image 1") for c in report.checks) >= 7
 
 
 # ---- the check fails on real differences ----
+
 
 def edited(record, image, **changes):
     """A copy of ``record`` with image ``image``'s detection 0 (the best) edited."""
@@ -161,10 +174,12 @@ def test_check_fails_on_a_shifted_box(ours_on_two):
 
 def test_check_fails_on_a_wrong_class(ours_on_two):
     refs, _, tested = ours_on_two
+
     def relabel(labels):
         labels = labels.clone()
         labels[0] = labels[0] % 90 + 1
         return labels
+
     report = refs.compare(edited(tested, 1, labels=relabel))
     assert "box head: detections" in failed_stages(report), report.summary()
 
@@ -199,8 +214,9 @@ def assert_caught_in_its_block(report, margin):
     # and in no other part of the backbone body (each is run on the truth's input to it).
     check = report.check("backbone: layer2.0")
     assert not check.ok and check.error >= margin * check.bound, report.summary()
-    parts = {s for s in failed_stages(report) if s.startswith(("backbone: layer",
-                                                                "backbone: stem"))}
+    parts = {
+        s for s in failed_stages(report) if s.startswith(("backbone: layer", "backbone: stem"))
+    }
     assert parts == {"backbone: layer2.0"}, report.summary()
 
 
@@ -214,18 +230,26 @@ def test_check_fails_on_a_slightly_wrong_weight(wrong_weight):
 
 # Each stage run on the truth's inputs (StageRecord.forced) and the truth's record field
 # it is compared with.
-FORCED_TRUTH = dict(body="body", features="features", objectness="objectness",
-                    rpn_deltas="rpn_deltas", class_logits="class_logits",
-                    box_regression="box_regression", mask_logits="mask_logits")
+FORCED_TRUTH = dict(
+    body="body",
+    features="features",
+    objectness="objectness",
+    rpn_deltas="rpn_deltas",
+    class_logits="class_logits",
+    box_regression="box_regression",
+    mask_logits="mask_logits",
+)
 
 
 def inflated(spread, truth, k):
     """``spread`` with the error of each of its stages run on the truth's inputs ``k`` times
     larger: the float32 reference of a CPU that rounds worse."""
+
     def scale(s, t):
         if isinstance(s, list):
             return [scale(a, b) for a, b in zip(s, t)]
         return t.double() + k * (s.double() - t.double())
+
     forced = dict(spread.forced)
     for key, name in FORCED_TRUTH.items():
         forced[key] = scale(spread.forced[key], getattr(truth, name))
@@ -258,10 +282,16 @@ def test_check_fails_on_a_misaligned_roi_pool(ours_on_two):
 
 # ---- training and state dicts ----
 
+
 def test_training_losses_match_torchvision():
     # Fewer training proposals than the defaults (in both models) keep this fast.
-    kw = dict(min_size=224, max_size=288, rpn_pre_nms_top_n_train=600,
-              rpn_post_nms_top_n_train=300, box_batch_size_per_image=128)
+    kw = dict(
+        min_size=224,
+        max_size=288,
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        box_batch_size_per_image=128,
+    )
     tv = seeded_torchvision(seed=2, **kw).train()
     # trainable_bn: torchvision's weights=None model trains its batch norms.
     ours = ours_like(tv, trainable_bn=True, trainable_layers=5, **kw).train()
@@ -269,13 +299,13 @@ def test_training_losses_match_torchvision():
 
     def target(h, w, n):
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * torch.tensor(
-            [w * 0.35, h * 0.35]) + 8], dim=1)
+        boxes = torch.cat(
+            [xy, xy + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.35, h * 0.35]) + 8], dim=1
+        )
         masks = torch.zeros(n, h, w, dtype=torch.uint8)
         for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
-            masks[i, y1 + 2:y2 - 1, x1 + 1:x2 - 2] = 1
-        return {"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g),
-                "masks": masks}
+            masks[i, y1 + 2 : y2 - 1, x1 + 1 : x2 - 2] = 1
+        return {"boxes": boxes, "labels": torch.randint(1, 91, (n,), generator=g), "masks": masks}
 
     images = [torch.rand(3, 240, 320, generator=g), torch.rand(3, 288, 224, generator=g)]
     targets = [target(240, 320, 3), target(288, 224, 2)]
@@ -287,14 +317,17 @@ def test_training_losses_match_torchvision():
     losses = ours(images, copy.deepcopy(targets))
     assert list(losses) == list(expected)
     for name in expected:
-        torch.testing.assert_close(losses[name], expected[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            losses[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_state_dict_keys_and_shapes_match_torchvision():
     tv = seeded_torchvision()  # weights=None: trainable BatchNorm2d backbone
     expected = {k: v.shape for k, v in tv.state_dict().items()}
-    got = {k: v.shape for k, v in build_mask_rcnn("resnet50", trainable_bn=True).state_dict().items()}
+    got = {
+        k: v.shape for k, v in build_mask_rcnn("resnet50", trainable_bn=True).state_dict().items()
+    }
     assert got == expected
     # The default (FrozenBatchNorm2d) layout is that of torchvision's COCO checkpoint.
     frozen = {k: v.shape for k, v in build_mask_rcnn("resnet50").state_dict().items()}

@@ -1,5 +1,6 @@
 """Multi-level (FPN) RoIAlign: parity with torchvision.ops.MultiScaleRoIAlign, gradients,
 level assignment, registration, layouts and bad input."""
+
 from collections import OrderedDict
 
 import pytest
@@ -17,15 +18,22 @@ def _pyramid(generator, batch, channels, image, strides=(4, 8, 16, 32), dtype=to
     h, w = image
     feats = OrderedDict()
     for name, s in zip(NAMES, strides):
-        feats[name] = torch.randn(batch, channels, -(-h // s), -(-w // s), generator=generator).to(dtype)
-    feats["pool"] = torch.randn(batch, channels, 2, 2, generator=generator).to(dtype)  # not selected
+        feats[name] = torch.randn(batch, channels, -(-h // s), -(-w // s), generator=generator).to(
+            dtype
+        )
+    feats["pool"] = torch.randn(batch, channels, 2, 2, generator=generator).to(
+        dtype
+    )  # not selected
     return feats
 
 
 def _boxes(generator, n, image):
     """Box sides log-uniform in [2, 1.2 * image] px, so every level (and the clamps) is hit."""
     h, w = image
-    side = torch.exp(torch.rand(n, 2, generator=generator) * (torch.log(torch.tensor(1.2 * max(h, w))) - 0.7) + 0.7)
+    side = torch.exp(
+        torch.rand(n, 2, generator=generator) * (torch.log(torch.tensor(1.2 * max(h, w))) - 0.7)
+        + 0.7
+    )
     xy = torch.rand(n, 2, generator=generator) * torch.tensor([w, h]) - side / 4
     return torch.cat([xy, xy + side], dim=1)
 
@@ -63,8 +71,12 @@ def test_matches_torchvision(rng, batch, channels, shapes, output_size, sampling
 
 
 def _rois_and_args(rng, feats, boxes, output, sampling_ratio=2):
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], 1)
-                      for i, b in enumerate(boxes)])
+    rois = torch.cat(
+        [
+            torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], 1)
+            for i, b in enumerate(boxes)
+        ]
+    )
     levels = [feats[k] for k in NAMES]
     scales = [0.25, 0.125, 0.0625, 0.03125]
     return levels, rois, (scales, output, output, sampling_ratio, False, 224.0, 4.0, 2)
@@ -86,28 +98,49 @@ def test_cuda_algorithms_on_cpu(rng):
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
     for deterministic in (False, True):
         got = testing_ops._multiscale_roi_align_backward_cuda_algo(
-            g, rois, scales, ph, pw, 2, 3, [f.shape[2] for f in levels], [f.shape[3] for f in levels],
-            sr, aligned, cs, cl, kmin, deterministic)
+            g,
+            rois,
+            scales,
+            ph,
+            pw,
+            2,
+            3,
+            [f.shape[2] for f in levels],
+            [f.shape[3] for f in levels],
+            sr,
+            aligned,
+            cs,
+            cl,
+            kmin,
+            deterministic,
+        )
         for a, b in zip(got, ref):
-            torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-12
+            )
 
 
 def test_level_assignment_at_exact_boundaries():
     """sqrt(area) = 224 maps to level 4, 112 to level 3, 111.9 to level 2, 448 to 5 (clamped)."""
-    feats = [torch.full((1, 1, 64 // 2**i, 64 // 2**i), float(i + 2)) for i in range(4)]  # value = level
+    feats = [
+        torch.full((1, 1, 64 // 2**i, 64 // 2**i), float(i + 2)) for i in range(4)
+    ]  # value = level
     sides = [224.0, 112.0, 111.9, 448.0, 1000.0, 1.0, 0.0]
     boxes = torch.tensor([[0.0, 0.0, s, s] for s in sides])
     out = maskops.multiscale_roi_align(feats, [boxes], 1, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 1)
     # Each map holds its level number; the 1000 px box's one sample lies off the 8x8 map.
     assert out.flatten().tolist() == [4.0, 3.0, 2.0, 5.0, 0.0, 2.0, 2.0]
     ref = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 1, 1)(
-        dict(zip("0123", feats)), [boxes], [(256, 256)])
+        dict(zip("0123", feats)), [boxes], [(256, 256)]
+    )
     assert torch.equal(out, ref)
 
 
 def test_negative_area_box_pools_to_zero_like_torchvision(rng):
     feats = _pyramid(rng, 1, 2, (128, 128))
-    boxes = [torch.tensor([[50.0, 10.0, 10.0, 60.0], [5.0, 5.0, 60.0, 70.0]])]  # first inverted in x
+    boxes = [
+        torch.tensor([[50.0, 10.0, 10.0, 60.0], [5.0, 5.0, 60.0, 70.0]])
+    ]  # first inverted in x
     ours = maskops.MultiScaleRoIAlign(NAMES, 3, 2)(feats, boxes, [(128, 128)])
     theirs = torchvision.ops.MultiScaleRoIAlign(NAMES, 3, 2)(feats, boxes, [(128, 128)])
     assert torch.equal(ours[0], torch.zeros_like(ours[0]))
@@ -122,18 +155,32 @@ def test_single_level_equals_roi_align(rng):
 
 
 def test_gradcheck(rng):
-    feats = [torch.randn(1, 2, 16 // 2**i, 16 // 2**i, generator=rng, dtype=torch.float64).requires_grad_()
-             for i in range(3)]
-    boxes = [torch.tensor([[1.0, 2.0, 9.0, 12.0], [0.0, 0.0, 60.0, 50.0], [3.0, 3.0, 30.0, 20.0]],
-                          dtype=torch.float64)]
+    feats = [
+        torch.randn(
+            1, 2, 16 // 2**i, 16 // 2**i, generator=rng, dtype=torch.float64
+        ).requires_grad_()
+        for i in range(3)
+    ]
+    boxes = [
+        torch.tensor(
+            [[1.0, 2.0, 9.0, 12.0], [0.0, 0.0, 60.0, 50.0], [3.0, 3.0, 30.0, 20.0]],
+            dtype=torch.float64,
+        )
+    ]
     scales = [1.0, 0.5, 0.25]
-    f = lambda *levels: maskops.multiscale_roi_align(list(levels), boxes, 3, scales, 2,
-                                                     canonical_scale=16, canonical_level=1)
+
+    def f(*levels):
+        return maskops.multiscale_roi_align(
+            list(levels), boxes, 3, scales, 2, canonical_scale=16, canonical_level=1
+        )
+
     assert torch.autograd.gradcheck(f, tuple(feats))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
+)
 def test_layouts_and_dtypes(rng, channels_last, dtype, tol):
     feats = _pyramid(rng, 2, 16, (128, 128))
     boxes = [_boxes(rng, 25, (128, 128)) for _ in range(2)]
@@ -150,12 +197,14 @@ def test_layouts_and_dtypes(rng, channels_last, dtype, tol):
     got.float().sum().backward()
     for leaf in leaves:
         assert leaf.grad.dtype == dtype and leaf.grad.shape == leaf.shape
-        assert leaf.grad.is_contiguous(memory_format=torch.channels_last if channels_last
-                                       else torch.contiguous_format)
+        assert leaf.grad.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
 
 
-@pytest.mark.parametrize("channels,rois,output", [(256, 300, 7), (64, 40, 14), (70, 33, 7),
-                                                  (8, 20, (5, 3))])
+@pytest.mark.parametrize(
+    "channels,rois,output", [(256, 300, 7), (64, 40, 14), (70, 33, 7), (8, 20, (5, 3))]
+)
 @pytest.mark.parametrize("mixed", [False, True])
 def test_bfloat16_channels_last_levels_are_read_as_stored(rng, channels, rois, output, mixed):
     """bfloat16 channels-last levels are read without a float copy (widened per load):
@@ -174,8 +223,10 @@ def test_bfloat16_channels_last_levels_are_read_as_stored(rng, channels, rois, o
     assert torch.equal(got, expected.to(torch.bfloat16))
     # and against an independent reference, at bfloat16's rounding
     ref = torchvision.ops.MultiScaleRoIAlign(NAMES, output, 2)(
-        OrderedDict((k, f.double()) for k, f in zip(NAMES, levels)), [b.double() for b in boxes],
-        [image, image])
+        OrderedDict((k, f.double()) for k, f in zip(NAMES, levels)),
+        [b.double() for b in boxes],
+        [image, image],
+    )
     torch.testing.assert_close(got.double(), ref, rtol=1.6e-2, atol=1.6e-2)
 
 
@@ -213,17 +264,26 @@ def test_cuda_backward_algorithms_skip_rois_that_give_nothing(rng):
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
     sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
     g = torch.randn(len(mixed), 2, ph, pw, generator=rng, dtype=torch.float64)
-    expected = ops._multiscale_roi_align_backward(g[3:3 + len(rois)], rois, scales, ph, pw, 3, 2,
-                                                  *sizes, sr, aligned, cs, cl, kmin)
+    expected = ops._multiscale_roi_align_backward(
+        g[3 : 3 + len(rois)], rois, scales, ph, pw, 3, 2, *sizes, sr, aligned, cs, cl, kmin
+    )
     for deterministic in (True, False):
         got = testing_ops._multiscale_roi_align_backward_cuda_algo(
-            g, mixed, scales, ph, pw, 3, 2, *sizes, sr, aligned, cs, cl, kmin, deterministic)
+            g, mixed, scales, ph, pw, 3, 2, *sizes, sr, aligned, cs, cl, kmin, deterministic
+        )
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
-                                       (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [
+        (torch.float64, 1e-12),
+        (torch.float32, 1e-5),
+        (torch.float16, 2e-3),
+        (torch.bfloat16, 1.6e-2),
+    ],
+)
 def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
     """The CUDA backward's host side on the CPU: every level's gradient in grad's dtype and
     layout (channels-last written directly by the kernels), each its own tensor; the
@@ -235,15 +295,17 @@ def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
     sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
     g = torch.randn(len(rois), 5, ph, pw, generator=rng, dtype=torch.float64).to(dtype)
-    expected = ops._multiscale_roi_align_backward(g.double(), rois, scales, ph, pw, 2, 5, *sizes,
-                                                  sr, aligned, cs, cl, kmin)
+    expected = ops._multiscale_roi_align_backward(
+        g.double(), rois, scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin
+    )
     gathered = {}
     for channels_last in (False, True):
         grad = g.contiguous(memory_format=torch.channels_last) if channels_last else g
         assert grad.is_contiguous() != channels_last
         for det in (True, False):
             got = testing_ops._multiscale_roi_align_backward_cuda_algo(
-                grad, rois, scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
+                grad, rois, scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det
+            )
             assert len({t.untyped_storage().data_ptr() for t in got}) == len(got)
             for a, e in zip(got, expected):
                 assert a.dtype == dtype and a.shape == e.shape
@@ -257,7 +319,8 @@ def test_cuda_backward_dtypes_and_layouts_on_cpu(rng, dtype, tol):
     # No RoI: zeros of every level, in grad's dtype.
     for det in (True, False):
         got = testing_ops._multiscale_roi_align_backward_cuda_algo(
-            g[:0], rois[:0], scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det)
+            g[:0], rois[:0], scales, ph, pw, 2, 5, *sizes, sr, aligned, cs, cl, kmin, det
+        )
         for a, e in zip(got, expected):
             assert a.dtype == dtype and a.shape == e.shape and not a.any()
 
@@ -272,26 +335,37 @@ def test_cuda_deterministic_gather_tiles_and_term_batches(rng, aligned, sampling
     feats = _pyramid(rng, 2, 3, (150, 170), dtype=torch.float64)
     boxes = [_boxes(rng, 90, (150, 170)).double(), _boxes(rng, 20, (150, 170)).double()]
     boxes[0][:70] = torch.tensor([60.0, 50.0, 170.0, 148.0], dtype=torch.float64)
-    boxes[1][:6] = torch.tensor([[63.0, 63.0, 65.0, 129.0], [127.5, 0.0, 128.5, 64.5],
-                                 [90.0, 80.0, 30.0, 20.0], [140.0, 100.0, 120.0, 40.0],
-                                 [-40.0, -30.0, 50.0, 40.0], [150.0, 120.0, 260.0, 230.0]],
-                                dtype=torch.float64)
+    boxes[1][:6] = torch.tensor(
+        [
+            [63.0, 63.0, 65.0, 129.0],
+            [127.5, 0.0, 128.5, 64.5],
+            [90.0, 80.0, 30.0, 20.0],
+            [140.0, 100.0, 120.0, 40.0],
+            [-40.0, -30.0, 50.0, 40.0],
+            [150.0, 120.0, 260.0, 230.0],
+        ],
+        dtype=torch.float64,
+    )
     levels, rois, args = _rois_and_args(rng, feats, boxes, 5, sampling_ratio)
     scales, ph, pw, sr, _, cs, cl, kmin = args
     sizes = ([f.shape[2] for f in levels], [f.shape[3] for f in levels])
     g = torch.randn(len(rois), 3, ph, pw, generator=rng, dtype=torch.float64)
     call = lambda det: testing_ops._multiscale_roi_align_backward_cuda_algo(  # noqa: E731
-        g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned, cs, cl, kmin, det)
+        g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned, cs, cl, kmin, det
+    )
     scatter, gather, again = call(False), call(True), call(True)
-    expected = ops._multiscale_roi_align_backward(g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned,
-                                                  cs, cl, kmin)
+    expected = ops._multiscale_roi_align_backward(
+        g, rois, scales, ph, pw, 2, 3, *sizes, sr, aligned, cs, cl, kmin
+    )
     for a, b, c, e in zip(gather, again, scatter, expected):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+)
 def test_opcheck(rng, device):
     """Schema, fake kernel, autograd registration and aliasing: each level's gradient must be
     a tensor of its own, as the fake kernel says (on CUDA too)."""
@@ -299,16 +373,46 @@ def test_opcheck(rng, device):
     boxes = [_boxes(rng, 7, (64, 64)).to(device) for _ in range(2)]
     levels, rois, args = _rois_and_args(rng, feats, boxes, 3)
     torch.library.opcheck(ops.multiscale_roi_align.default, (levels, rois, *args))
-    torch.library.opcheck(ops.multiscale_roi_align.default,
-                          ([f.requires_grad_() for f in levels], rois, *args))
+    torch.library.opcheck(
+        ops.multiscale_roi_align.default, ([f.requires_grad_() for f in levels], rois, *args)
+    )
     scales, ph, pw, sr, aligned, cs, cl, kmin = args
     grad = torch.randn(rois.shape[0], 3, 3, 3, generator=rng).to(device)
-    torch.library.opcheck(ops._multiscale_roi_align_backward.default,
-                          (grad, rois, scales, ph, pw, 2, 3, [f.shape[2] for f in levels],
-                           [f.shape[3] for f in levels], sr, aligned, cs, cl, kmin))
-    grads = ops._multiscale_roi_align_backward(grad, rois, scales, ph, pw, 2, 3,
-                                               [f.shape[2] for f in levels],
-                                               [f.shape[3] for f in levels], sr, aligned, cs, cl, kmin)
+    torch.library.opcheck(
+        ops._multiscale_roi_align_backward.default,
+        (
+            grad,
+            rois,
+            scales,
+            ph,
+            pw,
+            2,
+            3,
+            [f.shape[2] for f in levels],
+            [f.shape[3] for f in levels],
+            sr,
+            aligned,
+            cs,
+            cl,
+            kmin,
+        ),
+    )
+    grads = ops._multiscale_roi_align_backward(
+        grad,
+        rois,
+        scales,
+        ph,
+        pw,
+        2,
+        3,
+        [f.shape[2] for f in levels],
+        [f.shape[3] for f in levels],
+        sr,
+        aligned,
+        cs,
+        cl,
+        kmin,
+    )
     assert len({g.untyped_storage().data_ptr() for g in grads}) == len(grads)
     assert all(g.storage_offset() == 0 for g in grads)
 
@@ -318,14 +422,18 @@ def test_torch_compile(rng):
     feats = _pyramid(rng, 1, 4, (64, 64))
     boxes = [_boxes(rng, 12, (64, 64))]
     module = maskops.MultiScaleRoIAlign(NAMES, 4, 2)
-    f = torch.compile(lambda x, b: module(x, b, [(64, 64)]).sum(dim=1), fullgraph=True,
-                      backend="aot_eager")
+    f = torch.compile(
+        lambda x, b: module(x, b, [(64, 64)]).sum(dim=1), fullgraph=True, backend="aot_eager"
+    )
     torch.testing.assert_close(f(feats, boxes), module(feats, boxes, [(64, 64)]).sum(dim=1))
 
 
 def test_repr():
     m = maskops.MultiScaleRoIAlign(["feat1", "feat3"], 3, 2)
-    assert repr(m) == "MultiScaleRoIAlign(featmap_names=['feat1', 'feat3'], output_size=(3, 3), sampling_ratio=2)"
+    expected = (
+        "MultiScaleRoIAlign(featmap_names=['feat1', 'feat3'], output_size=(3, 3), sampling_ratio=2)"
+    )
+    assert repr(m) == expected
 
 
 L0 = torch.randn(1, 2, 16, 16)
@@ -333,30 +441,88 @@ L1 = torch.randn(1, 2, 8, 8)
 B = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
 
 BAD_CALLS = [
-    (lambda: maskops.multiscale_roi_align([], B, 2, []), TypeError, "features must be a non-empty list"),
-    (lambda: maskops.multiscale_roi_align(L0, B, 2, [1.0]), TypeError, "features must be a non-empty list"),
-    (lambda: maskops.multiscale_roi_align([L0, L1[:, :1]], B, 2, [0.25, 0.125]), ValueError,
-     r"features\[1\] must have the dtype, batch size and channels"),
-    (lambda: maskops.multiscale_roi_align([L0, L1.double()], B, 2, [0.25, 0.125]), ValueError,
-     r"features\[1\] must have the dtype"),
-    (lambda: maskops.multiscale_roi_align([L0, L1[0]], B, 2, [0.25, 0.125]), ValueError,
-     r"features\[1\] must be a 4-d tensor"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25]), ValueError, "one scale per level"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.2]), ValueError, "consecutive powers of two"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.0625]), ValueError, "consecutive powers of two"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, -0.125]), ValueError, r"spatial_scales\[1\]"),
-    (lambda: maskops.multiscale_roi_align([L0] * 9, B, 2, [0.25] * 9), ValueError, "at most 8 levels"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], [B[0][:, :3]], 2, [0.25, 0.125]), ValueError,
-     r"boxes\[0\] must have shape \[L, 4\]"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.125], canonical_scale=0), ValueError,
-     "canonical_scale"),
-    (lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.125], canonical_level="4"), TypeError,
-     "canonical_level"),
-    (lambda: maskops.MultiScaleRoIAlign(["0"], 2, 2)([L0], B, [(64, 64)]), TypeError, "x must be a dict"),
-    (lambda: maskops.MultiScaleRoIAlign(["a"], 2, 2)({"0": L0}, B, [(64, 64)]), ValueError,
-     "none of the feature maps"),
-    (lambda: ops.multiscale_roi_align([L0, L1], torch.zeros(1, 5), [0.25], 2, 2, 2, False, 224.0, 4.0, 2),
-     RuntimeError, "spatial_scales must have one entry per level"),
+    (
+        lambda: maskops.multiscale_roi_align([], B, 2, []),
+        TypeError,
+        "features must be a non-empty list",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align(L0, B, 2, [1.0]),
+        TypeError,
+        "features must be a non-empty list",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1[:, :1]], B, 2, [0.25, 0.125]),
+        ValueError,
+        r"features\[1\] must have the dtype, batch size and channels",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1.double()], B, 2, [0.25, 0.125]),
+        ValueError,
+        r"features\[1\] must have the dtype",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1[0]], B, 2, [0.25, 0.125]),
+        ValueError,
+        r"features\[1\] must be a 4-d tensor",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25]),
+        ValueError,
+        "one scale per level",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.2]),
+        ValueError,
+        "consecutive powers of two",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.0625]),
+        ValueError,
+        "consecutive powers of two",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, -0.125]),
+        ValueError,
+        r"spatial_scales\[1\]",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0] * 9, B, 2, [0.25] * 9),
+        ValueError,
+        "at most 8 levels",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], [B[0][:, :3]], 2, [0.25, 0.125]),
+        ValueError,
+        r"boxes\[0\] must have shape \[L, 4\]",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.125], canonical_scale=0),
+        ValueError,
+        "canonical_scale",
+    ),
+    (
+        lambda: maskops.multiscale_roi_align([L0, L1], B, 2, [0.25, 0.125], canonical_level="4"),
+        TypeError,
+        "canonical_level",
+    ),
+    (
+        lambda: maskops.MultiScaleRoIAlign(["0"], 2, 2)([L0], B, [(64, 64)]),
+        TypeError,
+        "x must be a dict",
+    ),
+    (
+        lambda: maskops.MultiScaleRoIAlign(["a"], 2, 2)({"0": L0}, B, [(64, 64)]),
+        ValueError,
+        "none of the feature maps",
+    ),
+    (
+        lambda: ops.multiscale_roi_align(
+            [L0, L1], torch.zeros(1, 5), [0.25], 2, 2, 2, False, 224.0, 4.0, 2
+        ),
+        RuntimeError,
+        "spatial_scales must have one entry per level",
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ Kept indices must be identical to torchvision's (order included), not merely sim
 precision boxes are compared with torchvision on the float32-converted boxes: maskops reads
 half boxes in float32 exactly, and torchvision's CPU nms has no half kernel.
 """
+
 import math
 
 import pytest
@@ -22,6 +23,7 @@ FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 # ---- inputs ----
+
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -52,6 +54,7 @@ def tied_scores(n, g, levels=4):
 
 
 # ---- references ----
+
 
 def reference_nms(boxes, scores, thr):
     """torchvision nms; half inputs go in as float32 (see the module docstring)."""
@@ -84,17 +87,22 @@ def assert_same(actual, expected):
     assert actual.dtype == torch.int64
     assert torch.equal(actual, expected), (
         f"{len(actual)} kept vs {len(expected)}; first difference at "
-        f"{(actual[:len(expected)] != expected[:len(actual)]).nonzero()[:1].flatten().tolist()}")
+        f"{(actual[: len(expected)] != expected[: len(actual)]).nonzero()[:1].flatten().tolist()}"
+    )
 
 
 def all_nms(boxes, scores, thr, **kw):
     """maskops.nms and the GPU algorithm on the CPU (the test-only op)."""
-    return (maskops.nms(boxes, scores, thr, **kw),
-            testing_ops._nms_bitmask(boxes, scores, None, thr, kw.get("score_threshold"),
-                                     kw.get("max_output")))
+    return (
+        maskops.nms(boxes, scores, thr, **kw),
+        testing_ops._nms_bitmask(
+            boxes, scores, None, thr, kw.get("score_threshold"), kw.get("max_output")
+        ),
+    )
 
 
 # ---- nms against torchvision ----
+
 
 @pytest.mark.parametrize("n", [0, 1, 2, 1000])
 @pytest.mark.parametrize("thr", [0.0, 0.5, 1.0])
@@ -175,8 +183,9 @@ def test_nms_dtypes(dtype, score_dtype):
     boxes = random_boxes(2000, g, scale=400.0, dtype=dtype)
     scores = torch.rand(2000, generator=g).to(score_dtype)
     for thr in (0.3, 0.5):
-        expected = reference_nms(boxes, scores.to(torch.float64 if dtype == torch.float64
-                                                 else torch.float32), thr)
+        expected = reference_nms(
+            boxes, scores.to(torch.float64 if dtype == torch.float64 else torch.float32), thr
+        )
         for got in all_nms(boxes, scores, thr):
             assert_same(got, expected)
 
@@ -186,8 +195,9 @@ def test_nms_non_contiguous():
     full = random_boxes(1000, g).t().contiguous().t()  # column-major [N, 4]
     scores = torch.rand(2000, generator=g)[::2]
     assert not full.is_contiguous() and not scores.is_contiguous()
-    assert_same(maskops.nms(full, scores, 0.5),
-                reference_nms(full.contiguous(), scores.contiguous(), 0.5))
+    assert_same(
+        maskops.nms(full, scores, 0.5), reference_nms(full.contiguous(), scores.contiguous(), 0.5)
+    )
 
 
 def test_nms_independent_of_thread_count():
@@ -204,6 +214,7 @@ def test_nms_independent_of_thread_count():
 
 
 # ---- batched_nms ----
+
 
 @pytest.mark.parametrize("n", [0, 1, 2, 1000, 5000])
 def test_batched_matches_torchvision(n):
@@ -244,8 +255,11 @@ def test_batched_class_id_values(idx_dtype):
     n = 2500
     boxes, scores = random_boxes(n, g, scale=300.0), distinct_scores(n, g)
     small = torch.randint(0, 9, (n,), generator=g)
-    ids = {torch.uint8: small, torch.int32: small * 100_003 - 50,
-           torch.int64: small * 1_000_000_007 - 5_000_000_000}[idx_dtype].to(idx_dtype)
+    ids = {
+        torch.uint8: small,
+        torch.int32: small * 100_003 - 50,
+        torch.int64: small * 1_000_000_007 - 5_000_000_000,
+    }[idx_dtype].to(idx_dtype)
     expected = reference_batched(boxes, scores, small, 0.5)
     assert_same(maskops.batched_nms(boxes, scores, ids, 0.5), expected)
     assert_same(testing_ops._nms_bitmask(boxes, scores, ids, 0.5), expected)
@@ -256,15 +270,23 @@ def test_batched_big_and_small_classes():
     g = gen(31)
     n = 9000
     boxes, scores = random_boxes(n, g, scale=600.0), distinct_scores(n, g)
-    idxs = torch.where(torch.rand(n, generator=g) < 0.6, torch.zeros(n, dtype=torch.int64),
-                       torch.randint(1, 200, (n,), generator=g))
+    idxs = torch.where(
+        torch.rand(n, generator=g) < 0.6,
+        torch.zeros(n, dtype=torch.int64),
+        torch.randint(1, 200, (n,), generator=g),
+    )
     for kw in ({}, {"max_output": 50}, {"score_threshold": 0.5}):
-        expected = filtered(tv_batched_nms(boxes, scores, idxs, 0.5), scores,
-                            kw.get("score_threshold"), kw.get("max_output"))
+        expected = filtered(
+            tv_batched_nms(boxes, scores, idxs, 0.5),
+            scores,
+            kw.get("score_threshold"),
+            kw.get("max_output"),
+        )
         assert_same(maskops.batched_nms(boxes, scores, idxs, 0.5, **kw), expected)
 
 
 # ---- score_threshold and max_output ----
+
 
 @pytest.mark.parametrize("score_threshold", [None, -math.inf, 0.0, 0.3, 0.9, 2.0])
 @pytest.mark.parametrize("max_output", [None, 0, 1, 10, 10**6])
@@ -279,11 +301,13 @@ def test_score_threshold_and_max_output(score_threshold, max_output):
     for got in all_nms(boxes, scores, 0.5, **kw):
         assert_same(got, expected)
     idxs = torch.randint(0, 5, (n,), generator=g)
-    expected = filtered(reference_batched(boxes, scores.double(), idxs, 0.5), scores,
-                        score_threshold, max_output)
+    expected = filtered(
+        reference_batched(boxes, scores.double(), idxs, 0.5), scores, score_threshold, max_output
+    )
     assert_same(maskops.batched_nms(boxes, scores, idxs, 0.5, **kw), expected)
-    assert_same(testing_ops._nms_bitmask(boxes, scores, idxs, 0.5, score_threshold,
-                                         max_output), expected)
+    assert_same(
+        testing_ops._nms_bitmask(boxes, scores, idxs, 0.5, score_threshold, max_output), expected
+    )
 
 
 def test_score_threshold_is_exact_for_half_scores():
@@ -295,6 +319,7 @@ def test_score_threshold_is_exact_for_half_scores():
 
 
 # ---- box_iou / box_area ----
+
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (1, 1), (37, 53), (300, 200)])
@@ -310,8 +335,9 @@ def test_box_iou(dtype, shape):
     got = maskops.box_iou(a, b)
     assert got.dtype == dtype and got.shape == shape
     assert not got.isnan().any()
-    atol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3,
-            torch.bfloat16: 8e-3}[dtype]
+    atol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}[
+        dtype
+    ]
     torch.testing.assert_close(got.double(), ref_iou(a, b), atol=atol, rtol=0)
 
 
@@ -342,8 +368,12 @@ def test_box_area(dtype):
     expected = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     assert got.dtype == dtype and got.shape == (500,)
     # Half types compute in float32 and round once at the end.
-    torch.testing.assert_close(got.double(), expected, atol=0,
-                               rtol={torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 3e-7))
+    torch.testing.assert_close(
+        got.double(),
+        expected,
+        atol=0,
+        rtol={torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 3e-7),
+    )
     if dtype in (torch.float32, torch.float64):  # the same operations as torchvision
         assert torch.equal(got, tv_boxes.box_area(boxes))
     assert maskops.box_area(torch.zeros(0, 4, dtype=dtype)).shape == (0,)
@@ -356,8 +386,10 @@ def test_box_ops_gradients():
     assert torch.autograd.gradcheck(maskops.box_iou, (a, b))
     assert torch.autograd.gradcheck(maskops.box_area, (a,))
     go = torch.rand(9, 6, generator=g, dtype=torch.float64)
-    for got, expected in zip(torch.autograd.grad(maskops.box_iou(a, b), (a, b), go),
-                             torch.autograd.grad(ref_iou(a, b), (a, b), go)):
+    for got, expected in zip(
+        torch.autograd.grad(maskops.box_iou(a, b), (a, b), go),
+        torch.autograd.grad(ref_iou(a, b), (a, b), go),
+    ):
         torch.testing.assert_close(got, expected)
     # Ties (identical boxes), touching boxes, zero-area pairs: torch's conventions, no NaN.
     a = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 3], [5, 5, 5, 5]], requires_grad=True)
@@ -443,7 +475,11 @@ def reference_segments(boxes, scores, cls, order, valid, seg_len, thr, max_outpu
     for s, v in enumerate(valid.tolist()):
         rows = slice(s * seg_len, s * seg_len + v)
         b, sc = boxes[rows], scores[rows]
-        keep = reference_batched(b, sc, cls[rows], thr) if cls is not None else reference_nms(b, sc, thr)
+        keep = (
+            reference_batched(b, sc, cls[rows], thr)
+            if cls is not None
+            else reference_nms(b, sc, thr)
+        )
         if max_output >= 0:
             keep = keep[:max_output]
         out.append(order[rows][keep])
@@ -460,16 +496,18 @@ def test_segmented_nms_removed_bits_in_global_memory(segments, seg_len, kind):
     boxes, scores, cls, order, valid = segmented_case(g, segments, seg_len, kind)
     for classes in (None, cls):
         for max_output in (-1, 0, 5):
-            expected = reference_segments(boxes, scores, classes, order, valid, seg_len, 0.5,
-                                          max_output)
+            expected = reference_segments(
+                boxes, scores, classes, order, valid, seg_len, 0.5, max_output
+            )
             for limit in (0, 1, None):
                 index, count = testing_ops._segmented_nms(
-                    boxes, classes, order, valid, seg_len, 0.5, max_output, limit)
+                    boxes, classes, order, valid, seg_len, 0.5, max_output, limit
+                )
                 assert index.shape == (segments * seg_len,) and count.shape == (segments,)
                 for s in range(segments):
-                    got = index[s * seg_len:(s + 1) * seg_len]
-                    assert_same(got[:count[s]], expected[s])
-                    assert (got[count[s]:] == -1).all()
+                    got = index[s * seg_len : (s + 1) * seg_len]
+                    assert_same(got[: count[s]], expected[s])
+                    assert (got[count[s] :] == -1).all()
 
 
 def test_removed_shared_words_is_checked():
@@ -477,21 +515,25 @@ def test_removed_shared_words_is_checked():
         with pytest.raises(RuntimeError, match="removed_shared_words"):
             testing_ops._nms_bitmask(B, S, None, 0.5, None, None, bad)
         with pytest.raises(RuntimeError, match="removed_shared_words"):
-            testing_ops._segmented_nms(B, None, torch.arange(10), torch.tensor([10]), 10,
-                                       0.5, -1, bad)
+            testing_ops._segmented_nms(
+                B, None, torch.arange(10), torch.tensor([10]), 10, 0.5, -1, bad
+            )
 
 
 def test_bitmask_and_segmented_opcheck():
     g = gen(21)
     boxes, scores = random_boxes(150, g, scale=200.0), torch.rand(150, generator=g)
-    torch.library.opcheck(testing_ops._nms_bitmask.default,
-                          (boxes, scores, None, 0.5, None, None, 0))
+    torch.library.opcheck(
+        testing_ops._nms_bitmask.default, (boxes, scores, None, 0.5, None, None, 0)
+    )
     b, _, cls, order, valid = segmented_case(g, 3, 50, "overlap_ties")
-    torch.library.opcheck(testing_ops._segmented_nms.default,
-                          (b, cls, order, valid, 50, 0.5, -1, 0))
+    torch.library.opcheck(
+        testing_ops._segmented_nms.default, (b, cls, order, valid, 50, 0.5, -1, 0)
+    )
 
 
 # ---- registration: opcheck, torch.compile ----
+
 
 def _opcheck_samples():
     g = gen(8)
@@ -500,19 +542,28 @@ def _opcheck_samples():
     half = boxes.half()
     return [
         (torch.ops.maskops.nms.default, (boxes, scores, 0.5), {}),
-        (torch.ops.maskops.nms.default, (half, scores, 0.5),
-         {"score_threshold": 0.2, "max_output": 40}),
+        (
+            torch.ops.maskops.nms.default,
+            (half, scores, 0.5),
+            {"score_threshold": 0.2, "max_output": 40},
+        ),
         (torch.ops.maskops.nms.default, (boxes[:0], scores[:0], 0.5), {}),
         (torch.ops.maskops.batched_nms.default, (boxes, scores, idxs, 0.5), {}),
-        (torch.ops.maskops.batched_nms.default, (boxes.double(), scores, idxs, 0.3),
-         {"max_output": 7}),
+        (
+            torch.ops.maskops.batched_nms.default,
+            (boxes.double(), scores, idxs, 0.3),
+            {"max_output": 7},
+        ),
         (testing_ops._nms_bitmask.default, (boxes, scores, idxs, 0.5), {}),
         (testing_ops._nms_bitmask.default, (boxes, scores, None, 0.5, 0.1, 30), {}),
         (torch.ops.maskops.box_iou.default, (boxes[:20], boxes[5:50]), {}),
         (torch.ops.maskops.box_iou.default, (half[:3], half[:0]), {}),
         (torch.ops.maskops.box_area.default, (boxes.bfloat16(),), {}),
-        (torch.ops.maskops.box_iou.default,
-         (boxes[:20].double().requires_grad_(), boxes[5:50].double().requires_grad_()), {}),
+        (
+            torch.ops.maskops.box_iou.default,
+            (boxes[:20].double().requires_grad_(), boxes[5:50].double().requires_grad_()),
+            {},
+        ),
         (torch.ops.maskops.box_area.default, (boxes.double().requires_grad_(),), {}),
     ]
 
@@ -529,8 +580,7 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
     def post(boxes, scores, labels):
-        keep = maskops.batched_nms(boxes, scores, labels, 0.5, score_threshold=0.05,
-                                   max_output=100)
+        keep = maskops.batched_nms(boxes, scores, labels, 0.5, score_threshold=0.05, max_output=100)
         kept = boxes[keep]
         return keep, kept, maskops.box_iou(kept, boxes[:10]), maskops.box_area(kept)
 
@@ -611,6 +661,7 @@ def test_bad_input_direct(case):
 
 # ---- CUDA: identical to the CPU ----
 
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("n", [0, 1, 2, 1000, 20000])
@@ -621,11 +672,14 @@ def test_cuda_nms_matches_cpu(n, dtype):
     idxs = torch.randint(0, 80, (n,), generator=g)
     for thr in (0.0, 0.5, 1.0):
         for kw in ({}, {"score_threshold": 0.4, "max_output": 100}):
-            assert_same(maskops.nms(boxes.cuda(), scores.cuda(), thr, **kw).cpu(),
-                        maskops.nms(boxes, scores, thr, **kw))
-            assert_same(maskops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), thr,
-                                            **kw).cpu(),
-                        maskops.batched_nms(boxes, scores, idxs, thr, **kw))
+            assert_same(
+                maskops.nms(boxes.cuda(), scores.cuda(), thr, **kw).cpu(),
+                maskops.nms(boxes, scores, thr, **kw),
+            )
+            assert_same(
+                maskops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), thr, **kw).cpu(),
+                maskops.batched_nms(boxes, scores, idxs, thr, **kw),
+            )
 
 
 @pytest.mark.cuda
@@ -637,10 +691,13 @@ def test_cuda_nms_ties_nan_heavy_overlap():
     scores[::37] = float("nan")
     idxs = torch.randint(0, 3, (n,), generator=g)
     for thr in (0.3, 0.7):
-        assert_same(maskops.nms(boxes.cuda(), scores.cuda(), thr).cpu(),
-                    maskops.nms(boxes, scores, thr))
-        assert_same(maskops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), thr).cpu(),
-                    maskops.batched_nms(boxes, scores, idxs, thr))
+        assert_same(
+            maskops.nms(boxes.cuda(), scores.cuda(), thr).cpu(), maskops.nms(boxes, scores, thr)
+        )
+        assert_same(
+            maskops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), thr).cpu(),
+            maskops.batched_nms(boxes, scores, idxs, thr),
+        )
 
 
 @pytest.mark.cuda

@@ -1,5 +1,6 @@
 """maskops.patch_torchvision(): torchvision's own Mask R-CNN, patched and unpatched, gives the
 same detections, and the patched run really goes through maskops."""
+
 import copy
 
 import pytest
@@ -14,8 +15,9 @@ from models.testing.equivalence import compare_stages, record_stages
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, box_score_thresh=0.0,
-                              min_size=320, max_size=480)
+    m = maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, min_size=320, max_size=480
+    )
     return m.eval()
 
 
@@ -36,12 +38,19 @@ def test_patched_model_matches_torchvision_stage_by_stage(model):
     with maskops.torchvision_patched():
         assert maskops.is_patched()
         assert torchvision.ops.boxes.batched_nms is maskops.batched_nms
-        assert torchvision.models.detection.transform.paste_masks_in_image is maskops.paste_masks_in_image
+        assert (
+            torchvision.models.detection.transform.paste_masks_in_image
+            is maskops.paste_masks_in_image
+        )
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             tested = record_stages(model, images, forced_by=truth)
         got = _run(model, images)
     names = {e.key for e in prof.key_averages()}
-    assert {"maskops::multiscale_roi_align", "maskops::batched_nms", "maskops::paste_masks"} <= names
+    assert {
+        "maskops::multiscale_roi_align",
+        "maskops::batched_nms",
+        "maskops::paste_masks",
+    } <= names
     assert not maskops.is_patched()
     assert torchvision.ops.boxes.batched_nms is not maskops.batched_nms
     for e, o, r in zip(expected, got, tested.final):

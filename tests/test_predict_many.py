@@ -11,6 +11,7 @@ height is over 45.25 px: MultiScaleRoIAlign infers its scales from the batch's t
 image, as torchvision does, and an image of 45 rows alone (padded to 64) gives the stride-4
 level 16 / 45 rows, which rounds to a scale of 1/2 instead of 1/4 (in a batch with a
 64-row image, 1/4)."""
+
 import dataclasses
 import json
 import multiprocessing
@@ -24,10 +25,10 @@ import pytest
 import torch
 import torchvision
 
-from tools import predict
 from models.build import build_model, model_from_checkpoint
 from models.engine.checkpoint import save_checkpoint
 from models.visualize import read_image
+from tools import predict
 
 pytest.importorskip("pycocotools")
 import pycocotools.mask as mask_utils  # noqa: E402
@@ -50,8 +51,15 @@ def setup(tmp_path_factory):
     torch.manual_seed(3)
     model = build_model(cfg).eval()
     ckpt = root / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "config": {"model": cfg.to_dict()},
-                     "class_names": NAMES, "label_to_category_id": CATEGORY_IDS}, ckpt)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": {"model": cfg.to_dict()},
+            "class_names": NAMES,
+            "label_to_category_id": CATEGORY_IDS,
+        },
+        ckpt,
+    )
     folder = root / "images"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -79,8 +87,16 @@ def keep_threads():
 
 
 def _cli(setup, *args):
-    return ["--checkpoint", setup["ckpt"], "--no-optimize", "--threads", "1",
-            "--box-score-thresh", str(BOX_SCORE_THRESH), *args]
+    return [
+        "--checkpoint",
+        setup["ckpt"],
+        "--no-optimize",
+        "--threads",
+        "1",
+        "--box-score-thresh",
+        str(BOX_SCORE_THRESH),
+        *args,
+    ]
 
 
 def _check_against_alone(results, images, alone):
@@ -100,9 +116,12 @@ def _check_against_alone(results, images, alone):
         want_cats = torch.tensor(CATEGORY_IDS)[det["labels"]]
         free = torch.ones(len(mine), dtype=torch.bool)
         for k in range(len(det["scores"])):
-            ok = (free & (cats == want_cats[k])
-                  & ((scores - float(det["scores"][k])).abs() <= SCORE_TOL)
-                  & ((boxes - det["boxes"][k].double()).abs().amax(dim=1) <= BOX_TOL))
+            ok = (
+                free
+                & (cats == want_cats[k])
+                & ((scores - float(det["scores"][k])).abs() <= SCORE_TOL)
+                & ((boxes - det["boxes"][k].double()).abs().amax(dim=1) <= BOX_TOL)
+            )
             assert ok.any(), f"{im['file_name']}: detection {k} has no match"
             j = int(torch.nonzero(ok)[0])
             free[j] = False
@@ -126,8 +145,9 @@ def _injected_errors(results):
         out[0]["bbox"] = [out[0]["bbox"][0] + 0.01] + out[0]["bbox"][1:]
 
     def relabel(out):
-        out[0]["category_id"] = CATEGORY_IDS[1] if out[0]["category_id"] != CATEGORY_IDS[1] \
-            else CATEGORY_IDS[2]
+        out[0]["category_id"] = (
+            CATEGORY_IDS[1] if out[0]["category_id"] != CATEGORY_IDS[1] else CATEGORY_IDS[2]
+        )
 
     def shift_mask(out):
         m = mask_utils.decode(out[0]["segmentation"])
@@ -142,12 +162,23 @@ def _gt_coco(images, with_annotations=True):
     anns = []
     if with_annotations:
         for im in images:
-            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": 11,
-                         "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0,
-                         "segmentation": [[2, 2, 22, 2, 22, 22, 2, 22]]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": im["id"],
+                    "category_id": 11,
+                    "bbox": [2, 2, 20, 20],
+                    "area": 400,
+                    "iscrowd": 0,
+                    "segmentation": [[2, 2, 22, 2, 22, 22, 2, 22]],
+                }
+            )
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns,
-                  "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS[1:], NAMES[1:])]}
+    gt.dataset = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS[1:], NAMES[1:])],
+    }
     gt.createIndex()
     return gt
 
@@ -155,9 +186,26 @@ def _gt_coco(images, with_annotations=True):
 def test_folder_in_batches_with_workers(setup, tmp_path, capsys):
     out = tmp_path / "dets.json"
     draw = tmp_path / "drawn"
-    assert predict.main(_cli(setup, "--image", str(setup["folder"]), "--batch-size", "2",
-                             "--workers", "1", "--results", str(out), "--draw-dir",
-                             str(draw), "--score-thresh", "0.0")) == 0
+    assert (
+        predict.main(
+            _cli(
+                setup,
+                "--image",
+                str(setup["folder"]),
+                "--batch-size",
+                "2",
+                "--workers",
+                "1",
+                "--results",
+                str(out),
+                "--draw-dir",
+                str(draw),
+                "--score-thresh",
+                "0.0",
+            )
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     broken = os.path.normpath(str(setup["folder"] / "broken.png"))
     assert f"skipped {broken}: " in cap.err  # named, and the run went on
@@ -170,8 +218,9 @@ def test_folder_in_batches_with_workers(setup, tmp_path, capsys):
     assert [im["id"] for im in images] == [2, 3, 4, 5, 6]
     assert [(im["height"], im["width"]) for im in images] == SIZES
     assert [s["file_name"] for s in listing["skipped"]] == [broken]
-    assert listing["categories"] == [{"id": c, "name": n}
-                                     for c, n in zip(CATEGORY_IDS[1:], NAMES[1:])]
+    assert listing["categories"] == [
+        {"id": c, "name": n} for c, n in zip(CATEGORY_IDS[1:], NAMES[1:])
+    ]
     assert {r["category_id"] for r in results} <= set(CATEGORY_IDS[1:])
     assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
     _check_against_alone(results, images, setup["alone"])
@@ -194,10 +243,13 @@ def test_glob_list_file_and_annotation_ids(setup, tmp_path, capsys):
     names = [os.path.normpath(str(folder / f"im{i}.png")) for i in range(5)]
     assert predict.expand_inputs([str(folder / "im*.png")]) == names
     assert predict.expand_inputs([str(folder)]) == sorted(
-        names + [os.path.normpath(str(folder / "broken.png"))])
+        names + [os.path.normpath(str(folder / "broken.png"))]
+    )
     lst = tmp_path / "some.txt"
-    lst.write_text(f"# two images, one relative to this file, one absolute\n\n"
-                   f"{os.path.relpath(names[3], tmp_path)}\n{names[1]}\n")
+    lst.write_text(
+        f"# two images, one relative to this file, one absolute\n\n"
+        f"{os.path.relpath(names[3], tmp_path)}\n{names[1]}\n"
+    )
     assert predict.expand_inputs([str(lst)]) == [names[1], names[3]]
     with pytest.raises(predict.InputError, match="matches no file"):
         predict.expand_inputs([str(folder / "*.jpeg")])
@@ -206,20 +258,44 @@ def test_glob_list_file_and_annotation_ids(setup, tmp_path, capsys):
 
     # Ids from a COCO annotations file, matched by file name; one listed image is not in it.
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [{"id": 301, "file_name": "images/im1.png",
-                                           "width": 64, "height": 48},
-                                          {"id": 7, "file_name": "im0.png"}],
-                               "annotations": [], "categories": []}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 301, "file_name": "images/im1.png", "width": 64, "height": 48},
+                    {"id": 7, "file_name": "im0.png"},
+                ],
+                "annotations": [],
+                "categories": [],
+            }
+        )
+    )
     lst.write_text(f"{names[1]}\n{names[0]}\n{names[2]}\n")
     out = tmp_path / "dets.json"
-    assert predict.main(_cli(setup, "--image", str(lst), "--batch-size", "3", "--results",
-                             str(out), "--coco-annotations", str(ann))) == 0
+    assert (
+        predict.main(
+            _cli(
+                setup,
+                "--image",
+                str(lst),
+                "--batch-size",
+                "3",
+                "--results",
+                str(out),
+                "--coco-annotations",
+                str(ann),
+            )
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     assert f"skipped {names[2]}: not in {ann}" in cap.err
     results = json.loads(out.read_text())
     assert not (tmp_path / "dets.images.json").exists()
-    images = [{"id": 7, "file_name": names[0], "width": 64, "height": 64},
-              {"id": 301, "file_name": names[1], "width": 64, "height": 48}]
+    images = [
+        {"id": 7, "file_name": names[0], "width": 64, "height": 64},
+        {"id": 301, "file_name": names[1], "width": 64, "height": 48},
+    ]
     assert {r["image_id"] for r in results} == {7, 301}
     _check_against_alone(results, images, {n: setup["alone"][n] for n in names[:2]})
 
@@ -227,12 +303,16 @@ def test_glob_list_file_and_annotation_ids(setup, tmp_path, capsys):
 def test_one_image_keeps_the_table_and_a_bad_one_is_named(setup, tmp_path, capsys):
     path = os.path.normpath(str(setup["folder"] / "im1.png"))
     out = tmp_path / "one.json"
-    assert predict.main(_cli(setup, "--image", path, "--score-thresh", "0.2",
-                             "--results", str(out))) == 0
+    assert (
+        predict.main(_cli(setup, "--image", path, "--score-thresh", "0.2", "--results", str(out)))
+        == 0
+    )
     cap = capsys.readouterr()
     det = setup["alone"][path]
-    assert f"{path}: 64x48, {int((det['scores'] >= 0.2).sum())} detections with score >= 0.2 " \
-           f"({len(det['scores'])} in all)" in cap.out
+    assert (
+        f"{path}: 64x48, {int((det['scores'] >= 0.2).sum())} detections with score >= 0.2 "
+        f"({len(det['scores'])} in all)" in cap.out
+    )
     assert "images/s" not in cap.out and "img/s" not in cap.err  # no bar for one image
     images = json.loads((tmp_path / "one.images.json").read_text())["images"]
     assert images == [{"id": 1, "file_name": path, "width": 64, "height": 48}]
@@ -246,8 +326,14 @@ def _rank(rank, port, argv, folder):
     """One rank, as torchrun would start it (the same environment variables), forked from
     the test process: no second import of torch, so the test takes seconds, not the ~25 s
     two fresh interpreters and torchrun's launcher take on a loaded two-core machine."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     code = 3
     with open(folder / f"rank{rank}.out", "w") as out, open(folder / f"rank{rank}.err", "w") as err:
         sys.stdout, sys.stderr = out, err
@@ -268,8 +354,7 @@ def _free_port():
 
 def test_two_ranks_merge_their_shards(setup, tmp_path):
     out = tmp_path / "dets.json"
-    argv = _cli(setup, "--image", str(setup["folder"]), "--batch-size", "2",
-                "--results", str(out))
+    argv = _cli(setup, "--image", str(setup["folder"]), "--batch-size", "2", "--results", str(out))
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, argv, tmp_path)) for r in range(2)]

@@ -1,5 +1,4 @@
 """RoIAlign: parity with torchvision, gradients, registration, layouts and bad input."""
-import math
 
 import pytest
 import torch
@@ -7,7 +6,8 @@ import torchvision
 
 import maskops
 from maskops.testing import ops as testing_ops
-from helpers import devices, random_rois
+
+from helpers import random_rois
 
 tv_roi_align = torchvision.ops.roi_align
 ops = torch.ops.maskops
@@ -29,8 +29,9 @@ def _features(shape, generator, dtype=torch.float32):
 @pytest.mark.parametrize("shape,output_size,scale,image", SHAPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_forward_matches_torchvision(rng, shape, output_size, scale, image, sampling_ratio,
-                                     aligned):
+def test_forward_matches_torchvision(
+    rng, shape, output_size, scale, image, sampling_ratio, aligned
+):
     x = _features(shape, rng)
     rois = random_rois(37, shape[0], image, rng, outside=True)
     expected = tv_roi_align(x, rois, output_size, scale, sampling_ratio, aligned)
@@ -40,7 +41,8 @@ def test_forward_matches_torchvision(rng, shape, output_size, scale, image, samp
     # The CUDA kernel's per-element body, run on the CPU, agrees too.
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     elementwise = testing_ops._multiscale_roi_align_forward_elementwise(
-        [x], rois, [scale], ph, pw, sampling_ratio, aligned, 224.0, 4.0, 0)
+        [x], rois, [scale], ph, pw, sampling_ratio, aligned, 224.0, 4.0, 0
+    )
     torch.testing.assert_close(elementwise, expected, rtol=0, atol=1e-5)
 
 
@@ -48,16 +50,18 @@ def test_forward_matches_torchvision(rng, shape, output_size, scale, image, samp
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 def test_degenerate_boxes_match_torchvision(rng, aligned, sampling_ratio):
     x = _features((2, 4, 12, 15), rng)
-    rois = torch.tensor([
-        [0, 5.0, 5.0, 5.0, 5.0],        # zero size
-        [1, 3.0, 4.0, 3.0, 9.0],        # zero width
-        [0, 9.0, 9.0, 2.0, 3.0],        # inverted
-        [1, -40.0, -40.0, -20.0, -30.0],  # fully outside, before the map
-        [0, 30.0, 30.0, 60.0, 50.0],    # fully outside, past the map
-        [1, -5.0, -3.0, 6.0, 40.0],     # partly outside
-        [0, 0.0, 0.0, 15.0, 12.0],      # exactly the map
-        [1, 14.0, 11.0, 15.0, 12.0],    # last cell
-    ])
+    rois = torch.tensor(
+        [
+            [0, 5.0, 5.0, 5.0, 5.0],  # zero size
+            [1, 3.0, 4.0, 3.0, 9.0],  # zero width
+            [0, 9.0, 9.0, 2.0, 3.0],  # inverted
+            [1, -40.0, -40.0, -20.0, -30.0],  # fully outside, before the map
+            [0, 30.0, 30.0, 60.0, 50.0],  # fully outside, past the map
+            [1, -5.0, -3.0, 6.0, 40.0],  # partly outside
+            [0, 0.0, 0.0, 15.0, 12.0],  # exactly the map
+            [1, 14.0, 11.0, 15.0, 12.0],  # last cell
+        ]
+    )
     for scale in (1.0, 0.5):
         expected = tv_roi_align(x, rois, (3, 4), scale, sampling_ratio, aligned)
         got = maskops.roi_align(x, rois, (3, 4), scale, sampling_ratio, aligned)
@@ -70,8 +74,9 @@ def test_list_of_boxes_equals_tensor_form(rng):
     got = maskops.roi_align(x, per_image, 5, 0.25, 2, True)
     expected = tv_roi_align(x, per_image, 5, 0.25, 2, True)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1)
-                      for i, b in enumerate(per_image)])
+    rois = torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(per_image)]
+    )
     torch.testing.assert_close(got, maskops.roi_align(x, rois, 5, 0.25, 2, True))
 
 
@@ -84,16 +89,22 @@ def test_empty_inputs():
     assert maskops.roi_align(x, [], 4).shape == (0, 3, 4, 4)
     assert maskops.roi_align(x, [torch.zeros(0, 4), torch.zeros(0, 4)], 4).shape == (0, 3, 4, 4)
     # Zero channels and a zero-sized map are valid too.
-    assert maskops.roi_align(torch.randn(1, 0, 8, 8), torch.tensor([[0, 1.0, 1, 5, 5]]), 2).shape == (1, 0, 2, 2)
+    assert maskops.roi_align(
+        torch.randn(1, 0, 8, 8), torch.tensor([[0, 1.0, 1, 5, 5]]), 2
+    ).shape == (1, 0, 2, 2)
     empty_map = maskops.roi_align(torch.randn(1, 2, 0, 5), torch.tensor([[0, 1.0, 1, 5, 5]]), 2)
     assert torch.equal(empty_map, torch.zeros(1, 2, 2, 2))
 
 
 def test_nan_and_huge_boxes_are_safe():
     x = torch.randn(1, 2, 10, 10)
-    rois = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0],
-                         [0, 1.0, 1.0, float("inf"), 5.0],
-                         [0, -1e30, -1e30, 1e30, 1e30]])
+    rois = torch.tensor(
+        [
+            [0, float("nan"), 1.0, 5.0, 5.0],
+            [0, 1.0, 1.0, float("inf"), 5.0],
+            [0, -1e30, -1e30, 1e30, 1e30],
+        ]
+    )
     out = maskops.roi_align(x, rois, 3, 1.0, -1, True)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], torch.zeros_like(out[0]))
@@ -123,7 +134,8 @@ def test_cuda_backward_algorithms_on_cpu(rng, deterministic, aligned):
     grad = torch.randn(29, 4, 5, 3, generator=rng, dtype=torch.float64)
     tv_roi_align(x, rois, (5, 3), 0.25, -1, aligned).backward(grad)
     (got,) = testing_ops._multiscale_roi_align_backward_cuda_algo(
-        grad, rois, [0.25], 5, 3, 3, 4, [11], [14], -1, aligned, 224.0, 4.0, 0, deterministic)
+        grad, rois, [0.25], 5, 3, 3, 4, [11], [14], -1, aligned, 224.0, 4.0, 0, deterministic
+    )
     torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-12)
 
 
@@ -132,9 +144,11 @@ def test_gradcheck(rng, aligned):
     x = _features((2, 3, 6, 7), rng, torch.float64).requires_grad_()
     rois = random_rois(5, 2, (12, 14), rng, torch.float64, outside=True)
     assert torch.autograd.gradcheck(
-        lambda t: maskops.roi_align(t, rois, (3, 2), 0.5, -1, aligned), (x,))
+        lambda t: maskops.roi_align(t, rois, (3, 2), 0.5, -1, aligned), (x,)
+    )
     assert torch.autograd.gradcheck(
-        lambda t: maskops.roi_align(t, rois, (3, 2), 0.5, 2, aligned), (x,))
+        lambda t: maskops.roi_align(t, rois, (3, 2), 0.5, 2, aligned), (x,)
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
@@ -161,8 +175,9 @@ def test_float64_boxes_with_float32_features(rng):
     x = _features((1, 4, 20, 20), rng)
     rois = random_rois(9, 1, (80, 80), rng, torch.float64)
     expected = tv_roi_align(x, rois.float(), 5, 0.25, 2, True)
-    torch.testing.assert_close(maskops.roi_align(x, rois, 5, 0.25, 2, True), expected,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maskops.roi_align(x, rois, 5, 0.25, 2, True), expected, rtol=0, atol=1e-5
+    )
 
 
 def test_channels_last_and_strided_inputs(rng):
@@ -181,13 +196,20 @@ def test_channels_last_and_strided_inputs(rng):
     # A sliced (non-contiguous) input and the elementwise path, which reads through strides.
     wide = _features((2, 24, 18, 40), rng)
     sliced = wide[:, :, :, ::2]
-    torch.testing.assert_close(maskops.roi_align(sliced, rois, 6, 0.25, 2, True),
-                               tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(testing_ops._multiscale_roi_align_forward_elementwise(
-                                   [sliced], rois, [0.25], 6, 6, 2, True, 224.0, 4.0, 0),
-                               tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maskops.roi_align(sliced, rois, 6, 0.25, 2, True),
+        tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
+        rtol=0,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        testing_ops._multiscale_roi_align_forward_elementwise(
+            [sliced], rois, [0.25], 6, 6, 2, True, 224.0, 4.0, 0
+        ),
+        tv_roi_align(sliced.contiguous(), rois, 6, 0.25, 2, True),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def test_results_do_not_depend_on_thread_count(rng):
@@ -214,8 +236,9 @@ def test_module_matches_torchvision_module(rng):
     ours = maskops.RoIAlign((5, 5), spatial_scale=0.25, sampling_ratio=2, aligned=True)
     theirs = torchvision.ops.RoIAlign((5, 5), spatial_scale=0.25, sampling_ratio=2, aligned=True)
     torch.testing.assert_close(ours(x, rois), theirs(x, rois), rtol=0, atol=1e-5)
-    assert repr(ours) == ("RoIAlign(output_size=(5, 5), spatial_scale=0.25, sampling_ratio=2, "
-                          "aligned=True)")
+    assert repr(ours) == (
+        "RoIAlign(output_size=(5, 5), spatial_scale=0.25, sampling_ratio=2, aligned=True)"
+    )
 
 
 def _opcheck_samples():
@@ -237,10 +260,13 @@ def test_opcheck_roi_align(args):
 def test_opcheck_backward():
     g = torch.Generator().manual_seed(1)
     rois = random_rois(6, 2, (36, 44), g)
-    for grad in (torch.randn(6, 3, 4, 5, generator=g),
-                 torch.randn(6, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)):
-        torch.library.opcheck(ops._roi_align_backward.default,
-                              (grad, rois, 0.25, 4, 5, 2, 3, 9, 11, 2, True))
+    for grad in (
+        torch.randn(6, 3, 4, 5, generator=g),
+        torch.randn(6, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+    ):
+        torch.library.opcheck(
+            ops._roi_align_backward.default, (grad, rois, 0.25, 4, 5, 2, 3, 9, 11, 2, True)
+        )
 
 
 def test_torch_compile_fullgraph(rng):
@@ -294,20 +320,47 @@ BAD_CALLS = [
     (lambda: maskops.roi_align(X, R[:, :4], 2), ValueError, r"boxes .* shape \[K, 5\]"),
     (lambda: maskops.roi_align(X, R[0], 2), ValueError, r"boxes .* shape \[K, 5\]"),
     (lambda: maskops.roi_align(X, R.long(), 2), TypeError, "boxes must have a floating dtype"),
-    (lambda: maskops.roi_align(X, [R[:, 1:], R], 2), ValueError, r"boxes\[1\] must have shape \[L, 4\]"),
+    (
+        lambda: maskops.roi_align(X, [R[:, 1:], R], 2),
+        ValueError,
+        r"boxes\[1\] must have shape \[L, 4\]",
+    ),
     (lambda: maskops.roi_align(X, "boxes", 2), TypeError, "boxes must be a Tensor"),
     (lambda: maskops.roi_align(X, R, -2), ValueError, "output_size must be positive"),
     (lambda: maskops.roi_align(X, R, (2, 0)), ValueError, r"output_size\[1\] must be positive"),
-    (lambda: maskops.roi_align(X, R, (2, 2, 2)), ValueError, "output_size must be an int or a pair"),
+    (
+        lambda: maskops.roi_align(X, R, (2, 2, 2)),
+        ValueError,
+        "output_size must be an int or a pair",
+    ),
     (lambda: maskops.roi_align(X, R, 2.5), TypeError, "output_size must be an int"),
-    (lambda: maskops.roi_align(X, R, 2, spatial_scale=0.0), ValueError, "spatial_scale must be a finite positive"),
+    (
+        lambda: maskops.roi_align(X, R, 2, spatial_scale=0.0),
+        ValueError,
+        "spatial_scale must be a finite positive",
+    ),
     (lambda: maskops.roi_align(X, R, 2, spatial_scale=float("nan")), ValueError, "spatial_scale"),
-    (lambda: maskops.roi_align(X, R, 2, sampling_ratio=1.5), TypeError, "sampling_ratio must be an int"),
+    (
+        lambda: maskops.roi_align(X, R, 2, sampling_ratio=1.5),
+        TypeError,
+        "sampling_ratio must be an int",
+    ),
     (lambda: maskops.roi_align(X, R, 2, aligned=1), TypeError, "aligned must be a bool"),
-    (lambda: maskops.roi_align(X, torch.tensor([[2, 1.0, 1, 5, 5]]), 2), ValueError,
-     r"boxes\[0, 0\] \(batch index\) is 2.0, expected an index in \[0, 2\)"),
-    (lambda: maskops.roi_align(X, torch.tensor([[-1, 1.0, 1, 5, 5]]), 2), ValueError, "batch index"),
-    (lambda: maskops.roi_align(X, torch.tensor([[float("nan"), 1.0, 1, 5, 5]]), 2), ValueError, "batch index"),
+    (
+        lambda: maskops.roi_align(X, torch.tensor([[2, 1.0, 1, 5, 5]]), 2),
+        ValueError,
+        r"boxes\[0, 0\] \(batch index\) is 2.0, expected an index in \[0, 2\)",
+    ),
+    (
+        lambda: maskops.roi_align(X, torch.tensor([[-1, 1.0, 1, 5, 5]]), 2),
+        ValueError,
+        "batch index",
+    ),
+    (
+        lambda: maskops.roi_align(X, torch.tensor([[float("nan"), 1.0, 1, 5, 5]]), 2),
+        ValueError,
+        "batch index",
+    ),
     (lambda: maskops.roi_align(X, R.to("meta"), 2), ValueError, "boxes must be on the same device"),
     (lambda: maskops.RoIAlign(0, 1.0, 2), ValueError, "output_size must be positive"),
 ]
@@ -335,6 +388,7 @@ def test_direct_op_calls_check_arguments():
 
 # ---- CUDA (skipped without a GPU): each case also runs on the CPU and is compared ----
 
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -352,7 +406,9 @@ def test_cuda_matches_cpu(rng, dtype, channels_last):
         results[device] = (out.cpu().float(), xd.grad.cpu().float())
         assert out.dtype == dtype
         assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[
+        dtype
+    ]
     torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=tol, atol=tol)
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=tol, atol=tol)
 
@@ -362,8 +418,12 @@ def test_cuda_matches_torchvision(rng):
     x = _features((2, 16, 25, 19), rng).cuda()
     rois = random_rois(40, 2, (200, 152), rng, outside=True).cuda()
     for aligned in (False, True):
-        torch.testing.assert_close(maskops.roi_align(x, rois, 7, 1 / 8, -1, aligned),
-                                   tv_roi_align(x, rois, 7, 1 / 8, -1, aligned), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            maskops.roi_align(x, rois, 7, 1 / 8, -1, aligned),
+            tv_roi_align(x, rois, 7, 1 / 8, -1, aligned),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.cuda
@@ -374,8 +434,10 @@ def test_cuda_deterministic_backward_is_bitwise_repeatable(rng):
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        grads = [torch.autograd.grad(maskops.roi_align(x, rois, 7, 0.25, 2, True), x, g)[0]
-                 for _ in range(3)]
+        grads = [
+            torch.autograd.grad(maskops.roi_align(x, rois, 7, 0.25, 2, True), x, g)[0]
+            for _ in range(3)
+        ]
     finally:
         torch.use_deterministic_algorithms(before)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])

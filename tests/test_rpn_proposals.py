@@ -7,13 +7,18 @@ way), so tie cases are compared as sets of (box, score) rows. The test-only op
 _rpn_proposals_elementwise runs the CUDA algorithm on the CPU, whose exp is the C library's:
 it agrees to an ulp of each coordinate.
 """
+
 import math
 
 import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
 
 import maskops
 from maskops.testing import ops as testing_ops
@@ -30,9 +35,18 @@ def gen(seed):
 
 
 def make_rpn(pre=1000, post=1000, nms_thresh=0.7, score_thresh=0.0, channels=4):
-    rpn = RegionProposalNetwork(TVAnchorGenerator(SIZES, RATIOS), RPNHead(channels, 3), 0.7, 0.3, 256, 0.5,
-                                dict(training=pre, testing=pre), dict(training=post, testing=post),
-                                nms_thresh, score_thresh)
+    rpn = RegionProposalNetwork(
+        TVAnchorGenerator(SIZES, RATIOS),
+        RPNHead(channels, 3),
+        0.7,
+        0.3,
+        256,
+        0.5,
+        dict(training=pre, testing=pre),
+        dict(training=post, testing=post),
+        nms_thresh,
+        score_thresh,
+    )
     return rpn.eval()
 
 
@@ -42,7 +56,9 @@ def make_case(image_size, batch, seed, ties=False, logit_range=6.0, dtype=torch.
     spread over [-logit_range / 2, logit_range / 2]) unless `ties`."""
     g = gen(seed)
     h, w = image_size
-    images = ImageList(torch.zeros(batch, 3, h, w), [(h - 31 * i, w - 45 * i) for i in range(batch)])
+    images = ImageList(
+        torch.zeros(batch, 3, h, w), [(h - 31 * i, w - 45 * i) for i in range(batch)]
+    )
     feats = [torch.zeros(batch, 1, math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
     anchors = TVAnchorGenerator(SIZES, RATIOS)(images, feats)
     per_level = [f.shape[-2] * f.shape[-1] * 3 for f in feats]
@@ -64,13 +80,31 @@ def torchvision_proposals(rpn, images, anchors, per_level, objectness, deltas, m
 
 def maskops_proposals(rpn, images, anchors, per_level, objectness, deltas, min_size=1e-3, op=None):
     if op is None:
-        return maskops.rpn_proposals(objectness, deltas, anchors, images.image_sizes,
-                                     rpn.pre_nms_top_n(), rpn.post_nms_top_n(), rpn.nms_thresh,
-                                     rpn.score_thresh, min_size, per_level)
+        return maskops.rpn_proposals(
+            objectness,
+            deltas,
+            anchors,
+            images.image_sizes,
+            rpn.pre_nms_top_n(),
+            rpn.post_nms_top_n(),
+            rpn.nms_thresh,
+            rpn.score_thresh,
+            min_size,
+            per_level,
+        )
     b = len(images.image_sizes)
-    return op(objectness.view(b, -1), deltas.view(b, -1, 4), torch.stack(anchors),
-              [x for s in images.image_sizes for x in s], rpn.pre_nms_top_n(), rpn.post_nms_top_n(),
-              rpn.nms_thresh, rpn.score_thresh, min_size, per_level)
+    return op(
+        objectness.view(b, -1),
+        deltas.view(b, -1, 4),
+        torch.stack(anchors),
+        [x for s in images.image_sizes for x in s],
+        rpn.pre_nms_top_n(),
+        rpn.post_nms_top_n(),
+        rpn.nms_thresh,
+        rpn.score_thresh,
+        min_size,
+        per_level,
+    )
 
 
 def assert_identical(got, expected):
@@ -86,8 +120,10 @@ def assert_same_sets(got, expected):
         assert torch.equal(gs, es)  # the same scores, in the same (decreasing) order
 
 
-@pytest.mark.parametrize("image_size,batch", [((800, 800), 1), ((800, 800), 2), ((800, 1216), 2),
-                                              ((517, 703), 1), ((333, 500), 2)])
+@pytest.mark.parametrize(
+    "image_size,batch",
+    [((800, 800), 1), ((800, 800), 2), ((800, 1216), 2), ((517, 703), 1), ((333, 500), 2)],
+)
 def test_matches_torchvision(image_size, batch):
     case = make_case(image_size, batch, seed=batch)
     rpn = make_rpn()
@@ -97,15 +133,18 @@ def test_matches_torchvision(image_size, batch):
     assert_identical(got, expected)
 
 
-@pytest.mark.parametrize("pre,post,nms_thresh,score_thresh,min_size", [
-    (2000, 2000, 0.7, 0.0, 1e-3),   # torchvision's training settings
-    (300, 100, 0.5, 0.6, 1e-3),     # a score threshold that cuts (compared in float32)
-    (50, 1000, 0.7, 0.0, 40.0),     # min_size that cuts; every level has more than pre anchors
-    (100000, 50, 0.3, 0.0, 1e-3),   # pre beyond every level's size: all anchors are candidates
-    (1000, 0, 0.7, 0.0, 1e-3),      # post = 0
-    (0, 1000, 0.7, 0.0, 1e-3),      # pre = 0
-    (1000, 1000, 0.7, 1.1, 1e-3),   # nothing passes the score threshold
-])
+@pytest.mark.parametrize(
+    "pre,post,nms_thresh,score_thresh,min_size",
+    [
+        (2000, 2000, 0.7, 0.0, 1e-3),  # torchvision's training settings
+        (300, 100, 0.5, 0.6, 1e-3),  # a score threshold that cuts (compared in float32)
+        (50, 1000, 0.7, 0.0, 40.0),  # min_size that cuts; every level has more than pre anchors
+        (100000, 50, 0.3, 0.0, 1e-3),  # pre beyond every level's size: all anchors are candidates
+        (1000, 0, 0.7, 0.0, 1e-3),  # post = 0
+        (0, 1000, 0.7, 0.0, 1e-3),  # pre = 0
+        (1000, 1000, 0.7, 1.1, 1e-3),  # nothing passes the score threshold
+    ],
+)
 def test_settings_match_torchvision(pre, post, nms_thresh, score_thresh, min_size):
     case = make_case((416, 352), 2, seed=7)
     rpn = make_rpn(pre, post, nms_thresh, score_thresh)
@@ -127,11 +166,16 @@ def test_float64_matches_torchvision():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_compute_in_float32(dtype):
     images, anchors, per_level, objectness, deltas = make_case((333, 500), 2, seed=4)
-    objectness, deltas, anchors = objectness.to(dtype), deltas.to(dtype), [a.to(dtype) for a in anchors]
+    objectness, deltas, anchors = (
+        objectness.to(dtype),
+        deltas.to(dtype),
+        [a.to(dtype) for a in anchors],
+    )
     rpn = make_rpn()
     got = maskops_proposals(rpn, images, anchors, per_level, objectness, deltas)
-    ref = maskops_proposals(rpn, images, [a.float() for a in anchors], per_level, objectness.float(),
-                            deltas.float())
+    ref = maskops_proposals(
+        rpn, images, [a.float() for a in anchors], per_level, objectness.float(), deltas.float()
+    )
     for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
         assert gb.dtype == dtype and gs.dtype == dtype
         assert torch.equal(gb, rb.to(dtype)) and torch.equal(gs, rs.to(dtype))
@@ -184,8 +228,10 @@ def test_full_rpn_module_matches():
     rpn = make_rpn(pre=1000, post=500, channels=8)
     torch.nn.init.normal_(rpn.head.cls_logits.weight, std=0.3)  # spread-out logits
     images = ImageList(torch.zeros(2, 3, 480, 640), [(480, 640), (451, 600)])
-    features = {str(i): torch.randn(2, 8, math.ceil(480 / s), math.ceil(640 / s))
-                for i, s in enumerate(STRIDES)}
+    features = {
+        str(i): torch.randn(2, 8, math.ceil(480 / s), math.ceil(640 / s))
+        for i, s in enumerate(STRIDES)
+    }
     with torch.no_grad():
         expected, _ = rpn(images, features)
         feats = list(features.values())
@@ -193,8 +239,9 @@ def test_full_rpn_module_matches():
         per_level = [o[0].numel() for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         anchors = maskops.AnchorGenerator(SIZES, RATIOS)(images, feats)
-        boxes, scores = maskops.rpn_proposals(objectness, deltas, anchors, images.image_sizes, 1000,
-                                              500, 0.7, 0.0, 1e-3, per_level)
+        boxes, scores = maskops.rpn_proposals(
+            objectness, deltas, anchors, images.image_sizes, 1000, 500, 0.7, 0.0, 1e-3, per_level
+        )
     for got, exp in zip(boxes, expected):
         assert got.shape == exp.shape
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, exp.tolist()))
@@ -207,31 +254,49 @@ def test_anchor_layouts():
     moved = [anchors[0], anchors[1] + 3.5]
     expected = torchvision_proposals(rpn, images, moved, per_level, objectness, deltas)
     assert_identical(maskops_proposals(rpn, images, moved, per_level, objectness, deltas), expected)
-    assert_identical(maskops_proposals(rpn, images, torch.stack(moved), per_level, objectness, deltas),
-                     expected)
+    assert_identical(
+        maskops_proposals(rpn, images, torch.stack(moved), per_level, objectness, deltas), expected
+    )
     # [B, A] / [B, A, 4] inputs work as well as torchvision's flattened ones.
     same = torchvision_proposals(rpn, images, anchors, per_level, objectness, deltas)
-    got = maskops.rpn_proposals(objectness.view(2, -1), deltas.view(2, -1, 4), anchors[0],
-                                images.image_sizes, 300, 200, 0.7, 0.0, 1e-3, per_level)
+    got = maskops.rpn_proposals(
+        objectness.view(2, -1),
+        deltas.view(2, -1, 4),
+        anchors[0],
+        images.image_sizes,
+        300,
+        200,
+        0.7,
+        0.0,
+        1e-3,
+        per_level,
+    )
     assert_identical(got, same)
 
 
 def test_empty_inputs():
     obj, deltas, anchors = torch.zeros(2, 0), torch.zeros(2, 0, 4), torch.zeros(0, 4)
-    boxes, scores = maskops.rpn_proposals(obj, deltas, anchors, [(10, 10), (10, 10)], 10, 10, 0.7, 0.0,
-                                          1e-3, [0, 0])
-    assert [b.shape for b in boxes] == [(0, 4), (0, 4)] and [s.shape for s in scores] == [(0,), (0,)]
-    boxes, scores = maskops.rpn_proposals(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [],
-                                          10, 10, 0.7, 0.0, 1e-3, [5])
+    boxes, scores = maskops.rpn_proposals(
+        obj, deltas, anchors, [(10, 10), (10, 10)], 10, 10, 0.7, 0.0, 1e-3, [0, 0]
+    )
+    assert [b.shape for b in boxes] == [(0, 4), (0, 4)] and [s.shape for s in scores] == [
+        (0,),
+        (0,),
+    ]
+    boxes, scores = maskops.rpn_proposals(
+        torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [], 10, 10, 0.7, 0.0, 1e-3, [5]
+    )
     assert boxes == [] and scores == []
     op = testing_ops._rpn_proposals_elementwise
-    assert op(torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [], 10, 10, 0.7, 0.0, 1e-3,
-              [5]) == ([], [])
+    assert op(
+        torch.zeros(0, 5), torch.zeros(0, 5, 4), torch.zeros(5, 4), [], 10, 10, 0.7, 0.0, 1e-3, [5]
+    ) == ([], [])
     boxes, scores = op(obj, deltas, anchors, [10, 10, 10, 10], 10, 10, 0.7, 0.0, 1e-3, [0, 0])
     assert [b.shape for b in boxes] == [(0, 4), (0, 4)]
 
 
 # ---- the CUDA algorithm on the CPU ----
+
 
 @pytest.mark.parametrize("image_size,batch", [((800, 800), 1), ((517, 703), 2)])
 def test_elementwise_op_agrees(image_size, batch):
@@ -253,12 +318,25 @@ def proposal_check(case, rpn, boxes, scores, i, min_size=1e-3, box_tol=1e-3, sco
     tolerances), whatever it decides at the boundaries those cover."""
     images, anchors, per_level, objectness, deltas = case
     b = len(images.image_sizes)
-    config = dict(pre_nms_top_n=rpn.pre_nms_top_n(), post_nms_top_n=rpn.post_nms_top_n(),
-                  rpn_nms_thresh=rpn.nms_thresh, rpn_score_thresh=rpn.score_thresh,
-                  rpn_min_size=min_size)
-    return check_rpn_proposals(objectness.view(b, -1)[i], deltas.view(b, -1, 4)[i], anchors[i],
-                               images.image_sizes[i], per_level, config, boxes, scores,
-                               box_tol, score_tol)
+    config = dict(
+        pre_nms_top_n=rpn.pre_nms_top_n(),
+        post_nms_top_n=rpn.post_nms_top_n(),
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_score_thresh=rpn.score_thresh,
+        rpn_min_size=min_size,
+    )
+    return check_rpn_proposals(
+        objectness.view(b, -1)[i],
+        deltas.view(b, -1, 4)[i],
+        anchors[i],
+        images.image_sizes[i],
+        per_level,
+        config,
+        boxes,
+        scores,
+        box_tol,
+        score_tol,
+    )
 
 
 def test_elementwise_op_is_a_valid_selection_even_at_boundaries():
@@ -270,21 +348,26 @@ def test_elementwise_op_is_a_valid_selection_even_at_boundaries():
     for i in range(2):
         check = proposal_check(case, rpn, boxes[i], scores[i], i)
         assert check.ok, check.detail
-    lost = proposal_check(case, rpn, boxes[0][1:], scores[0][1:], 0)      # the best dropped
+    lost = proposal_check(case, rpn, boxes[0][1:], scores[0][1:], 0)  # the best dropped
     assert not lost.ok and "robustly kept but lost: 1" in lost.detail
     moved = boxes[0].clone()
-    moved[5] += 0.5                                                        # one box moved
+    moved[5] += 0.5  # one box moved
     assert "not from a candidate: 1" in proposal_check(case, rpn, moved, scores[0], 0).detail
 
 
 def test_elementwise_op_settings():
     case = make_case((300, 200), 2, seed=9, logit_range=4.0)
-    for pre, post, score_thresh, min_size in [(50, 30, 0.5, 1e-3), (0, 10, 0.0, 1e-3),
-                                              (100, 100, 0.0, 30.0), (100, 100, 0.99, 1e-3)]:
+    for pre, post, score_thresh, min_size in [
+        (50, 30, 0.5, 1e-3),
+        (0, 10, 0.0, 1e-3),
+        (100, 100, 0.0, 30.0),
+        (100, 100, 0.99, 1e-3),
+    ]:
         rpn = make_rpn(pre, post, 0.6, score_thresh)
         ref = maskops_proposals(rpn, *case, min_size=min_size)
-        got = maskops_proposals(rpn, *case, min_size=min_size,
-                                op=testing_ops._rpn_proposals_elementwise)
+        got = maskops_proposals(
+            rpn, *case, min_size=min_size, op=testing_ops._rpn_proposals_elementwise
+        )
         for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
             assert gb.shape == rb.shape
             torch.testing.assert_close(gb, rb, rtol=0, atol=1e-4)
@@ -297,12 +380,17 @@ def test_elementwise_op_per_image_segments():
     case = make_case((300, 200), 3, seed=10, logit_range=4.0)
     images, anchors, per_level, objectness, deltas = case
     images.image_sizes[1] = (2, 2)
-    for pre, post, score_thresh, min_size in [(100, 100, 0.0, 3.0), (100, 0, 0.0, 1e-3),
-                                              (200, 7, 0.3, 1e-3), (50, 1000, 0.6, 1e-3)]:
+    for pre, post, score_thresh, min_size in [
+        (100, 100, 0.0, 3.0),
+        (100, 0, 0.0, 1e-3),
+        (200, 7, 0.3, 1e-3),
+        (50, 1000, 0.6, 1e-3),
+    ]:
         rpn = make_rpn(pre, post, 0.6, score_thresh)
         ref = maskops_proposals(rpn, *case, min_size=min_size)
-        got = maskops_proposals(rpn, *case, min_size=min_size,
-                                op=testing_ops._rpn_proposals_elementwise)
+        got = maskops_proposals(
+            rpn, *case, min_size=min_size, op=testing_ops._rpn_proposals_elementwise
+        )
         assert len(got[0]) == 3
         for (gb, gs), (rb, rs) in zip(zip(*got), zip(*ref)):
             assert gb.shape == rb.shape
@@ -312,11 +400,22 @@ def test_elementwise_op_per_image_segments():
 
 # ---- registration, bad input ----
 
+
 def _opcheck_args(anchor_batch=False):
     images, anchors, per_level, objectness, deltas = make_case((96, 128), 2, seed=10)
     anc = torch.stack(anchors) if anchor_batch else anchors[0]
-    return (objectness.view(2, -1), deltas.view(2, -1, 4), anc, [96, 128, 65, 83], 100, 50, 0.7,
-            0.0, 1e-3, per_level)
+    return (
+        objectness.view(2, -1),
+        deltas.view(2, -1, 4),
+        anc,
+        [96, 128, 65, 83],
+        100,
+        50,
+        0.7,
+        0.0,
+        1e-3,
+        per_level,
+    )
 
 
 def _op(name):
@@ -341,22 +440,43 @@ def test_torch_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(images, f0, f1, objectness, deltas):
         anchors = gen_(ImageList(images, sizes), [f0, f1])
-        return maskops.rpn_proposals(objectness, deltas, anchors, sizes, 100, 50, 0.7, 0.0, 1e-3, levels)
+        return maskops.rpn_proposals(
+            objectness, deltas, anchors, sizes, 100, 50, 0.7, 0.0, 1e-3, levels
+        )
 
     images, feats = torch.zeros(2, 3, 64, 96), [torch.zeros(2, 1, 16, 24), torch.zeros(2, 1, 8, 12)]
     g = gen(13)
-    objectness, deltas = torch.randn(2, sum(levels), generator=g), torch.randn(2, sum(levels), 4, generator=g) * 0.2
+    objectness, deltas = (
+        torch.randn(2, sum(levels), generator=g),
+        torch.randn(2, sum(levels), 4, generator=g) * 0.2,
+    )
     got = f(images, *feats, objectness, deltas)
-    expected = maskops.rpn_proposals(objectness, deltas, gen_(ImageList(images, sizes), feats), sizes,
-                                     100, 50, 0.7, 0.0, 1e-3, levels)
+    expected = maskops.rpn_proposals(
+        objectness,
+        deltas,
+        gen_(ImageList(images, sizes), feats),
+        sizes,
+        100,
+        50,
+        0.7,
+        0.0,
+        1e-3,
+        levels,
+    )
     assert_identical(got, expected)
 
 
-O, D, A = torch.randn(2, 30), torch.randn(2, 30, 4), torch.rand(30, 4) * 10 + torch.tensor([0, 0, 10, 10])
+O, D, A = (
+    torch.randn(2, 30),
+    torch.randn(2, 30, 4),
+    torch.rand(30, 4) * 10 + torch.tensor([0, 0, 10, 10]),
+)
 SZ = [(40, 40), (40, 40)]
 
 
-def call(o=O, d=D, a=A, sizes=SZ, pre=10, post=10, nms=0.7, score=0.0, min_size=1e-3, levels=(20, 10)):
+def call(
+    o=O, d=D, a=A, sizes=SZ, pre=10, post=10, nms=0.7, score=0.0, min_size=1e-3, levels=(20, 10)
+):
     return maskops.rpn_proposals(o, d, a, sizes, pre, post, nms, score, min_size, levels)
 
 
@@ -393,8 +513,19 @@ def test_bad_input(case):
         fn()
 
 
-def direct(o=O, d=D, a=A, sizes=(40, 40, 40, 40), pre=10, post=10, nms=0.7, score=0.0, min_size=1e-3,
-           levels=(20, 10), op="rpn_proposals"):
+def direct(
+    o=O,
+    d=D,
+    a=A,
+    sizes=(40, 40, 40, 40),
+    pre=10,
+    post=10,
+    nms=0.7,
+    score=0.0,
+    min_size=1e-3,
+    levels=(20, 10),
+    op="rpn_proposals",
+):
     return _op(op)(o, d, a, list(sizes), pre, post, nms, score, min_size, list(levels))
 
 
@@ -423,15 +554,19 @@ def test_bad_input_direct(case):
 
 # ---- CUDA ----
 
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cuda_matches_cpu(batch):
-    images, anchors, per_level, objectness, deltas = make_case((800, 1216), batch, seed=11, logit_range=4.0)
+    images, anchors, per_level, objectness, deltas = make_case(
+        (800, 1216), batch, seed=11, logit_range=4.0
+    )
     rpn = make_rpn()
     ref = maskops_proposals(rpn, images, anchors, per_level, objectness, deltas)
-    got = maskops_proposals(rpn, images, [a.cuda() for a in anchors], per_level, objectness.cuda(),
-                            deltas.cuda())
+    got = maskops_proposals(
+        rpn, images, [a.cuda() for a in anchors], per_level, objectness.cuda(), deltas.cuda()
+    )
     case = images, anchors, per_level, objectness, deltas
     for i, ((gb, gs), (rb, rs)) in enumerate(zip(zip(*got), zip(*ref))):
         assert gb.is_cuda and gs.is_cuda

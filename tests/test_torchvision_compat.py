@@ -9,6 +9,7 @@
   trace once patched, gives the eager results;
 * sampling_ratio has a limit, checked in Python and in C++.
 """
+
 import math
 import pickle
 from collections import OrderedDict
@@ -32,6 +33,7 @@ INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 
 
 # ---- 1. the same mistake through both libraries ----
+
 
 def _inputs(device="cpu"):
     """Fresh random inputs; every case breaks one thing about them."""
@@ -67,12 +69,14 @@ def _roi(lib):
 def _roi_module(lib):
     def call(x, boxes, output_size=2, spatial_scale=1.0, sampling_ratio=2, aligned=False):
         return lib.RoIAlign(output_size, spatial_scale, sampling_ratio, aligned)(x, boxes)
+
     return call
 
 
 def _ms(lib, names=("0", "1"), output_size=2, sampling_ratio=2, **kw):
-    return lambda x, boxes, shapes: lib.MultiScaleRoIAlign(list(names), output_size,
-                                                           sampling_ratio, **kw)(x, boxes, shapes)
+    return lambda x, boxes, shapes: lib.MultiScaleRoIAlign(
+        list(names), output_size, sampling_ratio, **kw
+    )(x, boxes, shapes)
 
 
 def _coder(lib):
@@ -105,30 +109,64 @@ def case(name, expected, call):
 
 
 for form, make in (("roi_align", _roi), ("RoIAlign", _roi_module)):
+
     def R(lib, *a, make=make, **k):
         return make(lib)(*a, **k)
+
     case(f"{form} input list", "same", lambda L, t, R=R: R(L, [t["x"]], t["rois"], 2))
     case(f"{form} input int", "same", lambda L, t, R=R: R(L, t["x"].long(), t["rois"], 2))
     case(f"{form} input bool", "same", lambda L, t, R=R: R(L, t["x"] > 0, t["rois"], 2))
-    case(f"{form} input complex", "same", lambda L, t, R=R: R(L, t["x"].to(torch.complex64), t["rois"], 2))
+    case(
+        f"{form} input complex",
+        "same",
+        lambda L, t, R=R: R(L, t["x"].to(torch.complex64), t["rois"], 2),
+    )
     case(f"{form} input 3d", "same", lambda L, t, R=R: R(L, t["x"][0], t["rois"], 2))
     case(f"{form} input 5d", "stricter", lambda L, t, R=R: R(L, t["x"][None], t["rois"], 2))
     case(f"{form} rois [K, 4]", "same", lambda L, t, R=R: R(L, t["x"], t["rois"][:, :4], 2))
-    case(f"{form} rois [K, 6]", "same", lambda L, t, R=R: R(L, t["x"], torch.cat([t["rois"], t["rois"][:, :1]], 1), 2))
+    case(
+        f"{form} rois [K, 6]",
+        "same",
+        lambda L, t, R=R: R(L, t["x"], torch.cat([t["rois"], t["rois"][:, :1]], 1), 2),
+    )
     case(f"{form} rois 1d", "same", lambda L, t, R=R: R(L, t["x"], t["rois"][0], 2))
     case(f"{form} rois 3d", "same", lambda L, t, R=R: R(L, t["x"], t["rois"][None], 2))
     case(f"{form} rois int", "same", lambda L, t, R=R: R(L, t["x"], t["rois"].int(), 2))
-    case(f"{form} rois float64, input float32", "wider", lambda L, t, R=R: R(L, t["x"], t["rois"].double(), 2))
-    case(f"{form} rois float32, input float16", "wider", lambda L, t, R=R: R(L, t["x"].half(), t["rois"], 2))
-    case(f"{form} rois float32, input float64", "wider", lambda L, t, R=R: R(L, t["x"].double(), t["rois"], 2))
-    case(f"{form} rois on another device", "stricter", lambda L, t, R=R: R(L, t["x"], _meta(t["rois"]), 2))
+    case(
+        f"{form} rois float64, input float32",
+        "wider",
+        lambda L, t, R=R: R(L, t["x"], t["rois"].double(), 2),
+    )
+    case(
+        f"{form} rois float32, input float16",
+        "wider",
+        lambda L, t, R=R: R(L, t["x"].half(), t["rois"], 2),
+    )
+    case(
+        f"{form} rois float32, input float64",
+        "wider",
+        lambda L, t, R=R: R(L, t["x"].double(), t["rois"], 2),
+    )
+    case(
+        f"{form} rois on another device",
+        "stricter",
+        lambda L, t, R=R: R(L, t["x"], _meta(t["rois"]), 2),
+    )
     case(f"{form} list [L, 3]", "same", lambda L, t, R=R: R(L, t["x"], [t["boxes"][:, :3]], 2))
     case(f"{form} list [L, 5]", "same", lambda L, t, R=R: R(L, t["x"], [t["rois"]], 2))
     case(f"{form} list 1d", "same", lambda L, t, R=R: R(L, t["x"], [t["boxes"][0]], 2))
     case(f"{form} list int", "same", lambda L, t, R=R: R(L, t["x"], [t["boxes"].long()], 2))
     case(f"{form} list of lists", "same", lambda L, t, R=R: R(L, t["x"], [t["boxes"].tolist()], 2))
-    case(f"{form} list on another device", "stricter", lambda L, t, R=R: R(L, t["x"], [_meta(t["boxes"])], 2))
-    case(f"{form} list mixed dtypes", "wider", lambda L, t, R=R: R(L, t["x"], [t["boxes"], t["boxes"].double()], 2))
+    case(
+        f"{form} list on another device",
+        "stricter",
+        lambda L, t, R=R: R(L, t["x"], [_meta(t["boxes"])], 2),
+    )
+    case(
+        f"{form} list mixed dtypes",
+        "wider",
+        lambda L, t, R=R: R(L, t["x"], [t["boxes"], t["boxes"].double()], 2),
+    )
     case(f"{form} empty list", "wider", lambda L, t, R=R: R(L, t["x"], [], 2))
     case(f"{form} boxes str", "same", lambda L, t, R=R: R(L, t["x"], "boxes", 2))
     case(f"{form} boxes None", "same", lambda L, t, R=R: R(L, t["x"], None, 2))
@@ -136,20 +174,48 @@ for form, make in (("roi_align", _roi), ("RoIAlign", _roi_module)):
     case(f"{form} output_size negative", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], -1))
     case(f"{form} output_size (3, -1)", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], (3, -1)))
     case(f"{form} output_size (3,)", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], (3,)))
-    case(f"{form} output_size (3, 3, 3)", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], (3, 3, 3)))
+    case(
+        f"{form} output_size (3, 3, 3)",
+        "stricter",
+        lambda L, t, R=R: R(L, t["x"], t["rois"], (3, 3, 3)),
+    )
     case(f"{form} output_size float", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2.0))
-    case(f"{form} output_size (2, 2.0)", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], (2, 2.0)))
+    case(
+        f"{form} output_size (2, 2.0)", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], (2, 2.0))
+    )
     case(f"{form} output_size str", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], "2"))
     case(f"{form} output_size None", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], None))
     case(f"{form} output_size bool", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], True))
     case(f"{form} spatial_scale 0", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 0.0))
-    case(f"{form} spatial_scale negative", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, -0.5))
-    case(f"{form} spatial_scale NaN", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, math.nan, -1))
+    case(
+        f"{form} spatial_scale negative",
+        "stricter",
+        lambda L, t, R=R: R(L, t["x"], t["rois"], 2, -0.5),
+    )
+    case(
+        f"{form} spatial_scale NaN",
+        "stricter",
+        lambda L, t, R=R: R(L, t["x"], t["rois"], 2, math.nan, -1),
+    )
     case(f"{form} spatial_scale str", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, "1"))
-    case(f"{form} sampling_ratio float", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, 2.5))
-    case(f"{form} sampling_ratio str", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, "2"))
-    case(f"{form} sampling_ratio negative", "ok", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, -3))
-    case(f"{form} sampling_ratio 1024", "ok", lambda L, t, R=R: R(L, t["x"], t["rois"][:1], 1, 1.0, 1024))
+    case(
+        f"{form} sampling_ratio float",
+        "same",
+        lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, 2.5),
+    )
+    case(
+        f"{form} sampling_ratio str", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, "2")
+    )
+    case(
+        f"{form} sampling_ratio negative",
+        "ok",
+        lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, -3),
+    )
+    case(
+        f"{form} sampling_ratio 1024",
+        "ok",
+        lambda L, t, R=R: R(L, t["x"], t["rois"][:1], 1, 1.0, 1024),
+    )
     case(f"{form} aligned int", "stricter", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, 2, 1))
     case(f"{form} aligned str", "same", lambda L, t, R=R: R(L, t["x"], t["rois"], 2, 1.0, 2, "yes"))
     case(f"{form} no boxes", "ok", lambda L, t, R=R: R(L, t["x"], t["rois"][:0], 2))
@@ -170,28 +236,92 @@ for name, expected, call in [
     ("no map named", "same", lambda L, t: M(L, names=["a"])(t["feats"], [t["boxes"]], [(64, 64)])),
     ("image_shapes empty", "same", lambda L, t: M(L)(t["feats"], [t["boxes"]], [])),
     ("image_shapes of ints", "same", lambda L, t: M(L)(t["feats"], [t["boxes"]], [64])),
-    ("boxes a [K, 5] tensor", "wider", lambda L, t: M(L)(t["feats"], torch.cat([torch.zeros(3, 1), t["boxes"]], 1), [(64, 64)])),
+    (
+        "boxes a [K, 5] tensor",
+        "wider",
+        lambda L, t: M(L)(t["feats"], torch.cat([torch.zeros(3, 1), t["boxes"]], 1), [(64, 64)]),
+    ),
     ("boxes a [K, 4] tensor", "same", lambda L, t: M(L)(t["feats"], t["boxes"], [(64, 64)])),
     ("boxes str", "same", lambda L, t: M(L)(t["feats"], "boxes", [(64, 64)])),
-    ("boxes str, one level", "same", lambda L, t: M(L, names=["0"])(t["feats"], "boxes", [(64, 64)])),
+    (
+        "boxes str, one level",
+        "same",
+        lambda L, t: M(L, names=["0"])(t["feats"], "boxes", [(64, 64)]),
+    ),
     ("boxes [L, 3]", "same", lambda L, t: M(L)(t["feats"], [t["boxes"][:, :3]], [(64, 64)])),
-    ("boxes [L, 3], one level", "same", lambda L, t: M(L, names=["0"])(t["feats"], [t["boxes"][:, :3]], [(64, 64)])),
+    (
+        "boxes [L, 3], one level",
+        "same",
+        lambda L, t: M(L, names=["0"])(t["feats"], [t["boxes"][:, :3]], [(64, 64)]),
+    ),
     ("boxes [L, 5]", "same", lambda L, t: M(L)(t["feats"], [t["rois"]], [(64, 64)])),
     ("boxes 1d", "same", lambda L, t: M(L)(t["feats"], [t["boxes"][0]], [(64, 64)])),
     ("boxes int", "same", lambda L, t: M(L)(t["feats"], [t["boxes"].long()], [(64, 64)])),
-    ("boxes int, one level", "same", lambda L, t: M(L, names=["0"])(t["feats"], [t["boxes"].long()], [(64, 64)])),
-    ("boxes on another device", "same", lambda L, t: M(L)(t["feats"], [_meta(t["boxes"])], [(64, 64)])),
-    ("levels' channels differ", "stricter", lambda L, t: M(L)({"0": t["l0"], "1": t["l1"][:, :1]}, [t["boxes"]], [(64, 64)])),
-    ("levels' dtypes differ", "same", lambda L, t: M(L)({"0": t["l0"], "1": t["l1"].double()}, [t["boxes"]], [(64, 64)])),
-    ("features 3d", "same", lambda L, t: M(L)({"0": t["l0"][0], "1": t["l1"][0]}, [t["boxes"]], [(64, 64)])),
-    ("features int", "same", lambda L, t: M(L)({"0": t["l0"].long(), "1": t["l1"].long()}, [t["boxes"]], [(64, 64)])),
-    ("levels not halving", "stricter", lambda L, t: M(L)({"0": t["l0"], "1": t["l1"][..., :5, :5]}, [t["boxes"]], [(64, 64)])),
-    ("output_size 0", "stricter", lambda L, t: M(L, output_size=0)(t["feats"], [t["boxes"]], [(64, 64)])),
-    ("output_size (2, 2, 2)", "same", lambda L, t: M(L, output_size=(2, 2, 2))(t["feats"], [t["boxes"]], [(64, 64)])),
-    ("sampling_ratio float", "same", lambda L, t: M(L, sampling_ratio=2.5)(t["feats"], [t["boxes"]], [(64, 64)])),
-    ("canonical_scale negative", "stricter", lambda L, t: M(L, canonical_scale=-1)(t["feats"], [t["boxes"]], [(64, 64)])),
-    ("canonical_scale str", "same", lambda L, t: M(L, canonical_scale="224")(t["feats"], [t["boxes"]], [(64, 64)])),
-    ("canonical_level None", "same", lambda L, t: M(L, canonical_level=None)(t["feats"], [t["boxes"]], [(64, 64)])),
+    (
+        "boxes int, one level",
+        "same",
+        lambda L, t: M(L, names=["0"])(t["feats"], [t["boxes"].long()], [(64, 64)]),
+    ),
+    (
+        "boxes on another device",
+        "same",
+        lambda L, t: M(L)(t["feats"], [_meta(t["boxes"])], [(64, 64)]),
+    ),
+    (
+        "levels' channels differ",
+        "stricter",
+        lambda L, t: M(L)({"0": t["l0"], "1": t["l1"][:, :1]}, [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "levels' dtypes differ",
+        "same",
+        lambda L, t: M(L)({"0": t["l0"], "1": t["l1"].double()}, [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "features 3d",
+        "same",
+        lambda L, t: M(L)({"0": t["l0"][0], "1": t["l1"][0]}, [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "features int",
+        "same",
+        lambda L, t: M(L)({"0": t["l0"].long(), "1": t["l1"].long()}, [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "levels not halving",
+        "stricter",
+        lambda L, t: M(L)({"0": t["l0"], "1": t["l1"][..., :5, :5]}, [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "output_size 0",
+        "stricter",
+        lambda L, t: M(L, output_size=0)(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "output_size (2, 2, 2)",
+        "same",
+        lambda L, t: M(L, output_size=(2, 2, 2))(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "sampling_ratio float",
+        "same",
+        lambda L, t: M(L, sampling_ratio=2.5)(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "canonical_scale negative",
+        "stricter",
+        lambda L, t: M(L, canonical_scale=-1)(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "canonical_scale str",
+        "same",
+        lambda L, t: M(L, canonical_scale="224")(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
+    (
+        "canonical_level None",
+        "same",
+        lambda L, t: M(L, canonical_level=None)(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
     ("valid call", "ok", lambda L, t: M(L)(t["feats"], [t["boxes"]], [(60, 50)])),
 ]:
     case(f"MultiScaleRoIAlign {name}", expected, call)
@@ -199,7 +329,11 @@ for name, expected, call in [
 for name, expected, args in [
     ("boxes [4], scores [3]", "same", lambda t: (torch.rand(4), torch.rand(3), 0.5)),
     ("boxes 3 columns", "same", lambda t: (t["boxes"][:, :3], t["scores"], 0.5)),
-    ("boxes 5 columns", "same", lambda t: (torch.cat([t["boxes"], t["scores"][:, None]], 1), t["scores"], 0.5)),
+    (
+        "boxes 5 columns",
+        "same",
+        lambda t: (torch.cat([t["boxes"], t["scores"][:, None]], 1), t["scores"], 0.5),
+    ),
     ("boxes 3d", "same", lambda t: (t["boxes"][None], t["scores"], 0.5)),
     ("boxes a list", "same", lambda t: (t["boxes"].tolist(), t["scores"], 0.5)),
     ("boxes int64", "same", lambda t: (t["boxes"].long(), t["scores"], 0.5)),
@@ -218,7 +352,11 @@ for name, expected, args in [
     ("iou_threshold str", "same", lambda t: (t["boxes"], t["scores"], "0.5")),
     ("iou_threshold None", "same", lambda t: (t["boxes"], t["scores"], None)),
     ("iou_threshold NaN", "stricter", lambda t: (t["boxes"], t["scores"], math.nan)),
-    ("iou_threshold a 0-d tensor", "stricter", lambda t: (t["boxes"], t["scores"], torch.tensor(0.5))),
+    (
+        "iou_threshold a 0-d tensor",
+        "stricter",
+        lambda t: (t["boxes"], t["scores"], torch.tensor(0.5)),
+    ),
     ("no boxes", "ok", lambda t: (t["boxes"][:0], t["scores"][:0], 0.5)),
     # No boxes of any dtype: no indices (torchvision's CUDA nms too; its CPU nms refuses).
     ("no boxes, int64", "wider", lambda t: (t["boxes"][:0].long(), t["scores"][:0], 0.5)),
@@ -247,13 +385,46 @@ for name, expected, args in [
     ("idxs a list", "same", lambda t: (t["boxes"], t["scores"], t["idxs"].tolist(), 0.5)),
     ("iou_threshold str", "same", lambda t: (t["boxes"], t["scores"], t["idxs"], "0.5")),
     ("no boxes", "ok", lambda t: (t["boxes"][:0], t["scores"][:0], t["idxs"][:0], 0.5)),
-    ("no boxes, int64", "ok", lambda t: (t["boxes"][:0].long(), t["scores"][:0], t["idxs"][:0], 0.5)),
-    ("no boxes, uint8, int scores, float idxs", "ok", lambda t: (t["boxes"][:0].to(torch.uint8), t["scores"][:0].long(), t["idxs"][:0].float(), 0.5)),
-    ("no boxes, 1d", "ok", lambda t: (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), 0.5)),
-    ("over 1000 boxes, 3 columns", "same", lambda t: (t["big"][:, :3], t["big_scores"], torch.zeros(1100, dtype=torch.long), 0.5)),
-    ("over 1000 boxes, scores too short", "same", lambda t: (t["big"], t["big_scores"][:-1], torch.zeros(1100, dtype=torch.long), 0.5)),
-    ("over 1000 boxes, int", "same", lambda t: (t["big"].long(), t["big_scores"], torch.zeros(1100, dtype=torch.long), 0.5)),
-    ("over 1000 boxes, idxs 2d", "stricter", lambda t: (t["big"], t["big_scores"], torch.zeros(1100, 1, dtype=torch.long), 0.5)),
+    (
+        "no boxes, int64",
+        "ok",
+        lambda t: (t["boxes"][:0].long(), t["scores"][:0], t["idxs"][:0], 0.5),
+    ),
+    (
+        "no boxes, uint8, int scores, float idxs",
+        "ok",
+        lambda t: (
+            t["boxes"][:0].to(torch.uint8),
+            t["scores"][:0].long(),
+            t["idxs"][:0].float(),
+            0.5,
+        ),
+    ),
+    (
+        "no boxes, 1d",
+        "ok",
+        lambda t: (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), 0.5),
+    ),
+    (
+        "over 1000 boxes, 3 columns",
+        "same",
+        lambda t: (t["big"][:, :3], t["big_scores"], torch.zeros(1100, dtype=torch.long), 0.5),
+    ),
+    (
+        "over 1000 boxes, scores too short",
+        "same",
+        lambda t: (t["big"], t["big_scores"][:-1], torch.zeros(1100, dtype=torch.long), 0.5),
+    ),
+    (
+        "over 1000 boxes, int",
+        "same",
+        lambda t: (t["big"].long(), t["big_scores"], torch.zeros(1100, dtype=torch.long), 0.5),
+    ),
+    (
+        "over 1000 boxes, idxs 2d",
+        "stricter",
+        lambda t: (t["big"], t["big_scores"], torch.zeros(1100, 1, dtype=torch.long), 0.5),
+    ),
 ]:
     case(f"batched_nms {name}", expected, lambda L, t, args=args: L.batched_nms(*args(t)))
 
@@ -323,7 +494,11 @@ for name, expected, args in [
     ("int16", "ok", lambda t: (t["boxes"].to(torch.int16), 5.0)),
     ("no boxes, int64", "ok", lambda t: (t["boxes"][:0].long(), 1.0)),
 ]:
-    case(f"remove_small_boxes {name}", expected, lambda L, t, args=args: L.remove_small_boxes(*args(t)))
+    case(
+        f"remove_small_boxes {name}",
+        expected,
+        lambda L, t, args=args: L.remove_small_boxes(*args(t)),
+    )
 
 for name, expected, args in [
     ("masks 3d", "same", lambda t: (t["masks"][:, 0], t["boxes"], (50, 50))),
@@ -351,29 +526,64 @@ for name, expected, call in [
     ("decode codes int", "stricter", lambda c, t: c.decode_single(t["codes"].long(), t["boxes"])),
     ("decode boxes int", "ok", lambda c, t: c.decode_single(t["codes"], t["boxes"].long())),
     ("decode boxes not a list", "same", lambda c, t: c.decode(t["codes"], t["boxes"])),
-    ("decode boxes on another device", "same", lambda c, t: c.decode_single(t["codes"], _meta(t["boxes"]))),
+    (
+        "decode boxes on another device",
+        "same",
+        lambda c, t: c.decode_single(t["codes"], _meta(t["boxes"])),
+    ),
     ("encode rows mismatch", "same", lambda c, t: c.encode_single(t["boxes"], t["boxes"][:2])),
-    ("encode 3 columns", "same", lambda c, t: c.encode_single(t["boxes"][:, :3], t["boxes"][:, :3])),
+    (
+        "encode 3 columns",
+        "same",
+        lambda c, t: c.encode_single(t["boxes"][:, :3], t["boxes"][:, :3]),
+    ),
     ("encode int", "stricter", lambda c, t: c.encode_single(t["boxes"].long(), t["boxes"].long())),
 ]:
     case(f"BoxCoder {name}", expected, lambda L, t, call=call: call(_coder(L), t))
 
-for name, expected, weights in [("3 weights", "same", (1.0, 1.0, 1.0)),
-                                ("negative weight", "stricter", (1.0, 1.0, -1.0, 1.0)),
-                                ("zero weight", "stricter", (0.0, 1.0, 1.0, 1.0))]:
-    case(f"BoxCoder {name}", expected, lambda L, t, w=weights: (
-        tv_det_utils.BoxCoder if L is tv else maskops.BoxCoder)(w).encode_single(t["boxes"], t["boxes"] + 1))
+for name, expected, weights in [
+    ("3 weights", "same", (1.0, 1.0, 1.0)),
+    ("negative weight", "stricter", (1.0, 1.0, -1.0, 1.0)),
+    ("zero weight", "stricter", (0.0, 1.0, 1.0, 1.0)),
+]:
+    case(
+        f"BoxCoder {name}",
+        expected,
+        lambda L, t, w=weights: (tv_det_utils.BoxCoder if L is tv else maskops.BoxCoder)(
+            w
+        ).encode_single(t["boxes"], t["boxes"] + 1),
+    )
 
 A = _anchor_gen
 for name, expected, call in [
     ("fewer maps than levels", "same", lambda L, t: A(L)(t["image"], [t["l0"]])),
-    ("feature maps 1d", "same", lambda L, t: A(L)(t["image"], [t["l0"].flatten(), t["l1"].flatten()])),
+    (
+        "feature maps 1d",
+        "same",
+        lambda L, t: A(L)(t["image"], [t["l0"].flatten(), t["l1"].flatten()]),
+    ),
     ("empty feature grid", "same", lambda L, t: A(L)(t["image"], [t["l0"][..., :0, :], t["l1"]])),
     ("sizes empty", "same", lambda L, t: A(L, sizes=(), ratios=())(t["image"], [t["l0"]])),
-    ("more ratio levels than size levels", "stricter", lambda L, t: A(L, ratios=((0.5, 1.0),) * 3)(t["image"], [t["l0"], t["l1"]])),
-    ("feature maps int", "stricter", lambda L, t: A(L)(t["image"], [t["l0"].long(), t["l1"].long()])),
-    ("negative size", "stricter", lambda L, t: A(L, sizes=((-16,), (32,)))(t["image"], [t["l0"], t["l1"]])),
-    ("ratio 0", "stricter", lambda L, t: A(L, ratios=((0.0, 1.0),) * 2)(t["image"], [t["l0"], t["l1"]])),
+    (
+        "more ratio levels than size levels",
+        "stricter",
+        lambda L, t: A(L, ratios=((0.5, 1.0),) * 3)(t["image"], [t["l0"], t["l1"]]),
+    ),
+    (
+        "feature maps int",
+        "stricter",
+        lambda L, t: A(L)(t["image"], [t["l0"].long(), t["l1"].long()]),
+    ),
+    (
+        "negative size",
+        "stricter",
+        lambda L, t: A(L, sizes=((-16,), (32,)))(t["image"], [t["l0"], t["l1"]]),
+    ),
+    (
+        "ratio 0",
+        "stricter",
+        lambda L, t: A(L, ratios=((0.0, 1.0),) * 2)(t["image"], [t["l0"], t["l1"]]),
+    ),
     ("half feature maps", "ok", lambda L, t: A(L)(t["image"], [t["l0"].half(), t["l1"].half()])),
 ]:
     case(f"AnchorGenerator {name}", expected, call)
@@ -382,17 +592,35 @@ for name, expected, call in [
 # fault), crashes, runs out of memory or runs for minutes on these; maskops refuses them with a
 # ValueError. Not run through torchvision.
 TORCHVISION_CRASHES = [
-    ("roi_align batch index too high", lambda L, t: L.roi_align(t["x"], t["rois"] + torch.tensor([2.0, 0, 0, 0, 0]), 2)),
-    ("roi_align batch index negative", lambda L, t: L.roi_align(t["x"], t["rois"] - torch.tensor([1.0, 0, 0, 0, 0]), 2)),
-    ("roi_align batch index NaN", lambda L, t: L.roi_align(t["x"], torch.full((1, 5), math.nan), 2)),
+    (
+        "roi_align batch index too high",
+        lambda L, t: L.roi_align(t["x"], t["rois"] + torch.tensor([2.0, 0, 0, 0, 0]), 2),
+    ),
+    (
+        "roi_align batch index negative",
+        lambda L, t: L.roi_align(t["x"], t["rois"] - torch.tensor([1.0, 0, 0, 0, 0]), 2),
+    ),
+    (
+        "roi_align batch index NaN",
+        lambda L, t: L.roi_align(t["x"], torch.full((1, 5), math.nan), 2),
+    ),
     ("roi_align list longer than the batch", lambda L, t: L.roi_align(t["x"], [t["boxes"]] * 3, 2)),
     ("RoIAlign batch index too high", lambda L, t: L.RoIAlign(2, 1.0, 2)(t["x"], t["rois"] * 3)),
-    ("MultiScaleRoIAlign more box lists than images", lambda L, t: _ms(L)(t["feats"], [t["boxes"]] * 2, [(64, 64)] * 2)),
-    ("roi_align spatial_scale inf, sampling_ratio 2", lambda L, t: L.roi_align(t["x"], t["rois"], 2, math.inf, 2)),
+    (
+        "MultiScaleRoIAlign more box lists than images",
+        lambda L, t: _ms(L)(t["feats"], [t["boxes"]] * 2, [(64, 64)] * 2),
+    ),
+    (
+        "roi_align spatial_scale inf, sampling_ratio 2",
+        lambda L, t: L.roi_align(t["x"], t["rois"], 2, math.inf, 2),
+    ),
     ("roi_align sampling_ratio 10**9", lambda L, t: L.roi_align(t["x"], t["rois"], 7, 1.0, 10**9)),
     ("roi_align sampling_ratio 10**5", lambda L, t: L.roi_align(t["x"], t["rois"], 7, 1.0, 10**5)),
     ("roi_align sampling_ratio 2000", lambda L, t: L.roi_align(t["x"], t["rois"], 7, 1.0, 2000)),
-    ("MultiScaleRoIAlign sampling_ratio 10**5", lambda L, t: _ms(L, sampling_ratio=10**5)(t["feats"], [t["boxes"]], [(64, 64)])),
+    (
+        "MultiScaleRoIAlign sampling_ratio 10**5",
+        lambda L, t: _ms(L, sampling_ratio=10**5)(t["feats"], [t["boxes"]], [(64, 64)]),
+    ),
 ]
 
 
@@ -407,15 +635,19 @@ def _outcome(fn):
 def test_same_mistake_same_exception_class(name, call, expected):
     _, tv_err = _outcome(lambda: call(tv, _inputs()))
     _, mo_err = _outcome(lambda: call(maskops, _inputs()))
-    got = {(True, True): "same", (False, True): "stricter", (True, False): "wider",
-           (False, False): "ok"}[(tv_err is not None, mo_err is not None)]
-    assert got == expected, (f"expected {expected}, got torchvision {tv_err!r}, maskops {mo_err!r}")
+    got = {
+        (True, True): "same",
+        (False, True): "stricter",
+        (True, False): "wider",
+        (False, False): "ok",
+    }[(tv_err is not None, mo_err is not None)]
+    assert got == expected, f"expected {expected}, got torchvision {tv_err!r}, maskops {mo_err!r}"
     if mo_err is not None:
         assert isinstance(mo_err, (TypeError, ValueError)), repr(mo_err)
     if expected == "same":
         assert isinstance(mo_err, type(tv_err)), (
-            f"maskops raised {type(mo_err).__mro__}, torchvision {type(tv_err).__name__}: "
-            f"{tv_err}")
+            f"maskops raised {type(mo_err).__mro__}, torchvision {type(tv_err).__name__}: {tv_err}"
+        )
 
 
 @pytest.mark.parametrize("name,call", TORCHVISION_CRASHES, ids=[c[0] for c in TORCHVISION_CRASHES])
@@ -426,9 +658,20 @@ def test_torchvision_crashes_are_value_errors(name, call):
 
 def test_case_table_covers_the_ops():
     ops = {c[0].split(" ")[0] for c in CASES}
-    assert {"roi_align", "RoIAlign", "MultiScaleRoIAlign", "nms", "batched_nms", "box_area",
-            "box_iou", "clip_boxes", "remove_small_boxes", "paste_masks_in_image", "BoxCoder",
-            "AnchorGenerator"} <= ops
+    assert {
+        "roi_align",
+        "RoIAlign",
+        "MultiScaleRoIAlign",
+        "nms",
+        "batched_nms",
+        "box_area",
+        "box_iou",
+        "clip_boxes",
+        "remove_small_boxes",
+        "paste_masks_in_image",
+        "BoxCoder",
+        "AnchorGenerator",
+    } <= ops
     assert sum(c[2] == "same" for c in CASES) >= 100
 
 
@@ -474,10 +717,17 @@ def test_documented_value_differences(rng):
     assert tv.box_iou(z, z).isnan().all() and maskops.box_iou(z, z).item() == 0.0
     # MultiScaleRoIAlign: torchvision keeps the scales of its first call, maskops infers them
     # for every call.
-    feats = OrderedDict([("0", torch.rand(1, 2, 16, 16, generator=rng)),
-                         ("1", torch.rand(1, 2, 8, 8, generator=rng))])
+    feats = OrderedDict(
+        [
+            ("0", torch.rand(1, 2, 16, 16, generator=rng)),
+            ("1", torch.rand(1, 2, 8, 8, generator=rng)),
+        ]
+    )
     boxes = [torch.tensor([[1.0, 1.0, 20.0, 20.0]])]
-    tv_pool, mo_pool = tv.MultiScaleRoIAlign(["0", "1"], 2, 2), maskops.MultiScaleRoIAlign(["0", "1"], 2, 2)
+    tv_pool, mo_pool = (
+        tv.MultiScaleRoIAlign(["0", "1"], 2, 2),
+        maskops.MultiScaleRoIAlign(["0", "1"], 2, 2),
+    )
     for pool in (tv_pool, mo_pool):
         pool(feats, boxes, [(64, 64)])
         pool(feats, boxes, [(32, 32)])
@@ -485,6 +735,7 @@ def test_documented_value_differences(rng):
 
 
 # ---- 2. integer boxes ----
+
 
 def _int_boxes(n, dtype, g, hi=100):
     """Boxes with 0 <= x1 <= x2 < hi (in range for every integer dtype), some of zero size."""
@@ -505,9 +756,16 @@ def test_box_area_of_integer_boxes(rng, dtype, device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype1,dtype2", [(d, d) for d in INT_DTYPES] + [
-    (torch.int8, torch.int64), (torch.uint8, torch.int16), (torch.int32, torch.float32),
-    (torch.float64, torch.int16)])
+@pytest.mark.parametrize(
+    "dtype1,dtype2",
+    [(d, d) for d in INT_DTYPES]
+    + [
+        (torch.int8, torch.int64),
+        (torch.uint8, torch.int16),
+        (torch.int32, torch.float32),
+        (torch.float64, torch.int16),
+    ],
+)
 def test_box_iou_of_integer_boxes(rng, dtype1, dtype2, device):
     a = _int_boxes(30, dtype1, rng).to(device)
     b = _int_boxes(20, dtype2, rng).to(device)
@@ -546,7 +804,10 @@ def test_clip_and_remove_small_integer_boxes(rng, dtype, device):
     # A bound past the dtype's range clips nothing (torchvision: RuntimeError from clamp).
     assert torch.equal(maskops.clip_boxes(boxes, (70000, 70000)), boxes.clamp(min=0))
     for min_size in (0, 1, 7.5, 30):
-        got, expected = maskops.remove_small_boxes(boxes, min_size), tv.remove_small_boxes(boxes, min_size)
+        got, expected = (
+            maskops.remove_small_boxes(boxes, min_size),
+            tv.remove_small_boxes(boxes, min_size),
+        )
         assert got.dtype == expected.dtype == torch.int64 and torch.equal(got, expected)
 
 
@@ -560,11 +821,15 @@ def test_float_box_ops_still_match(rng, device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", INT_DTYPES + [torch.float16, torch.float32, torch.float64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", INT_DTYPES + [torch.float16, torch.float32, torch.float64, torch.bool]
+)
 def test_batched_nms_of_no_boxes_any_dtype(dtype, device):
     boxes = torch.empty(0, 4, dtype=dtype, device=device)
-    for scores, idxs in [(torch.empty(0, device=device), torch.empty(0, dtype=torch.int64, device=device)),
-                         (torch.empty(0, dtype=torch.int32, device=device), torch.empty(0, device=device))]:
+    for scores, idxs in [
+        (torch.empty(0, device=device), torch.empty(0, dtype=torch.int64, device=device)),
+        (torch.empty(0, dtype=torch.int32, device=device), torch.empty(0, device=device)),
+    ]:
         got = maskops.batched_nms(boxes, scores, idxs, 0.5)
         expected = tv.batched_nms(boxes, scores, idxs, 0.5)
         assert got.dtype == expected.dtype == torch.int64 and got.shape == expected.shape == (0,)
@@ -578,8 +843,9 @@ def test_batched_nms_of_no_boxes_looks_at_nothing_else():
         got = maskops.batched_nms(boxes, None, None, None)
         assert got.dtype == expected.dtype == torch.int64 and got.shape == expected.shape == (0,)
     with pytest.raises(TypeError, match="iou_threshold"):  # with boxes, every argument counts
-        maskops.batched_nms(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                            None)
+        maskops.batched_nms(
+            torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.long), None
+        )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -608,15 +874,22 @@ def test_nms_of_no_boxes_any_dtype(dtype, device):
 def test_paste_and_decode_take_integer_boxes(rng, device):
     masks = torch.rand(6, 1, 28, 28, generator=rng).to(device)
     boxes = _int_boxes(6, torch.int64, rng).to(device)
-    torch.testing.assert_close(maskops.paste_masks_in_image(masks, boxes, (90, 80)),
-                               tv_paste(masks, boxes, (90, 80)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maskops.paste_masks_in_image(masks, boxes, (90, 80)),
+        tv_paste(masks, boxes, (90, 80)),
+        rtol=0,
+        atol=1e-5,
+    )
     codes = torch.randn(6, 8, generator=rng).to(device)
     coder = tv_det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
-    torch.testing.assert_close(maskops.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes, boxes),
-                               coder.decode_single(codes, boxes))
+    torch.testing.assert_close(
+        maskops.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(codes, boxes),
+        coder.decode_single(codes, boxes),
+    )
 
 
 # ---- 3. torch.fx symbolic tracing ----
+
 
 def _check_traced(module, *inputs, leaf_names=(), eager_module=None):
     """Traces ``module``, then compares the GraphModule with ``module`` itself (maskops' modules
@@ -624,27 +897,35 @@ def _check_traced(module, *inputs, leaf_names=(), eager_module=None):
     MultiScaleRoIAlign keeps the Proxies of its scales after tracing, and one that was called
     before does not trace (its kept LevelMapper cannot go into a graph)."""
     gm = torch.fx.symbolic_trace(module)
-    targets = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
-               if n.op == "call_function"}
+    targets = {
+        getattr(n.target, "__name__", str(n.target))
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    }
     assert set(leaf_names) <= targets, targets
     eager = (eager_module or module)(*inputs)
     traced = gm(*inputs)
-    for e, g in zip(eager if isinstance(eager, (list, tuple)) else [eager],
-                    traced if isinstance(traced, (list, tuple)) else [traced]):
+    for e, g in zip(
+        eager if isinstance(eager, (list, tuple)) else [eager],
+        traced if isinstance(traced, (list, tuple)) else [traced],
+    ):
         assert torch.equal(e, g)
     return gm
 
 
 def _feature_dict(rng, device="cpu"):
-    return OrderedDict((str(i), torch.randn(2, 4, 64 >> i, 80 >> i, generator=rng).to(device))
-                       for i in range(4))
+    return OrderedDict(
+        (str(i), torch.randn(2, 4, 64 >> i, 80 >> i, generator=rng).to(device)) for i in range(4)
+    )
 
 
 @pytest.mark.parametrize("device", devices())
 def test_fx_roi_align_module(rng, device):
     x = torch.randn(2, 4, 20, 20, generator=rng).to(device)
     boxes = [random_boxes(5, (80, 80), rng).to(device), random_boxes(3, (80, 80), rng).to(device)]
-    _check_traced(maskops.RoIAlign((5, 4), 0.25, 2, aligned=True), x, boxes, leaf_names=["roi_align"])
+    _check_traced(
+        maskops.RoIAlign((5, 4), 0.25, 2, aligned=True), x, boxes, leaf_names=["roi_align"]
+    )
 
     class UserModule(torch.nn.Module):
         def forward(self, x, rois):
@@ -657,15 +938,27 @@ def test_fx_roi_align_module(rng, device):
 @pytest.mark.parametrize("device", devices())
 def test_fx_multiscale_module_like_torchvision(rng, device):
     feats = _feature_dict(rng, device)
-    boxes = [random_boxes(9, (256, 320), rng).to(device), random_boxes(4, (256, 320), rng).to(device)]
+    boxes = [
+        random_boxes(9, (256, 320), rng).to(device),
+        random_boxes(4, (256, 320), rng).to(device),
+    ]
     shapes = [(256, 320), (250, 300)]
     for lib in (tv, maskops):  # torchvision's own module traces; so does maskops'
         pool = lib.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-        gm = _check_traced(pool, feats, boxes, shapes, eager_module=(
-            lib.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2) if lib is tv else None))
+        gm = _check_traced(
+            pool,
+            feats,
+            boxes,
+            shapes,
+            eager_module=(
+                lib.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2) if lib is tv else None
+            ),
+        )
         if lib is maskops:
-            torch.testing.assert_close(gm(feats, boxes, shapes),
-                                       tv.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(feats, boxes, shapes))
+            torch.testing.assert_close(
+                gm(feats, boxes, shapes),
+                tv.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(feats, boxes, shapes),
+            )
             assert all(isinstance(s, float) for s in pool.scales)  # no Proxy left behind
 
     class Wrapper(torch.nn.Module):  # the dict built inside forward, image sizes constant
@@ -676,13 +969,16 @@ def test_fx_multiscale_module_like_torchvision(rng, device):
         def forward(self, a, b, boxes):
             return self.pool({"a": a, "b": b}, [boxes], [(256, 320)])
 
-    _check_traced(Wrapper(), feats["0"][:1], feats["1"][:1], boxes[0],
-                  leaf_names=["multiscale_roi_align"])
+    _check_traced(
+        Wrapper(), feats["0"][:1], feats["1"][:1], boxes[0], leaf_names=["multiscale_roi_align"]
+    )
     # Other image sizes after tracing: the traced graph infers the scales again.
     gm = torch.fx.symbolic_trace(maskops.MultiScaleRoIAlign(["0", "1"], 7, 2))
     small = OrderedDict((k, v[..., ::2, ::2]) for k, v in list(feats.items())[:2])
-    assert torch.equal(gm(small, boxes, [(128, 160)] * 2),
-                       maskops.MultiScaleRoIAlign(["0", "1"], 7, 2)(small, boxes, [(128, 160)] * 2))
+    assert torch.equal(
+        gm(small, boxes, [(128, 160)] * 2),
+        maskops.MultiScaleRoIAlign(["0", "1"], 7, 2)(small, boxes, [(128, 160)] * 2),
+    )
 
 
 @pytest.mark.parametrize("device", devices())
@@ -701,9 +997,20 @@ def test_fx_user_module_with_box_ops(rng, device):
     boxes = random_boxes(200, (60, 60), rng).to(device)
     scores = torch.rand(200, generator=rng).to(device)
     labels = torch.randint(0, 5, (200,), generator=rng).to(device)
-    _check_traced(Detect(), boxes, scores, labels,
-                  leaf_names=["nms", "batched_nms", "box_iou", "box_area", "clip_boxes",
-                              "remove_small_boxes"])
+    _check_traced(
+        Detect(),
+        boxes,
+        scores,
+        labels,
+        leaf_names=[
+            "nms",
+            "batched_nms",
+            "box_iou",
+            "box_area",
+            "clip_boxes",
+            "remove_small_boxes",
+        ],
+    )
 
 
 def test_fx_graph_module_can_be_retraced_and_validates(rng):
@@ -721,7 +1028,8 @@ def patched_model():
     torch.manual_seed(0)
     with maskops.torchvision_patched():
         model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, min_size=320, max_size=480).eval()
+            weights=None, weights_backbone=None, min_size=320, max_size=480
+        ).eval()
     return model
 
 
@@ -730,15 +1038,19 @@ def test_fx_patched_torchvision_model_submodules(rng, patched_model):
     the sub-modules that trace with torchvision's ops trace on maskops' ops too."""
     heads = patched_model.roi_heads
     assert isinstance(heads.box_roi_pool, maskops.MultiScaleRoIAlign)  # built while patched
-    feats = OrderedDict((k, torch.randn(2, 256, 80 >> i, 120 >> i, generator=rng))
-                        for i, k in enumerate(["0", "1", "2", "3"]))
+    feats = OrderedDict(
+        (k, torch.randn(2, 256, 80 >> i, 120 >> i, generator=rng))
+        for i, k in enumerate(["0", "1", "2", "3"])
+    )
     feats["pool"] = torch.randn(2, 256, 5, 8, generator=rng)
     props = [random_boxes(40, (320, 480), rng), random_boxes(25, (320, 480), rng)]
     shapes = [(320, 480), (300, 470)]
     with torch.no_grad():
         for pool in (heads.box_roi_pool, heads.mask_roi_pool):
             _check_traced(pool, feats, props, shapes)
-        gm = torch.fx.symbolic_trace(torch.nn.Sequential(heads.box_head, heads.box_predictor.cls_score))
+        gm = torch.fx.symbolic_trace(
+            torch.nn.Sequential(heads.box_head, heads.box_predictor.cls_score)
+        )
         pooled = heads.box_roi_pool(feats, props, shapes)
         assert torch.equal(gm(pooled), heads.box_predictor.cls_score(heads.box_head(pooled)))
         # A torchvision module built before patching traces through the patched pooling too.
@@ -757,18 +1069,28 @@ def test_patched_box_ops_keep_torchvisions_other_formats(rng):
     own for the formats and batched boxes maskops does not take; torchvision functions built on
     them (generalized_box_iou calls box_area(..., fmt=...)) keep working."""
     a, b = random_boxes(12, (50, 50), rng), random_boxes(7, (50, 50), rng)
-    expected = [tv.box_iou(a, b, fmt="cxcywh"), tv.box_area(a, fmt="xywh"),
-                tv.box_iou(a[None], b[None]), tv.generalized_box_iou(a, b), tv.box_iou(a, b)]
+    expected = [
+        tv.box_iou(a, b, fmt="cxcywh"),
+        tv.box_area(a, fmt="xywh"),
+        tv.box_iou(a[None], b[None]),
+        tv.generalized_box_iou(a, b),
+        tv.box_iou(a, b),
+    ]
     with maskops.torchvision_patched():
-        got = [tv.box_iou(a, b, fmt="cxcywh"), tv.box_area(a, fmt="xywh"),
-               tv.box_iou(a[None], b[None]), tv.generalized_box_iou(a, b),
-               torchvision.ops.boxes.box_iou(boxes1=a, boxes2=b)]
+        got = [
+            tv.box_iou(a, b, fmt="cxcywh"),
+            tv.box_area(a, fmt="xywh"),
+            tv.box_iou(a[None], b[None]),
+            tv.generalized_box_iou(a, b),
+            torchvision.ops.boxes.box_iou(boxes1=a, boxes2=b),
+        ]
         assert tv.box_iou.__wrapped__ is maskops.box_iou
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
 
 
 # ---- 4. sampling_ratio limit ----
+
 
 def test_sampling_ratio_limit_is_a_clear_value_error(rng):
     x = torch.randn(1, 2, 8, 8, generator=rng)
@@ -794,10 +1116,13 @@ def test_sampling_ratio_limit_in_cpp(bad):
     ops = torch.ops.maskops
     calls = [
         lambda: ops.roi_align(x, rois, 1.0, 2, 2, bad, False),
-        lambda: ops._roi_align_backward(torch.ones(1, 2, 2, 2), rois, 1.0, 2, 2, 1, 2, 8, 8, bad, False),
+        lambda: ops._roi_align_backward(
+            torch.ones(1, 2, 2, 2), rois, 1.0, 2, 2, 1, 2, 8, 8, bad, False
+        ),
         lambda: ops.multiscale_roi_align([x], rois, [1.0], 2, 2, bad, False, 224.0, 4.0, 0),
-        lambda: ops._multiscale_roi_align_backward(torch.ones(1, 2, 2, 2), rois, [1.0], 2, 2, 1, 2,
-                                                   [8], [8], bad, False, 224.0, 4.0, 0),
+        lambda: ops._multiscale_roi_align_backward(
+            torch.ones(1, 2, 2, 2), rois, [1.0], 2, 2, 1, 2, [8], [8], bad, False, 224.0, 4.0, 0
+        ),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match="sampling_ratio must be at most 1024"):

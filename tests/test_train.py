@@ -1,4 +1,5 @@
 """Training: loss decrease, overfitting one image, checkpoints, resume, and resilience."""
+
 import csv
 import os
 import signal
@@ -11,10 +12,10 @@ import pytest
 import torch
 
 from models.build import build_model
-from models.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import CocoDataset, collate
-from models.evaluation import coco_evaluate, detections_to_coco
 from models.engine import TrainConfig, config_differences, train_step
+from models.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.evaluation import coco_evaluate, detections_to_coco
 from tools.train import train
 
 from train_helpers import make_shapes, tiny_config, tiny_model
@@ -41,10 +42,17 @@ def test_few_iterations_loss_decreases(shapes):
     ds = CocoDataset(shapes, "train")
     batch = collate([ds[0], ds[1]])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = [train_step(model, opt, [batch], torch.device("cpu"), clip_grad=10.0)
-              for _ in range(8)]
-    assert set(losses[0]) >= {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
-                              "loss_box_reg", "loss_mask", "loss"}
+    losses = [
+        train_step(model, opt, [batch], torch.device("cpu"), clip_grad=10.0) for _ in range(8)
+    ]
+    assert set(losses[0]) >= {
+        "loss_objectness",
+        "loss_rpn_box_reg",
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss",
+    }
     assert losses[-1]["loss"] < 0.7 * losses[0]["loss"]
     assert losses[-1]["loss_mask"] < losses[0]["loss_mask"]
 
@@ -92,8 +100,15 @@ def test_run_writes_outputs_and_resume_is_exact(shapes, tmp_path, capsys):
 
 def test_resume_with_changed_config_is_refused(shapes, tmp_path):
     train(tiny_config(shapes, tmp_path, epochs=1, iters_per_epoch=1))
-    changed = tiny_config(shapes, tmp_path, epochs=1, iters_per_epoch=1, lr=0.5,
-                          model=tiny_model(fpn_channels=16), resume="auto")
+    changed = tiny_config(
+        shapes,
+        tmp_path,
+        epochs=1,
+        iters_per_epoch=1,
+        lr=0.5,
+        model=tiny_model(fpn_channels=16),
+        resume="auto",
+    )
     with pytest.raises(CheckpointError) as e:
         train(changed)
     msg = str(e.value)
@@ -126,8 +141,21 @@ def test_corrupted_checkpoint_names_the_file(tmp_path, capsys, shapes):
         load_checkpoint(tmp_path / "nope.pt")
     # The command line reports it and exits with status 2, without a traceback.
     from tools.train import main
-    args = ["--data", str(shapes), "--out", str(tmp_path), "--resume", str(path),
-            "--backbone", "resnet18", "--min-size", "64", "--max-size", "64"]
+
+    args = [
+        "--data",
+        str(shapes),
+        "--out",
+        str(tmp_path),
+        "--resume",
+        str(path),
+        "--backbone",
+        "resnet18",
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {path} is truncated or corrupted" in err and "Traceback" not in err
@@ -150,22 +178,68 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _cli(shapes, out, *extra):
-    return [sys.executable, "-m", "tools.train", "--data", str(shapes), "--out", str(out),
-            "--backbone", "resnet18", "--norm", "gn", "--fpn-channels", "32",
-            "--representation-size", "64", "--mask-head-channels", "32",
-            "--mask-head-convs", "1", "--anchor-sizes", "8", "16", "32", "64", "128",
-            "--min-size", "64", "--max-size", "64", "--rpn-pre-nms-top-n-train", "200",
-            "--rpn-post-nms-top-n-train", "100", "--rpn-pre-nms-top-n-test", "100",
-            "--rpn-post-nms-top-n-test", "50", "--batch-size", "1", "--lr", "0.01",
-            "--warmup-iters", "2", "--threads", "1", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "tools.train",
+        "--data",
+        str(shapes),
+        "--out",
+        str(out),
+        "--backbone",
+        "resnet18",
+        "--norm",
+        "gn",
+        "--fpn-channels",
+        "32",
+        "--representation-size",
+        "64",
+        "--mask-head-channels",
+        "32",
+        "--mask-head-convs",
+        "1",
+        "--anchor-sizes",
+        "8",
+        "16",
+        "32",
+        "64",
+        "128",
+        "--min-size",
+        "64",
+        "--max-size",
+        "64",
+        "--rpn-pre-nms-top-n-train",
+        "200",
+        "--rpn-post-nms-top-n-train",
+        "100",
+        "--rpn-pre-nms-top-n-test",
+        "100",
+        "--rpn-post-nms-top-n-test",
+        "50",
+        "--batch-size",
+        "1",
+        "--lr",
+        "0.01",
+        "--warmup-iters",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_sigterm_mid_epoch_leaves_last_checkpoint_loadable(shapes, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(_cli(shapes, out, "--epochs", "3", "--iters-per-epoch", "8"),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _cli(shapes, out, "--epochs", "3", "--iters-per-epoch", "8"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "last.pt").exists():
         assert proc.poll() is None, proc.communicate()
@@ -179,21 +253,35 @@ def test_sigterm_mid_epoch_leaves_last_checkpoint_loadable(shapes, tmp_path):
     assert state["epoch"] == 1
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     # ... and the run can be resumed from it.
-    done = subprocess.run(_cli(shapes, out, "--epochs", "3", "--iters-per-epoch", "8",
-                               "--resume", "--stop-after", "1"),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cli(
+            shapes, out, "--epochs", "3", "--iters-per-epoch", "8", "--resume", "--stop-after", "1"
+        ),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
 def test_bf16_autocast_step_and_fp16_needs_gpu(shapes):
     from models.engine import autocast_dtype
+
     torch.manual_seed(0)
     model = build_model(tiny_model()).train()
     ds = CocoDataset(shapes, "train")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = train_step(model, opt, [collate([ds[0]])], torch.device("cpu"),
-                        amp_dtype=autocast_dtype("bf16", torch.device("cpu")), clip_grad=10.0)
+    losses = train_step(
+        model,
+        opt,
+        [collate([ds[0]])],
+        torch.device("cpu"),
+        amp_dtype=autocast_dtype("bf16", torch.device("cpu")),
+        clip_grad=10.0,
+    )
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):

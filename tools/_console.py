@@ -1,5 +1,6 @@
 """The console side of the library's reports: lines to stdout / stderr, progress bars with
 tqdm on stderr."""
+
 from __future__ import annotations
 
 import sys
@@ -40,8 +41,10 @@ class ConsoleReport(Report):
         if not self.bars:
             return Progress()
         from tqdm import tqdm
-        bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                   file=sys.stderr)
+
+        bar = tqdm(
+            total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr
+        )
         self._open = bar
         report = self
 
@@ -49,4 +52,5 @@ class ConsoleReport(Report):
             def close(self) -> None:
                 super().close()
                 report._open = None
+
         return Bar(bar)

@@ -8,6 +8,7 @@ on a validation image (``OUT/prediction.png``) and prints the pipeline trace of 
 (see models/engine/demo.py). ``--quick`` runs a much shorter version (a smoke test of the
 whole chain, meaningless AP).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ from ._console import ConsoleReport  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tools.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a short smoke run")

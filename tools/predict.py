@@ -23,6 +23,7 @@ has random weights (a warning says so): the pipeline runs end to end, but its de
 mean nothing. Exit status: 0 when at least one image was read, 1 when none was, 2 for inputs
 that name nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ __all__ = ["main", "build_parser", "expand_inputs", "InputError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tools.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_options(p, PredictOptions)
     add_model_args(p)
     return p
@@ -55,8 +59,9 @@ def main(argv=None) -> int:
         return load_model(a, box_score_thresh=opts.box_score_thresh)
 
     try:
-        read = predict_files(opts, load, a.device, lambda: autocast(a),
-                             ConsoleReport(bars=opts.progress))
+        read = predict_files(
+            opts, load, a.device, lambda: autocast(a), ConsoleReport(bars=opts.progress)
+        )
         return 0 if read or not dist_utils.is_main_process() else 1
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Writes the synthetic shapes dataset (COCO format; see models/data/shapes.py).
 
-    python -m tools.shapes --out DIR --train N --val M --size S --seed K
+python -m tools.shapes --out DIR --train N --val M --size S --seed K
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-shapes", type=int, default=1)
     p.add_argument("--max-shapes", type=int, default=3)
-    p.add_argument("--empty-every", type=int, default=0,
-                   help="every k-th image has no shapes (0: none)")
+    p.add_argument(
+        "--empty-every", type=int, default=0, help="every k-th image has no shapes (0: none)"
+    )
     a = p.parse_args(argv)
     if a.size < 16:
         p.error("--size must be at least 16")

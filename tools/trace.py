@@ -6,6 +6,7 @@
 One warm-up forward, then a recorded one. --save-dir writes an image per stage: the
 resized input, each FPN level's activation, the top proposals, the final masks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,11 @@ from ._options import add_model_args, autocast, load_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tools.trace",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--image", required=True)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--save-dir", default=None, help="write an image per stage here")
@@ -38,8 +42,9 @@ def main(argv=None) -> int:
     if a.save_dir:
         resized_hw = rec.outputs["image_sizes"][0]
         det = {k: v.cpu() for k, v in det.items()}
-        for path in save_stage_images(a.save_dir, image.cpu(), rec, det, resized_hw,
-                                      model.class_names):
+        for path in save_stage_images(
+            a.save_dir, image.cpu(), rec, det, resized_hw, model.class_names
+        ):
             print(f"wrote {path}", file=sys.stderr if a.json else sys.stdout)
     return 0
 

@@ -9,6 +9,7 @@ AP on the validation split and prints one row of the table ``epoch | loss | box 
 ``metrics.csv``, ``metrics.png`` (loss and AP per epoch), ``config.json``, ``last.pt`` (every
 epoch) and ``best.pt`` (best mask AP). See models/README_TRAINING.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,14 @@ MODEL_DEFAULTS = {"norm": "bn", "trainable_layers": 5}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.train",
-                                description="Train Mask R-CNN on a COCO-format dataset.")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.train", description="Train Mask R-CNN on a COCO-format dataset."
+    )
     add_config_options(p, TrainConfig, groups=True)
     # num_classes comes from the dataset.
-    add_config_options(p, ModelConfig, defaults=MODEL_DEFAULTS, exclude=("num_classes",),
-                       group="model")
+    add_config_options(
+        p, ModelConfig, defaults=MODEL_DEFAULTS, exclude=("num_classes",), group="model"
+    )
     return p
 
 

@@ -11,14 +11,15 @@ namespace anchors {
 
 inline void check_list(const at::Tensor& t, const char* name) {
   check_floating(t, name);
-  TORCH_CHECK(t.dim() == 1, name, " must be a 1-d tensor (every level's values, one level after "
-              "another), got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 1, name,
+              " must be a 1-d tensor (every level's values, one level after "
+              "another), got shape ",
+              t.sizes());
 }
 
 inline void check_args(const at::Tensor& sizes, const at::Tensor& aspect_ratios,
                        at::IntArrayRef sizes_per_level, at::IntArrayRef ratios_per_level,
-                       at::IntArrayRef grid_sizes, at::IntArrayRef strides,
-                       at::ScalarType dtype) {
+                       at::IntArrayRef grid_sizes, at::IntArrayRef strides, at::ScalarType dtype) {
   TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating dtype, got ", dtype);
   check_list(sizes, "sizes");
   check_list(aspect_ratios, "aspect_ratios");

@@ -16,9 +16,9 @@ namespace anchors {
 namespace {
 
 at::Tensor generate_anchors_cpu(const at::Tensor& sizes, const at::Tensor& aspect_ratios,
-                                at::IntArrayRef sizes_per_level,
-                                at::IntArrayRef ratios_per_level, at::IntArrayRef grid_sizes,
-                                at::IntArrayRef strides, at::ScalarType dtype) {
+                                at::IntArrayRef sizes_per_level, at::IntArrayRef ratios_per_level,
+                                at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                at::ScalarType dtype) {
   check_args(sizes, aspect_ratios, sizes_per_level, ratios_per_level, grid_sizes, strides, dtype);
   int64_t total = 0, cells = 0;
   const at::Tensor table =
@@ -31,10 +31,10 @@ at::Tensor generate_anchors_cpu(const at::Tensor& sizes, const at::Tensor& aspec
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "generate_anchors_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     // A few ns per anchor: a second thread only for 2^17 cells (2 ms) or more.
-    cpu_for_each(cells, int64_t(1) << 17,
-                 AnchorGrid<scalar_t, T>{table.data_ptr<int64_t>(), table.size(0),
-                                         s.data_ptr<float>(), r.data_ptr<float>(),
-                                         out.data_ptr<scalar_t>()});
+    cpu_for_each(
+        cells, int64_t(1) << 17,
+        AnchorGrid<scalar_t, T>{table.data_ptr<int64_t>(), table.size(0), s.data_ptr<float>(),
+                                r.data_ptr<float>(), out.data_ptr<scalar_t>()});
   });
   return out;
 }

@@ -19,9 +19,9 @@ namespace anchors {
 namespace {
 
 at::Tensor generate_anchors_cuda(const at::Tensor& sizes, const at::Tensor& aspect_ratios,
-                                 at::IntArrayRef sizes_per_level,
-                                 at::IntArrayRef ratios_per_level, at::IntArrayRef grid_sizes,
-                                 at::IntArrayRef strides, at::ScalarType dtype) {
+                                 at::IntArrayRef sizes_per_level, at::IntArrayRef ratios_per_level,
+                                 at::IntArrayRef grid_sizes, at::IntArrayRef strides,
+                                 at::ScalarType dtype) {
   check_args(sizes, aspect_ratios, sizes_per_level, ratios_per_level, grid_sizes, strides, dtype);
   int64_t total = 0, cells = 0;
   const at::Tensor table =

@@ -13,8 +13,8 @@ namespace anchors {
 // The level table, an int64 CPU tensor [L, kLevelFields]. Sets *total to the number of
 // anchors and *cells to the number of feature cells.
 inline at::Tensor level_table(at::IntArrayRef sizes_per_level, at::IntArrayRef ratios_per_level,
-                              at::IntArrayRef grid_sizes, at::IntArrayRef strides,
-                              int64_t* total, int64_t* cells) {
+                              at::IntArrayRef grid_sizes, at::IntArrayRef strides, int64_t* total,
+                              int64_t* cells) {
   const int64_t L = static_cast<int64_t>(sizes_per_level.size());
   at::Tensor table = at::empty({L, kLevelFields}, at::TensorOptions().dtype(at::kLong));
   int64_t* t = table.data_ptr<int64_t>();

@@ -65,16 +65,15 @@ HOST_DEVICE inline T clamp_to(T x, T hi) {
 
 // Part 1: the clamped log-scales (dw, dh) of code d (4 values), whose exp part 2 needs.
 template <typename T>
-HOST_DEVICE inline void decode_log_scales(const T* d, const Weights<T>& w, T clip, T& dw,
-                                          T& dh) {
+HOST_DEVICE inline void decode_log_scales(const T* d, const Weights<T>& w, T clip, T& dw, T& dh) {
   dw = clamp_max(div_rn(d[2], w.ww), clip);
   dh = clamp_max(div_rn(d[3], w.wh), clip);
 }
 
 // Part 2: the box of code d relative to reference box b, given exp(dw) and exp(dh).
 template <typename T>
-HOST_DEVICE inline void decode_box(const T* b, const T* d, T exp_dw, T exp_dh,
-                                   const Weights<T>& w, T* out) {
+HOST_DEVICE inline void decode_box(const T* b, const T* d, T exp_dw, T exp_dh, const Weights<T>& w,
+                                   T* out) {
   const T half = T(0.5);
   const T width = sub_rn(b[2], b[0]);
   const T height = sub_rn(b[3], b[1]);

@@ -4,8 +4,8 @@
 // box_coder.h): pass 1 writes their arguments to a buffer, at::log_ / at::exp_ runs on it,
 // pass 2 finishes. That keeps float32 and float64 results identical to torchvision's. The
 // passes go chunk by chunk (common/cpu_chunks.h: the buffer stays in cache, and at most one
-// parallel region is started). The test-only ops _encode_boxes_elementwise / _decode_boxes_elementwise run the one-pass CUDA
-// functors instead.
+// parallel region is started). The test-only ops _encode_boxes_elementwise /
+// _decode_boxes_elementwise run the one-pass CUDA functors instead.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -137,12 +137,13 @@ at::Tensor remove_small_cpu(const at::Tensor& boxes, double min_size) {
   check_small(boxes, min_size);
   const at::Tensor b = boxes.contiguous();
   at::Tensor keep = at::empty({b.size(0)}, b.options().dtype(at::kBool));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "remove_small_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const T m = static_cast<T>(static_cast<scalar_t>(min_size));
-    cpu_for_each(b.size(0), kGrain,
-                 LargeEnough<scalar_t, T>{b.data_ptr<scalar_t>(), m, keep.data_ptr<bool>()});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, b.scalar_type(), "remove_small_cpu", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const T m = static_cast<T>(static_cast<scalar_t>(min_size));
+        cpu_for_each(b.size(0), kGrain,
+                     LargeEnough<scalar_t, T>{b.data_ptr<scalar_t>(), m, keep.data_ptr<bool>()});
+      });
   // The indices of the kept boxes: a serial pass (cheaper than at::nonzero at these sizes).
   const bool* kp = keep.data_ptr<bool>();
   const int64_t n = b.size(0);

@@ -28,12 +28,13 @@ at::Tensor decode_cuda(const at::Tensor& rel_codes, const at::Tensor& boxes,
   if (N * K == 0) return out;
   const at::Tensor codes = rel_codes.contiguous();
   const at::Tensor ref = boxes.to(math_type(rel_codes.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const DecodeInputs<scalar_t, T, T> in{codes.data_ptr<scalar_t>(), ref.data_ptr<T>(), K,
-                                          check_weights<T>(weights), static_cast<T>(clamp)};
-    cuda_for_each(N * K, Decode<scalar_t, T, T>{in, out.data_ptr<scalar_t>()});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const DecodeInputs<scalar_t, T, T> in{codes.data_ptr<scalar_t>(), ref.data_ptr<T>(), K,
+                                              check_weights<T>(weights), static_cast<T>(clamp)};
+        cuda_for_each(N * K, Decode<scalar_t, T, T>{in, out.data_ptr<scalar_t>()});
+      });
   return out;
 }
 
@@ -75,12 +76,13 @@ at::Tensor remove_small_cuda(const at::Tensor& boxes, double min_size) {
   c10::cuda::CUDAGuard guard(boxes.device());
   const at::Tensor b = boxes.contiguous();
   at::Tensor keep = at::empty({b.size(0)}, b.options().dtype(at::kBool));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "remove_small_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const T m = static_cast<T>(static_cast<scalar_t>(min_size));
-    cuda_for_each(b.size(0),
-                  LargeEnough<scalar_t, T>{b.data_ptr<scalar_t>(), m, keep.data_ptr<bool>()});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, b.scalar_type(), "remove_small_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const T m = static_cast<T>(static_cast<scalar_t>(min_size));
+        cuda_for_each(b.size(0),
+                      LargeEnough<scalar_t, T>{b.data_ptr<scalar_t>(), m, keep.data_ptr<bool>()});
+      });
   return at::nonzero(keep).view({-1});
 }
 

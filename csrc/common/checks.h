@@ -9,27 +9,26 @@
 namespace maskops {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              " must be a floating point tensor, got ", t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating point tensor, got ",
+              t.scalar_type());
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim(),
-              " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim(), " (shape ",
+              t.sizes(), ")");
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* na,
                               const char* nb) {
-  TORCH_CHECK(a.device() == b.device(), na, " and ", nb,
-              " must be on the same device, got ", a.device(), " and ", b.device());
+  TORCH_CHECK(a.device() == b.device(), na, " and ", nb, " must be on the same device, got ",
+              a.device(), " and ", b.device());
 }
 
 // Outputs follow their input's layout: channels-last when the input is densely channels-last
 // (and not also plain contiguous, as with 1x1 maps), contiguous otherwise. maskops/_validate.py
 // mirrors this rule for the fake kernels.
 inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
-  return (t.dim() == 4 && !t.is_contiguous() &&
-          t.is_contiguous(at::MemoryFormat::ChannelsLast))
+  return (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
 }

@@ -323,9 +323,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   static c10::Allocator* others() { return c10::GetDefaultCPUAllocator(); }
 
   std::mutex mu_;
-  std::vector<Kept> kept_;                     // freed blocks waiting for reuse
-  std::unordered_map<void*, Live> live_;       // blocks handed out (and maybe stale ones)
-  uint64_t epoch_ = 0;                         // times routing was removed
+  std::vector<Kept> kept_;                // freed blocks waiting for reuse
+  std::unordered_map<void*, Live> live_;  // blocks handed out (and maybe stale ones)
+  uint64_t epoch_ = 0;                    // times routing was removed
   int64_t kept_bytes_ = 0, live_bytes_ = 0;
   int64_t limit_;
   int64_t hits_ = 0, misses_ = 0;
@@ -353,8 +353,8 @@ void CachingCpuAllocator::release_raw(void* ptr) { instance().give_back(ptr, tru
 c10::Allocator* cpu_allocator() { return &instance(); }
 
 at::Tensor cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype, at::MemoryFormat format) {
-  return at::detail::empty_generic(sizes, cpu_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   dtype, format);
+  return at::detail::empty_generic(sizes, cpu_allocator(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, format);
 }
 
 int64_t cpu_cache_release() { return instance().release_all(); }
@@ -428,8 +428,8 @@ bool cpu_cache_route_torch(bool on) {
 std::vector<int64_t> cpu_cache_torch_allocator() {
   std::lock_guard<std::mutex> lock(route_mu);
   auto address = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<intptr_t>(p)); };
-  return {address(c10::GetCPUAllocator()), address(c10::GetDefaultCPUAllocator()),
-          address(route), depth, open_blocks};
+  return {address(c10::GetCPUAllocator()), address(c10::GetDefaultCPUAllocator()), address(route),
+          depth, open_blocks};
 }
 
 }  // namespace maskops

@@ -34,21 +34,19 @@ bool parse_cpu_isa(const char* name, CpuIsa* out);
 // baseline), and a dispatcher on cpu_isa(). `args` repeats the parameters' names. Each
 // target gets its own register width because GCC lowers vectors wider than the target's
 // registers lane by lane for some operations (selects, compares).
-#define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body)                   \
-  __attribute__((target("avx512f"))) static ret name##_avx512 params {              \
-    return body<64> args;                                                           \
-  }                                                                                 \
-  __attribute__((target("avx2"))) static ret name##_avx2 params { return body<32> args; } \
-  static ret name##_default params { return body<16> args; }                        \
-  ret name params {                                                                 \
-    switch (::maskops::cpu_isa()) {                                                 \
-      case ::maskops::CpuIsa::kAvx512:                                              \
-        return name##_avx512 args;                                                  \
-      case ::maskops::CpuIsa::kAvx2:                                                \
-        return name##_avx2 args;                                                    \
-      default:                                                                      \
-        return name##_default args;                                                 \
-    }                                                                               \
+#define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body)                              \
+  __attribute__((target("avx512f"))) static ret name##_avx512 params { return body<64> args; } \
+  __attribute__((target("avx2"))) static ret name##_avx2 params { return body<32> args; }      \
+  static ret name##_default params { return body<16> args; }                                   \
+  ret name params {                                                                            \
+    switch (::maskops::cpu_isa()) {                                                            \
+      case ::maskops::CpuIsa::kAvx512:                                                         \
+        return name##_avx512 args;                                                             \
+      case ::maskops::CpuIsa::kAvx2:                                                           \
+        return name##_avx2 args;                                                               \
+      default:                                                                                 \
+        return name##_default args;                                                            \
+    }                                                                                          \
   }
 #else
 #define MASKOPS_ISA_VARIANTS_WIDTH(ret, name, params, args, body) \

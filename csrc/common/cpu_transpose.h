@@ -16,7 +16,7 @@ namespace detail {
 #if defined(MASKOPS_X86)
 // 8x8 float block: dst row j = src column j.
 __attribute__((target("avx2"))) inline void transpose8x8(const float* src, int64_t ss, float* dst,
-                                                          int64_t ds) {
+                                                         int64_t ds) {
   __m256 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
   for (int i = 0; i < 8; i += 2) {
@@ -36,8 +36,8 @@ __attribute__((target("avx2"))) inline void transpose8x8(const float* src, int64
 }
 
 __attribute__((target("avx2"))) inline void transpose_avx2(const float* src, int64_t rows,
-                                                            int64_t cols, int64_t ss, float* dst,
-                                                            int64_t ds) {
+                                                           int64_t cols, int64_t ss, float* dst,
+                                                           int64_t ds) {
   const int64_t r8 = rows - rows % 8, c8 = cols - cols % 8;
   for (int64_t i = 0; i < r8; i += 8)
     for (int64_t j = 0; j < c8; j += 8) transpose8x8(src + i * ss + j, ss, dst + j * ds + i, ds);
@@ -58,8 +58,8 @@ inline void transpose(const S* src, int64_t rows, int64_t cols, int64_t src_stri
       dst[j * dst_stride + i] = static_cast<D>(src[i * src_stride + j]);
 }
 
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_stride,
-                      float* dst, int64_t dst_stride) {
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t src_stride, float* dst,
+                      int64_t dst_stride) {
 #if defined(MASKOPS_X86)
   if (cpu_isa() != CpuIsa::kDefault) {
     detail::transpose_avx2(src, rows, cols, src_stride, dst, dst_stride);

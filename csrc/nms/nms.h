@@ -61,20 +61,32 @@ HOST_DEVICE inline double mul_rn(double a, double b) { return MASKOPS_RN(__dmul_
 HOST_DEVICE inline double div_rn(double a, double b) { return MASKOPS_RN(__ddiv_rn(a, b), a / b); }
 #undef MASKOPS_RN
 template <typename V>
-inline V add_rn(V a, V b) { return a + b; }
+inline V add_rn(V a, V b) {
+  return a + b;
+}
 template <typename V>
-inline V sub_rn(V a, V b) { return a - b; }
+inline V sub_rn(V a, V b) {
+  return a - b;
+}
 template <typename V>
-inline V mul_rn(V a, V b) { return a * b; }
+inline V mul_rn(V a, V b) {
+  return a * b;
+}
 template <typename V>
-inline V div_rn(V a, V b) { return a / b; }
+inline V div_rn(V a, V b) {
+  return a / b;
+}
 
 // std::max(a, b) and std::min(a, b), written out so that they also apply lane-wise to GCC
 // vector types. With a NaN operand both return `a`.
 template <typename T>
-HOST_DEVICE inline T max_first(T a, T b) { return a < b ? b : a; }
+HOST_DEVICE inline T max_first(T a, T b) {
+  return a < b ? b : a;
+}
 template <typename T>
-HOST_DEVICE inline T min_first(T a, T b) { return b < a ? b : a; }
+HOST_DEVICE inline T min_first(T a, T b) {
+  return b < a ? b : a;
+}
 
 template <typename T>
 HOST_DEVICE inline T box_area_of(T x1, T y1, T x2, T y2) {
@@ -84,8 +96,8 @@ HOST_DEVICE inline T box_area_of(T x1, T y1, T x2, T y2) {
 // torchvision's overlap ratio for NMS (see the header comment). `a` is the kept box. T may be
 // a scalar or (host only) a GCC vector type, where T{} is the zero vector.
 template <typename T>
-HOST_DEVICE inline T nms_overlap(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2,
-                                 T by2, T b_area) {
+HOST_DEVICE inline T nms_overlap(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T by1, T bx2, T by2,
+                                 T b_area) {
   const T xx1 = max_first(ax1, bx1);
   const T yy1 = max_first(ay1, by1);
   const T xx2 = min_first(ax2, bx2);
@@ -100,8 +112,8 @@ HOST_DEVICE inline T nms_overlap(T ax1, T ay1, T ax2, T ay2, T a_area, T bx1, T 
 // threshold_in<T>), so the float comparison equals torchvision's `float > double` one.
 template <typename T>
 HOST_DEVICE inline bool suppresses(const T* a, const T* b, T threshold) {
-  const T ov = nms_overlap(a[0], a[1], a[2], a[3], box_area_of(a[0], a[1], a[2], a[3]), b[0],
-                           b[1], b[2], b[3], box_area_of(b[0], b[1], b[2], b[3]));
+  const T ov = nms_overlap(a[0], a[1], a[2], a[3], box_area_of(a[0], a[1], a[2], a[3]), b[0], b[1],
+                           b[2], b[3], box_area_of(b[0], b[1], b[2], b[3]));
   return ov > threshold;
 }
 
@@ -119,17 +131,21 @@ inline T threshold_in(double threshold) {
 // IoU for box_iou: intersection over union, NaN if a coordinate is NaN, and 0 (not 0/0) when
 // the union is 0, e.g. for two zero-area boxes.
 template <typename T>
-HOST_DEVICE inline T max_nan(T a, T b) { return (a < b || b != b) ? b : a; }
+HOST_DEVICE inline T max_nan(T a, T b) {
+  return (a < b || b != b) ? b : a;
+}
 template <typename T>
-HOST_DEVICE inline T min_nan(T a, T b) { return (b < a || b != b) ? b : a; }
+HOST_DEVICE inline T min_nan(T a, T b) {
+  return (b < a || b != b) ? b : a;
+}
 
 template <typename T>
 HOST_DEVICE inline T pair_iou(T ax1, T ay1, T ax2, T ay2, T bx1, T by1, T bx2, T by2) {
   const T w = sub_rn(min_nan(ax2, bx2), max_nan(ax1, bx1));
   const T h = sub_rn(min_nan(ay2, by2), max_nan(ay1, by1));
   const T inter = mul_rn(w > T(0) || w != w ? w : T(0), h > T(0) || h != h ? h : T(0));
-  const T uni = sub_rn(add_rn(box_area_of(ax1, ay1, ax2, ay2), box_area_of(bx1, by1, bx2, by2)),
-                       inter);
+  const T uni =
+      sub_rn(add_rn(box_area_of(ax1, ay1, ax2, ay2), box_area_of(bx1, by1, bx2, by2)), inter);
   return uni == T(0) ? T(0) : div_rn(inter, uni);
 }
 
@@ -156,10 +172,9 @@ struct BoxIoU {
   HOST_DEVICE void element(int64_t i, int64_t j) const {
     const scalar_t* a = boxes1 + 4 * i;
     const scalar_t* b = boxes2 + 4 * j;
-    out[i * m + j] = static_cast<scalar_t>(
-        pair_iou(static_cast<T>(a[0]), static_cast<T>(a[1]), static_cast<T>(a[2]),
-                 static_cast<T>(a[3]), static_cast<T>(b[0]), static_cast<T>(b[1]),
-                 static_cast<T>(b[2]), static_cast<T>(b[3])));
+    out[i * m + j] = static_cast<scalar_t>(pair_iou(
+        static_cast<T>(a[0]), static_cast<T>(a[1]), static_cast<T>(a[2]), static_cast<T>(a[3]),
+        static_cast<T>(b[0]), static_cast<T>(b[1]), static_cast<T>(b[2]), static_cast<T>(b[3])));
   }
   // One output element (GPU: one thread each).
   HOST_DEVICE void operator()(int64_t k) const { element(k / m, k % m); }
@@ -192,7 +207,6 @@ struct MaskBlock {
     }
     return bits;
   }
-
 };
 
 // A barrier for a loop run by a single thread.
@@ -266,8 +280,8 @@ struct GatherKept {
   // Settles block nb, staged in s. `removed` has the bits set by kept boxes of earlier blocks.
   // Appends output indices at out[count...]. Returns the kept boxes of the block as bits; sets
   // done when the walk is over.
-  HOST_DEVICE uint64_t resolve(int64_t nb, uint64_t removed, const StagedBlock& s,
-                               int64_t& count, bool& done) const {
+  HOST_DEVICE uint64_t resolve(int64_t nb, uint64_t removed, const StagedBlock& s, int64_t& count,
+                               bool& done) const {
     uint64_t kept = 0;
     const int64_t first = nb * kBlock;
     for (int b = 0; b < kBlock && first + b < n; ++b) {
@@ -409,8 +423,14 @@ struct SegmentedGather {
   int64_t* count;        // [S]
 
   HOST_DEVICE GatherKept segment(int64_t s) const {
-    return GatherKept{mask + s * seg_len * col_blocks, valid[s], col_blocks, order + s * seg_len,
-                      nullptr, 0.0, max_output, out + s * seg_len};
+    return GatherKept{mask + s * seg_len * col_blocks,
+                      valid[s],
+                      col_blocks,
+                      order + s * seg_len,
+                      nullptr,
+                      0.0,
+                      max_output,
+                      out + s * seg_len};
   }
 };
 

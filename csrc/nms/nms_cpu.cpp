@@ -95,8 +95,8 @@ struct BoxArrays {
 // alive[j] = 0 for j in [begin, end) when one of the kept boxes `lead[0, nk)` suppresses j.
 template <int Bytes, typename T>
 inline __attribute__((always_inline)) void suppress_impl(BoxArrays<T> lead, int64_t nk,
-                                                         BoxArrays<T> c, int64_t begin,
-                                                         int64_t end, T thr) {
+                                                         BoxArrays<T> c, int64_t begin, int64_t end,
+                                                         T thr) {
   using V = typename Simd<T, Bytes>::V;
   using VM = typename Simd<T, Bytes>::VM;
   constexpr int64_t L = Bytes / sizeof(T);
@@ -124,12 +124,12 @@ inline __attribute__((always_inline)) void suppress_impl(BoxArrays<T> lead, int6
 // Compiled for AVX-512, AVX2 and portable code, each with its register width; each call
 // takes maskops::cpu_isa()'s.
 MASKOPS_ISA_VARIANTS_WIDTH(void, suppress,
-                           (BoxArrays<float> lead, int64_t nk, BoxArrays<float> c,
-                            int64_t begin, int64_t end, float thr),
+                           (BoxArrays<float> lead, int64_t nk, BoxArrays<float> c, int64_t begin,
+                            int64_t end, float thr),
                            (lead, nk, c, begin, end, thr), suppress_impl)
 MASKOPS_ISA_VARIANTS_WIDTH(void, suppress,
-                           (BoxArrays<double> lead, int64_t nk, BoxArrays<double> c,
-                            int64_t begin, int64_t end, double thr),
+                           (BoxArrays<double> lead, int64_t nk, BoxArrays<double> c, int64_t begin,
+                            int64_t end, double thr),
                            (lead, nk, c, begin, end, thr), suppress_impl)
 
 // The boxes of one class (or all boxes) in score order, compacted as they are suppressed.
@@ -204,7 +204,7 @@ void greedy(Candidates<T>& c, T thr, int64_t first_emit, int64_t max_emit, bool 
       la[nk] = a.area[p];
       ++nk;
       BoxArrays<T> one{lx1.data() + nk - 1, ly1.data() + nk - 1, lx2.data() + nk - 1,
-                       ly2.data() + nk - 1, la.data() + nk - 1, nullptr};
+                       ly2.data() + nk - 1, la.data() + nk - 1,  nullptr};
       suppress(one, 1, a, p + 1, hi, thr);
     }
     const int64_t rest = c.n - hi;
@@ -314,13 +314,13 @@ Sorted sort_scores(const at::Tensor& scores, c10::optional<double> score_thresho
     const double thr = *score_threshold;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.values.scalar_type(),
                                     "nms_score_threshold", [&] {
-      const scalar_t* v = s.values.data_ptr<scalar_t>();
-      int64_t k = 0;
-      while (k < n && std::isnan(static_cast<double>(v[k]))) ++k;
-      s.first_emit = k;
-      while (k < n && static_cast<double>(v[k]) > thr) ++k;
-      s.n_eff = k;
-    });
+                                      const scalar_t* v = s.values.data_ptr<scalar_t>();
+                                      int64_t k = 0;
+                                      while (k < n && std::isnan(static_cast<double>(v[k]))) ++k;
+                                      s.first_emit = k;
+                                      while (k<n&& static_cast<double>(v[k])> thr) ++k;
+                                      s.n_eff = k;
+                                    });
   }
   return s;
 }
@@ -356,8 +356,7 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores,
       std::vector<int64_t> cls(m), perm, starts;
       for (int64_t p = 0; p < m; ++p) cls[p] = cp[order[p]];
       group_by_class(cls.data(), m, perm, starts);
-      greedy_by_class(bp, order, perm.data(), starts, thr, s.first_emit, max_emit,
-                      kept.data());
+      greedy_by_class(bp, order, perm.data(), starts, thr, s.first_emit, max_emit, kept.data());
     }
   });
   int64_t count = 0;
@@ -415,8 +414,8 @@ struct CpuLaunch {
     if (removed_global != nullptr) poison(removed_global, rp.global_words);
     std::vector<uint64_t> shared(rp.shared_words, ~uint64_t(0));
     WalkShared sh;
-    *count = walk(g, walk_removed(removed_global, shared.data(), 0, g.col_blocks), sh, 0, 1,
-                  NoSync{});
+    *count =
+        walk(g, walk_removed(removed_global, shared.data(), 0, g.col_blocks), sh, 0, 1, NoSync{});
   }
   void segmented_gather(const SegmentedGather& g, const SegmentedPlan& plan,
                         const RemovedPlacement& rp, uint64_t* removed_global) const {
@@ -439,8 +438,7 @@ int64_t shared_limit(c10::optional<int64_t> removed_shared_words) {
 
 at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                            const c10::optional<at::Tensor>& idxs, double iou_threshold,
-                           c10::optional<double> score_threshold,
-                           c10::optional<int64_t> max_output,
+                           c10::optional<double> score_threshold, c10::optional<int64_t> max_output,
                            c10::optional<int64_t> removed_shared_words) {
   return nms_gpu_algo(boxes, scores, idxs, iou_threshold, score_threshold, max_output,
                       shared_limit(removed_shared_words), CpuLaunch{});
@@ -452,8 +450,7 @@ at::Tensor box_area_cpu(const at::Tensor& boxes) {
   check_boxes(boxes, "boxes");
   const at::Tensor b = boxes.contiguous();
   at::Tensor out = at::empty({b.size(0)}, b.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "box_area_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "box_area_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     cpu_for_each(b.size(0), 4096,
                  BoxArea<scalar_t, T>{b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()});
@@ -467,8 +464,7 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   const int64_t n = a.size(0), m = b.size(0);
   at::Tensor out = at::empty({n, m}, a.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const BoxIoU<scalar_t, T> f{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), m,
                                 out.data_ptr<scalar_t>()};
@@ -485,9 +481,8 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 // Segmented NMS with the GPU algorithm's loops (mask_tile() per segment's tile, then walk() per
 // segment).
 SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
-                                const at::Tensor& order, const at::Tensor& valid,
-                                int64_t seg_len, double iou_threshold, int64_t max_output,
-                                int64_t shared_words) {
+                                const at::Tensor& order, const at::Tensor& valid, int64_t seg_len,
+                                double iou_threshold, int64_t max_output, int64_t shared_words) {
   return segmented_nms_algo(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
                             shared_words, CpuLaunch{});
 }
@@ -511,15 +506,14 @@ std::tuple<at::Tensor, at::Tensor> segmented_nms_op(const at::Tensor& boxes,
   TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == rows,
               "order must be an int64 tensor [", rows, "], got ", order.scalar_type(), " ",
               order.sizes());
-  TORCH_CHECK(!classes.has_value() ||
-                  (classes->scalar_type() == at::kLong && classes->dim() == 1 &&
-                   classes->size(0) == rows),
+  TORCH_CHECK(!classes.has_value() || (classes->scalar_type() == at::kLong && classes->dim() == 1 &&
+                                       classes->size(0) == rows),
               "classes must be an int64 tensor [", rows, "] or None");
   const at::Tensor v = valid.contiguous();
   const int64_t* vp = v.data_ptr<int64_t>();
   for (int64_t s = 0; s < v.size(0); ++s)
-    TORCH_CHECK(vp[s] >= 0 && vp[s] <= seg_len, "valid[", s, "] must be in [0, seg_len = ",
-                seg_len, "], got ", vp[s]);
+    TORCH_CHECK(vp[s] >= 0 && vp[s] <= seg_len, "valid[", s, "] must be in [0, seg_len = ", seg_len,
+                "], got ", vp[s]);
   const SegmentedKept kept = segmented_nms_cpu(
       boxes.to(math_type(boxes.scalar_type())).contiguous(),
       classes.has_value() ? classes->contiguous() : at::Tensor(), order.contiguous(), v, seg_len,

@@ -132,8 +132,7 @@ struct CudaLaunch {
 
 at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
                          const c10::optional<at::Tensor>& idxs, double iou_threshold,
-                         c10::optional<double> score_threshold,
-                         c10::optional<int64_t> max_output) {
+                         c10::optional<double> score_threshold, c10::optional<int64_t> max_output) {
   c10::cuda::CUDAGuard guard(boxes.device());
   return nms_gpu_algo(boxes, scores, idxs, iou_threshold, score_threshold, max_output,
                       kSharedRemovedWords, CudaLaunch{});
@@ -142,8 +141,8 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores,
 }  // namespace
 
 SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
-                                 const at::Tensor& order, const at::Tensor& valid,
-                                 int64_t seg_len, double iou_threshold, int64_t max_output) {
+                                 const at::Tensor& order, const at::Tensor& valid, int64_t seg_len,
+                                 double iou_threshold, int64_t max_output) {
   c10::cuda::CUDAGuard guard(boxes.device());
   return segmented_nms_algo(boxes, classes, order, valid, seg_len, iou_threshold, max_output,
                             kSharedRemovedWords, CudaLaunch{});
@@ -153,8 +152,7 @@ namespace {
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
                     c10::optional<double> score_threshold, c10::optional<int64_t> max_output) {
-  return nms_cuda_impl(boxes, scores, c10::nullopt, iou_threshold, score_threshold,
-                       max_output);
+  return nms_cuda_impl(boxes, scores, c10::nullopt, iou_threshold, score_threshold, max_output);
 }
 
 at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
@@ -169,8 +167,7 @@ at::Tensor box_area_cuda(const at::Tensor& boxes) {
   c10::cuda::CUDAGuard guard(boxes.device());
   const at::Tensor b = boxes.contiguous();
   at::Tensor out = at::empty({b.size(0)}, b.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "box_area_cuda",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "box_area_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     cuda_for_each(b.size(0),
                   BoxArea<scalar_t, T>{b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()});
@@ -184,12 +181,10 @@ at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   const at::Tensor a = boxes1.contiguous(), b = boxes2.contiguous();
   at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cuda",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "box_iou_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
-    cuda_for_each(out.numel(), BoxIoU<scalar_t, T>{a.data_ptr<scalar_t>(),
-                                                   b.data_ptr<scalar_t>(), b.size(0),
-                                                   out.data_ptr<scalar_t>()});
+    cuda_for_each(out.numel(), BoxIoU<scalar_t, T>{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                                   b.size(0), out.data_ptr<scalar_t>()});
   });
   return out;
 }

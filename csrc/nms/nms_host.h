@@ -45,8 +45,8 @@ at::Tensor nms_gpu_algo(const at::Tensor& boxes, const at::Tensor& scores,
   uint64_t* mp = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES(sboxes.scalar_type(), "nms_mask", [&] {
     launch.mask(MaskBlock<scalar_t>{sboxes.data_ptr<scalar_t>(),
-                                    sclasses.defined() ? sclasses.data_ptr<int64_t>() : nullptr,
-                                    n, col_blocks, threshold_in<scalar_t>(iou_threshold), mp});
+                                    sclasses.defined() ? sclasses.data_ptr<int64_t>() : nullptr, n,
+                                    col_blocks, threshold_in<scalar_t>(iou_threshold), mp});
   });
 
   // out[0, n): kept indices; out[n]: how many.
@@ -62,11 +62,11 @@ at::Tensor nms_gpu_algo(const at::Tensor& boxes, const at::Tensor& scores,
   const RemovedPlacement rp = place_removed(col_blocks, 1, shared_words);
   at::Tensor removed_global;
   if (rp.global_words > 0) removed_global = at::empty({rp.global_words}, long_opts);
-  launch.gather(
-      g, rp,
-      removed_global.defined() ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
-                               : nullptr,
-      out.data_ptr<int64_t>() + n);
+  launch.gather(g, rp,
+                removed_global.defined()
+                    ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
+                    : nullptr,
+                out.data_ptr<int64_t>() + n);
   // The one host synchronisation (documented): the output's length is data-dependent.
   const int64_t count = out.select(0, n).item<int64_t>();
   return out.narrow(0, 0, count);

@@ -30,12 +30,12 @@ struct SegmentedKept {
 // both segmented_nms_algo() below. The CPU path takes the shared-memory limit of the walks'
 // removed bits (place_removed()) so that a test can run the global-memory layout.
 SegmentedKept segmented_nms_cpu(const at::Tensor& boxes, const at::Tensor& classes,
-                                const at::Tensor& order, const at::Tensor& valid,
-                                int64_t seg_len, double iou_threshold, int64_t max_output,
+                                const at::Tensor& order, const at::Tensor& valid, int64_t seg_len,
+                                double iou_threshold, int64_t max_output,
                                 int64_t shared_words = kSharedRemovedWords);
 SegmentedKept segmented_nms_cuda(const at::Tensor& boxes, const at::Tensor& classes,
-                                 const at::Tensor& order, const at::Tensor& valid,
-                                 int64_t seg_len, double iou_threshold, int64_t max_output);
+                                 const at::Tensor& order, const at::Tensor& valid, int64_t seg_len,
+                                 double iou_threshold, int64_t max_output);
 
 // ---- pieces shared by the two ----
 
@@ -98,9 +98,9 @@ inline SegmentedGather segmented_gather(const uint64_t* mask, const at::Tensor& 
 //                                                   one walk per segment (walk_removed()).
 template <typename Launch>
 SegmentedKept segmented_nms_algo(const at::Tensor& boxes, const at::Tensor& classes,
-                                 const at::Tensor& order, const at::Tensor& valid,
-                                 int64_t seg_len, double iou_threshold, int64_t max_output,
-                                 int64_t shared_words, const Launch& launch) {
+                                 const at::Tensor& order, const at::Tensor& valid, int64_t seg_len,
+                                 double iou_threshold, int64_t max_output, int64_t shared_words,
+                                 const Launch& launch) {
   const SegmentedPlan plan = plan_segmented(boxes, valid, seg_len);
   SegmentedKept kept = segmented_outputs(boxes, valid, seg_len);
   if (plan.words == 0 || max_output == 0) return kept;
@@ -116,10 +116,10 @@ SegmentedKept segmented_nms_algo(const at::Tensor& boxes, const at::Tensor& clas
   const RemovedPlacement rp = place_removed(plan.col_blocks, plan.segments, shared_words);
   at::Tensor removed_global;
   if (rp.global_words > 0) removed_global = at::empty({rp.global_words}, long_opts);
-  launch.segmented_gather(
-      g, plan, rp,
-      removed_global.defined() ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
-                               : nullptr);
+  launch.segmented_gather(g, plan, rp,
+                          removed_global.defined()
+                              ? reinterpret_cast<uint64_t*>(removed_global.data_ptr<int64_t>())
+                              : nullptr);
   return kept;
 }
 

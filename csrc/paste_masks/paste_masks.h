@@ -121,8 +121,7 @@ struct Params {
 
 template <typename box_t>
 inline Params<box_t> make_params(int64_t num_masks, int64_t channels, int64_t mask_size,
-                                 int64_t padding, int64_t height, int64_t width,
-                                 double threshold) {
+                                 int64_t padding, int64_t height, int64_t width, double threshold) {
   Params<box_t> p;
   p.num_masks = num_masks;
   p.channels = channels;
@@ -147,7 +146,7 @@ inline Params<box_t> make_params(int64_t num_masks, int64_t channels, int64_t ma
 // divisions are paid per block, the per-pixel work is two resize taps and four mask reads,
 // and one coalesced pass writes every byte of the output, zeros included.
 
-constexpr int kPasteThreads = 256;    // threads per block
+constexpr int kPasteThreads = 256;     // threads per block
 constexpr int64_t kTilePixels = 4096;  // pixels per block (16 per thread)
 
 // What a block knows of its mask once the box is read: the pixel box's first row and column

@@ -18,8 +18,8 @@ inline void check_args(const at::Tensor& masks, const at::Tensor& boxes, int64_t
   check_floating(boxes, "boxes");
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "boxes must have shape [N, 4], got ",
               boxes.sizes());
-  TORCH_CHECK(boxes.size(0) == masks.size(0), "boxes must have one row per mask (",
-              masks.size(0), "), got ", boxes.size(0));
+  TORCH_CHECK(boxes.size(0) == masks.size(0), "boxes must have one row per mask (", masks.size(0),
+              "), got ", boxes.size(0));
   check_same_device(masks, boxes, "masks", "boxes");
   TORCH_CHECK(height >= 0 && width >= 0, "image_size must be non-negative, got (", height, ", ",
               width, ")");

@@ -109,22 +109,23 @@ template <template <typename, typename, typename, typename> class Body>
 void dispatch(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out, int64_t padding,
               double threshold, bool thresholded, bool index64) {
   const int64_t H = out.size(2), W = out.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks", [&] {
-    using T = at::opmath_type<scalar_t>;
-    using mask_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "paste_masks_boxes", [&] {
-      using box_t = scalar_t;
-      const auto p = make_params<box_t>(masks.size(0), masks.size(1), masks.size(2), padding,
-                                        H, W, threshold);
-      if (!thresholded) {
-        Body<mask_t, T, box_t, mask_t>::run(masks, boxes, out, p, false, index64);
-      } else if (out.scalar_type() == at::kBool) {
-        Body<mask_t, T, box_t, bool>::run(masks, boxes, out, p, true, index64);
-      } else {
-        Body<mask_t, T, box_t, uint8_t>::run(masks, boxes, out, p, true, index64);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, masks.scalar_type(), "paste_masks", [&] {
+        using T = at::opmath_type<scalar_t>;
+        using mask_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "paste_masks_boxes", [&] {
+          using box_t = scalar_t;
+          const auto p = make_params<box_t>(masks.size(0), masks.size(1), masks.size(2), padding, H,
+                                            W, threshold);
+          if (!thresholded) {
+            Body<mask_t, T, box_t, mask_t>::run(masks, boxes, out, p, false, index64);
+          } else if (out.scalar_type() == at::kBool) {
+            Body<mask_t, T, box_t, bool>::run(masks, boxes, out, p, true, index64);
+          } else {
+            Body<mask_t, T, box_t, uint8_t>::run(masks, boxes, out, p, true, index64);
+          }
+        });
+      });
 }
 
 template <typename scalar_t, typename T, typename box_t, typename out_t>
@@ -141,9 +142,12 @@ template <typename index_t, typename scalar_t, typename T, typename box_t, typen
 void paste_tiles(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& out,
                  const Params<box_t>& p, bool thresholded) {
   const int64_t tiles = tiles_per_plane(p.height, p.width);
-  const PasteTiles<index_t, scalar_t, T, box_t, out_t> f{
-      p, masks.data_ptr<scalar_t>(), boxes.data_ptr<box_t>(), out.data_ptr<out_t>(),
-      static_cast<index_t>(tiles), thresholded};
+  const PasteTiles<index_t, scalar_t, T, box_t, out_t> f{p,
+                                                         masks.data_ptr<scalar_t>(),
+                                                         boxes.data_ptr<box_t>(),
+                                                         out.data_ptr<out_t>(),
+                                                         static_cast<index_t>(tiles),
+                                                         thresholded};
   const index_t threads = kPasteThreads;
   cpu_for_each(p.num_masks * p.channels * tiles, 4, [&](int64_t b) {
     PlaneGeometry<index_t, T> g;
@@ -177,8 +181,8 @@ at::Tensor paste(const at::Tensor& masks, const at::Tensor& boxes, int64_t heigh
   at::Tensor out = cpu_empty({masks.size(0), masks.size(1), height, width},
                              out_type(masks, thresholded, as_uint8));
   if (out.numel() == 0) return out;
-  dispatch<Body>(masks.contiguous(), boxes_for_math(boxes), out, padding,
-                 threshold.value_or(0.0), thresholded, index64);
+  dispatch<Body>(masks.contiguous(), boxes_for_math(boxes), out, padding, threshold.value_or(0.0),
+                 thresholded, index64);
   return out;
 }
 

@@ -41,10 +41,14 @@ void launch_tiles(const at::Tensor& masks, const at::Tensor& boxes, at::Tensor& 
   const int64_t blocks = p.num_masks * p.channels * tiles;
   TORCH_CHECK(blocks <= INT32_MAX, "paste_masks: output too large (", out.numel(), " elements)");
   using F = PasteTiles<index_t, scalar_t, T, box_t, out_t>;
-  const F f{p, masks.data_ptr<scalar_t>(), boxes.data_ptr<box_t>(), out.data_ptr<out_t>(),
-            static_cast<index_t>(tiles), thresholded};
-  paste_kernel<F, index_t, T><<<static_cast<unsigned>(blocks), kPasteThreads, 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(f);
+  const F f{p,
+            masks.data_ptr<scalar_t>(),
+            boxes.data_ptr<box_t>(),
+            out.data_ptr<out_t>(),
+            static_cast<index_t>(tiles),
+            thresholded};
+  paste_kernel<F, index_t, T>
+      <<<static_cast<unsigned>(blocks), kPasteThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -67,33 +71,33 @@ at::Tensor paste_masks_cuda(const at::Tensor& masks, const at::Tensor& boxes, in
   c10::cuda::CUDAGuard guard(masks.device());
   const bool thresholded = threshold.has_value();
   const at::ScalarType ot = !thresholded ? masks.scalar_type() : (as_uint8 ? at::kByte : at::kBool);
-  at::Tensor out = at::empty({masks.size(0), masks.size(1), height, width}, masks.options().dtype(ot));
+  at::Tensor out =
+      at::empty({masks.size(0), masks.size(1), height, width}, masks.options().dtype(ot));
   if (out.numel() == 0) return out;
   const at::Tensor m = masks.contiguous();
   const at::Tensor b = boxes.to(math_type(boxes.scalar_type())).contiguous();
   const double thr = threshold.value_or(0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    using mask_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "paste_masks_cuda_boxes", [&] {
-      using box_t = scalar_t;
-      if (!thresholded) {
-        launch<mask_t, T, box_t, mask_t>(m, b, out, padding, thr, false);
-      } else if (as_uint8) {
-        launch<mask_t, T, box_t, uint8_t>(m, b, out, padding, thr, true);
-      } else {
-        launch<mask_t, T, box_t, bool>(m, b, out, padding, thr, true);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, m.scalar_type(), "paste_masks_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        using mask_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "paste_masks_cuda_boxes", [&] {
+          using box_t = scalar_t;
+          if (!thresholded) {
+            launch<mask_t, T, box_t, mask_t>(m, b, out, padding, thr, false);
+          } else if (as_uint8) {
+            launch<mask_t, T, box_t, uint8_t>(m, b, out, padding, thr, true);
+          } else {
+            launch<mask_t, T, box_t, bool>(m, b, out, padding, thr, true);
+          }
+        });
+      });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(maskops, CUDA, m) {
-  m.impl("paste_masks", &paste_masks_cuda);
-}
+TORCH_LIBRARY_IMPL(maskops, CUDA, m) { m.impl("paste_masks", &paste_masks_cuda); }
 
 }  // namespace paste_masks
 }  // namespace maskops

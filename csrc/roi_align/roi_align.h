@@ -206,8 +206,8 @@ struct Params {
   bool aligned;
 
   HOST_DEVICE RoiBox<T> box(const T* rois, int64_t k, int level) const {
-    return roi_box(rois + 5 * k, spatial_scale[level], pooled_h, pooled_w, sampling_ratio,
-                   aligned, batch_size);
+    return roi_box(rois + 5 * k, spatial_scale[level], pooled_h, pooled_w, sampling_ratio, aligned,
+                   batch_size);
   }
 };
 
@@ -308,8 +308,7 @@ struct BackwardScatter {
     const RoiBox<T> b = p.box(rois, k, l);
     if (b.batch < 0 || b.grid_h <= 0 || b.grid_w <= 0) return;
     const int64_t H = p.height[l], W = p.width[l];
-    const T g = static_cast<T>(grad[gs.at(k, c, ph, pw)]) /
-                static_cast<T>(b.grid_h * b.grid_w);
+    const T g = static_cast<T>(grad[gs.at(k, c, ph, pw)]) / static_cast<T>(b.grid_h * b.grid_w);
     const LevelData<T>& gi = grad_input[l];
     T* plane = gi.data + b.batch * gi.s_n + c * gi.s_c;
     const T y0 = b.start_h + static_cast<T>(ph) * b.bin_h;
@@ -380,7 +379,7 @@ constexpr int32_t kNoSpanHi = -1;
 template <typename T>
 struct RoiGeom {
   RoiBox<T> b;
-  int32_t level;                 // -1: gives nothing
+  int32_t level;                   // -1: gives nothing
   int32_t y_lo, y_hi, x_lo, x_hi;  // the reach: feature rows and columns any of its taps read
 };
 
@@ -427,15 +426,15 @@ struct RoiGeometry {
     const RoiBox<T>& b = g.b;
     for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
       int32_t* s = sp + 2 * ph;
-      bin_span(b.start_h + static_cast<T>(ph) * b.bin_h, b.bin_h, b.grid_h, p.height[g.level],
-               s[0], s[1]);
+      bin_span(b.start_h + static_cast<T>(ph) * b.bin_h, b.bin_h, b.grid_h, p.height[g.level], s[0],
+               s[1]);
       if (s[0] < g.y_lo) g.y_lo = s[0];
       if (s[1] > g.y_hi) g.y_hi = s[1];
     }
     for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
       int32_t* s = sp + 2 * (p.pooled_h + pw);
-      bin_span(b.start_w + static_cast<T>(pw) * b.bin_w, b.bin_w, b.grid_w, p.width[g.level],
-               s[0], s[1]);
+      bin_span(b.start_w + static_cast<T>(pw) * b.bin_w, b.bin_w, b.grid_w, p.width[g.level], s[0],
+               s[1]);
       if (s[0] < g.x_lo) g.x_lo = s[0];
       if (s[1] > g.x_hi) g.x_hi = s[1];
     }

@@ -16,8 +16,8 @@ inline void check_rois(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_
   check_dim(rois, 2, "rois");
   TORCH_CHECK(rois.size(1) == 5, "rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got ",
               rois.sizes());
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "output_size must be positive, got (", pooled_h,
-              ", ", pooled_w, ")");
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "output_size must be positive, got (", pooled_h, ", ",
+              pooled_w, ")");
 }
 
 // The single-level op's feature map, which it names "input".
@@ -27,7 +27,7 @@ inline void check_input(const at::Tensor& input) {
 }
 
 inline void check_features(at::TensorList features, const at::Tensor& rois,
-                    at::ArrayRef<double> scales) {
+                           at::ArrayRef<double> scales) {
   TORCH_CHECK(!features.empty() && features.size() <= static_cast<size_t>(kMaxLevels),
               "features must hold 1 to ", kMaxLevels, " levels, got ", features.size());
   TORCH_CHECK(scales.size() == features.size(), "spatial_scales must have one entry per level (",
@@ -40,7 +40,8 @@ inline void check_features(at::TensorList features, const at::Tensor& rois,
     TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() &&
                     f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
                 "every level must share dtype, device, batch size and channels with level 0; "
-                "level ", l, " is ", f.scalar_type(), " ", f.sizes(), " on ", f.device());
+                "level ",
+                l, " is ", f.scalar_type(), " ", f.sizes(), " on ", f.device());
     TORCH_CHECK(scales[l] > 0, "spatial_scales[", l, "] must be positive, got ", scales[l]);
   }
   check_same_device(f0, rois, "features", "rois");
@@ -48,8 +49,10 @@ inline void check_features(at::TensorList features, const at::Tensor& rois,
 
 inline void check_sampling_ratio(int64_t sampling_ratio) {
   TORCH_CHECK(sampling_ratio <= kMaxSamplingRatio, "sampling_ratio must be at most ",
-              kMaxSamplingRatio, " (sample points per bin along each axis; <= 0 picks them per "
-              "box), got ", sampling_ratio);
+              kMaxSamplingRatio,
+              " (sample points per bin along each axis; <= 0 picks them per "
+              "box), got ",
+              sampling_ratio);
 }
 
 // Checks the backward arguments shared by the CPU and CUDA backward kernels.
@@ -62,10 +65,9 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois,
   check_rois(rois, pooled_h, pooled_w);
   check_same_device(grad, rois, "grad", "rois");
   const size_t L = scales.size();
-  TORCH_CHECK(L >= 1 && L <= static_cast<size_t>(kMaxLevels) && heights.size() == L &&
-                  widths.size() == L,
-              "spatial_scales, heights and widths must have one entry per level (1 to ",
-              kMaxLevels, ")");
+  TORCH_CHECK(
+      L >= 1 && L <= static_cast<size_t>(kMaxLevels) && heights.size() == L && widths.size() == L,
+      "spatial_scales, heights and widths must have one entry per level (1 to ", kMaxLevels, ")");
   const int64_t K = rois.size(0);
   TORCH_CHECK(grad.size(0) == K && grad.size(1) == channels && grad.size(2) == pooled_h &&
                   grad.size(3) == pooled_w,

@@ -60,8 +60,8 @@ struct AxisTaps {
     hi = -1;
     for (int64_t p = 0; p < pooled; ++p) {
       int64_t* ip = idx.data() + p * stride;
-      const int n = bin_taps(start + static_cast<T>(p) * bin, bin, grid, size, ip,
-                             w.data() + p * stride);
+      const int n =
+          bin_taps(start + static_cast<T>(p) * bin, bin, grid, size, ip, w.data() + p * stride);
       count[p] = n;
       for (int i = 0; i < n; ++i) {  // (inverted boxes list their taps in descending order)
         lo = std::min(lo, ip[i]);
@@ -113,7 +113,8 @@ inline __attribute__((always_inline)) void axpy(T* dst, const T* src, T w, int64
   using V = Vec<T, Bytes>;
   const int64_t nv = n - n % V::lanes;
   const typename V::type wv = V::splat(w);
-  for (int64_t c = 0; c < nv; c += V::lanes) V::store(dst + c, V::load(dst + c) + wv * V::load(src + c));
+  for (int64_t c = 0; c < nv; c += V::lanes)
+    V::store(dst + c, V::load(dst + c) + wv * V::load(src + c));
   for (int64_t c = nv; c < n; ++c) dst[c] += w * src[c];
 }
 
@@ -212,9 +213,11 @@ inline __attribute__((always_inline)) void backward_tile_impl(
 // out[bin * out_stride] for every bin of one RoI and one channel plane ([H, W]); `rowbuf`
 // holds one combined row over the RoI's column span.
 template <int Bytes, typename T, typename O>
-inline __attribute__((always_inline)) void forward_plane_impl(
-    O* out, int64_t out_stride, const T* __restrict plane, int64_t W, const AxisTaps<T>& ty,
-    const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* __restrict rowbuf) {
+inline __attribute__((always_inline)) void forward_plane_impl(O* out, int64_t out_stride,
+                                                              const T* __restrict plane, int64_t W,
+                                                              const AxisTaps<T>& ty,
+                                                              const AxisTaps<T>& tx, int64_t PH,
+                                                              int64_t PW, T* __restrict rowbuf) {
   const int64_t span = tx.hi - tx.lo + 1;
   for (int64_t ph = 0; ph < PH; ++ph) {
     const int64_t* yi = ty.idx.data() + ph * ty.stride;
@@ -239,9 +242,11 @@ inline __attribute__((always_inline)) void forward_plane_impl(
 
 // plane[H, W] += the bins' gradient g[bin] spread over their taps (one RoI, one channel).
 template <int Bytes, typename T>
-inline __attribute__((always_inline)) void backward_plane_impl(
-    T* plane, int64_t W, const T* __restrict g, const AxisTaps<T>& ty, const AxisTaps<T>& tx,
-    int64_t PH, int64_t PW, T* __restrict rowbuf) {
+inline __attribute__((always_inline)) void backward_plane_impl(T* plane, int64_t W,
+                                                               const T* __restrict g,
+                                                               const AxisTaps<T>& ty,
+                                                               const AxisTaps<T>& tx, int64_t PH,
+                                                               int64_t PW, T* __restrict rowbuf) {
   const int64_t span = tx.hi - tx.lo + 1;
   if (span <= 0) return;
   for (int64_t ph = 0; ph < PH; ++ph) {
@@ -262,32 +267,34 @@ inline __attribute__((always_inline)) void backward_plane_impl(
 
 // Hot loops, compiled for AVX-512, AVX2 and portable code, each with its register width; each
 // call takes the variant of maskops::cpu_isa() (common/cpu_isa.h).
-#define MASKOPS_INSTANTIATE(T)                                                              \
-  MASKOPS_ISA_VARIANTS_WIDTH(void, forward_tile,                                                  \
-                       (T * tile, const T* feat, int64_t W, int64_t C, int64_t cb,          \
-                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
-                       (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)           \
-  MASKOPS_ISA_VARIANTS_WIDTH(void, backward_tile,                                                 \
-                       (T * acc, const T* tile, int64_t W, int64_t C, int64_t cb,           \
-                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW), \
-                       (acc, tile, W, C, cb, ty, tx, PH, PW), backward_tile_impl)           \
-  MASKOPS_ISA_VARIANTS_WIDTH(void, forward_plane,                                                 \
-                       (T * out, int64_t out_stride, const T* plane, int64_t W,             \
-                        const AxisTaps<T>& ty, const AxisTaps<T>& tx, int64_t PH, int64_t PW, \
-                        T* rowbuf),                                                         \
-                       (out, out_stride, plane, W, ty, tx, PH, PW, rowbuf), forward_plane_impl) \
-  MASKOPS_ISA_VARIANTS_WIDTH(void, backward_plane,                                                \
-                       (T * plane, int64_t W, const T* g, const AxisTaps<T>& ty,            \
-                        const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* rowbuf),          \
-                       (plane, W, g, ty, tx, PH, PW, rowbuf), backward_plane_impl)
+#define MASKOPS_INSTANTIATE(T)                                                           \
+  MASKOPS_ISA_VARIANTS_WIDTH(                                                            \
+      void, forward_tile,                                                                \
+      (T * tile, const T* feat, int64_t W, int64_t C, int64_t cb, const AxisTaps<T>& ty, \
+       const AxisTaps<T>& tx, int64_t PH, int64_t PW),                                   \
+      (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)                         \
+  MASKOPS_ISA_VARIANTS_WIDTH(                                                            \
+      void, backward_tile,                                                               \
+      (T * acc, const T* tile, int64_t W, int64_t C, int64_t cb, const AxisTaps<T>& ty,  \
+       const AxisTaps<T>& tx, int64_t PH, int64_t PW),                                   \
+      (acc, tile, W, C, cb, ty, tx, PH, PW), backward_tile_impl)                         \
+  MASKOPS_ISA_VARIANTS_WIDTH(                                                            \
+      void, forward_plane,                                                               \
+      (T * out, int64_t out_stride, const T* plane, int64_t W, const AxisTaps<T>& ty,    \
+       const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* rowbuf),                        \
+      (out, out_stride, plane, W, ty, tx, PH, PW, rowbuf), forward_plane_impl)           \
+  MASKOPS_ISA_VARIANTS_WIDTH(void, backward_plane,                                       \
+                             (T * plane, int64_t W, const T* g, const AxisTaps<T>& ty,   \
+                              const AxisTaps<T>& tx, int64_t PH, int64_t PW, T* rowbuf), \
+                             (plane, W, g, ty, tx, PH, PW, rowbuf), backward_plane_impl)
 MASKOPS_INSTANTIATE(float)
 MASKOPS_INSTANTIATE(double)
 #undef MASKOPS_INSTANTIATE
 MASKOPS_ISA_VARIANTS_WIDTH(void, forward_tile,
-                     (float* tile, const c10::BFloat16* feat, int64_t W, int64_t C, int64_t cb,
-                      const AxisTaps<float>& ty, const AxisTaps<float>& tx, int64_t PH,
-                      int64_t PW),
-                     (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)
+                           (float* tile, const c10::BFloat16* feat, int64_t W, int64_t C,
+                            int64_t cb, const AxisTaps<float>& ty, const AxisTaps<float>& tx,
+                            int64_t PH, int64_t PW),
+                           (tile, feat, W, C, cb, ty, tx, PH, PW), forward_tile_impl)
 
 // forward_tile over image[offset:] in T, or, where a level is read as stored in bfloat16
 // (bf != nullptr, float math only), over bf[offset:].
@@ -388,7 +395,6 @@ bool prefer_channels_last(const at::Tensor& level, int64_t rois, int64_t bins) {
   return level.numel() <= kConvertRatio * rois * level.size(1) * bins;
 }
 
-
 // ---- the kernels ----
 
 at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
@@ -407,88 +413,87 @@ at::Tensor pyramid_forward(at::TensorList features, const at::Tensor& rois,
   const at::Tensor rois_m = rois.to(mt).contiguous();
   const auto heights = sizes_of(features, 2), widths = sizes_of(features, 3);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
-                                  "roi_align_forward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const T* rp = rois_m.data_ptr<T>();
-    check_batch_indices(rp, K, N);
-    const auto p = make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K,
-                                  sampling_ratio, aligned, canonical_scale, canonical_level,
-                                  k_min);
-    const std::vector<int64_t> count = rois_per_level(p, rp, K);
-    std::vector<at::Tensor> data(L);
-    std::vector<bool> nhwc(L);
-    // bfloat16 levels already channels-last are read as stored (widened per load).
-    constexpr bool kReadsBf16 = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>;
-    std::vector<const c10::BFloat16*> bf(L, nullptr);
-    for (int l = 0; l < L; ++l) {
-      nhwc[l] = prefer_channels_last(features[l], count[l], pooled_h * pooled_w);
-      if (kReadsBf16 && nhwc[l] &&
-          features[l].is_contiguous(at::MemoryFormat::ChannelsLast)) {
-        bf[l] = features[l].data_ptr<c10::BFloat16>();
-        continue;
-      }
-      data[l] = nhwc[l] ? channels_last_copy(features[l], mt)
-                        : features[l].to(mt).contiguous();
-    }
-    std::vector<const T*> fp(L, nullptr);
-    for (int l = 0; l < L; ++l)
-      if (bf[l] == nullptr) fp[l] = data[l].data_ptr<T>();
-    scalar_t* out = output.data_ptr<scalar_t>();
-    const int64_t bins = pooled_h * pooled_w;
-    // Output strides of channel and bin ([K, C, bins] or [K, bins, C]).
-    const bool out_cl = fmt == at::MemoryFormat::ChannelsLast;
-    const int64_t o_c = out_cl ? 1 : bins, o_bin = out_cl ? C : 1;
-    int64_t max_w = 1;
-    for (int l = 0; l < L; ++l) max_w = std::max(max_w, widths[l]);
-    // RoIs in small chunks taken by whichever thread is free (common/cpu_chunks.h): a core
-    // shared with another process does not hold up the others.
-    parallel_for_dynamic(K, 8, [&](int64_t k0, int64_t k1) {
-      AxisTaps<T> ty, tx;
-      std::vector<T> tile(bins * std::min(C, kChannelBlock));
-      std::vector<T> rowbuf(max_w);
-      for (int64_t k = k0; k < k1; ++k) {
-        scalar_t* ok = out + k * C * bins;
-        const int l = p.level_of(rp + 5 * k);
-        if (l < 0) {  // no level: zeros
-          std::fill(ok, ok + C * bins, static_cast<scalar_t>(0));
-          continue;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cpu", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const T* rp = rois_m.data_ptr<T>();
+        check_batch_indices(rp, K, N);
+        const auto p =
+            make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K, sampling_ratio,
+                           aligned, canonical_scale, canonical_level, k_min);
+        const std::vector<int64_t> count = rois_per_level(p, rp, K);
+        std::vector<at::Tensor> data(L);
+        std::vector<bool> nhwc(L);
+        // bfloat16 levels already channels-last are read as stored (widened per load).
+        constexpr bool kReadsBf16 =
+            std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>;
+        std::vector<const c10::BFloat16*> bf(L, nullptr);
+        for (int l = 0; l < L; ++l) {
+          nhwc[l] = prefer_channels_last(features[l], count[l], pooled_h * pooled_w);
+          if (kReadsBf16 && nhwc[l] && features[l].is_contiguous(at::MemoryFormat::ChannelsLast)) {
+            bf[l] = features[l].data_ptr<c10::BFloat16>();
+            continue;
+          }
+          data[l] = nhwc[l] ? channels_last_copy(features[l], mt) : features[l].to(mt).contiguous();
         }
-        const RoiBox<T> b = p.box(rp, k, l);
-        const int64_t H = heights[l], W = widths[l];
-        ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
-        tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
-        const int64_t at = b.batch * H * W * C;  // the RoI's image in the level
-        const T* image = fp[l] == nullptr ? nullptr : fp[l] + at;
-        const c10::BFloat16* image_bf = bf[l] == nullptr ? nullptr : bf[l] + at;
-        if (nhwc[l]) {
-          for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-            const int64_t cb = std::min(kChannelBlock, C - c0);
-            forward_tile_from(tile.data(), image, image_bf, c0, W, C, cb, ty, tx, pooled_h,
-                              pooled_w);
-            if (out_cl) {
-              for (int64_t s = 0; s < bins; ++s)
-                for (int64_t c = 0; c < cb; ++c)
-                  ok[s * C + c0 + c] = static_cast<scalar_t>(tile[s * cb + c]);
-            } else {
-              transpose(tile.data(), bins, cb, cb, ok + c0 * bins, bins);
+        std::vector<const T*> fp(L, nullptr);
+        for (int l = 0; l < L; ++l)
+          if (bf[l] == nullptr) fp[l] = data[l].data_ptr<T>();
+        scalar_t* out = output.data_ptr<scalar_t>();
+        const int64_t bins = pooled_h * pooled_w;
+        // Output strides of channel and bin ([K, C, bins] or [K, bins, C]).
+        const bool out_cl = fmt == at::MemoryFormat::ChannelsLast;
+        const int64_t o_c = out_cl ? 1 : bins, o_bin = out_cl ? C : 1;
+        int64_t max_w = 1;
+        for (int l = 0; l < L; ++l) max_w = std::max(max_w, widths[l]);
+        // RoIs in small chunks taken by whichever thread is free (common/cpu_chunks.h): a core
+        // shared with another process does not hold up the others.
+        parallel_for_dynamic(K, 8, [&](int64_t k0, int64_t k1) {
+          AxisTaps<T> ty, tx;
+          std::vector<T> tile(bins * std::min(C, kChannelBlock));
+          std::vector<T> rowbuf(max_w);
+          for (int64_t k = k0; k < k1; ++k) {
+            scalar_t* ok = out + k * C * bins;
+            const int l = p.level_of(rp + 5 * k);
+            if (l < 0) {  // no level: zeros
+              std::fill(ok, ok + C * bins, static_cast<scalar_t>(0));
+              continue;
+            }
+            const RoiBox<T> b = p.box(rp, k, l);
+            const int64_t H = heights[l], W = widths[l];
+            ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
+            tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
+            const int64_t at = b.batch * H * W * C;  // the RoI's image in the level
+            const T* image = fp[l] == nullptr ? nullptr : fp[l] + at;
+            const c10::BFloat16* image_bf = bf[l] == nullptr ? nullptr : bf[l] + at;
+            if (nhwc[l]) {
+              for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+                const int64_t cb = std::min(kChannelBlock, C - c0);
+                forward_tile_from(tile.data(), image, image_bf, c0, W, C, cb, ty, tx, pooled_h,
+                                  pooled_w);
+                if (out_cl) {
+                  for (int64_t s = 0; s < bins; ++s)
+                    for (int64_t c = 0; c < cb; ++c)
+                      ok[s * C + c0 + c] = static_cast<scalar_t>(tile[s * cb + c]);
+                } else {
+                  transpose(tile.data(), bins, cb, cb, ok + c0 * bins, bins);
+                }
+              }
+            } else if (std::is_same_v<T, scalar_t>) {  // (the cast is a no-op on this branch)
+              for (int64_t c = 0; c < C; ++c)
+                forward_plane(reinterpret_cast<T*>(ok) + c * o_c, o_bin, image + c * H * W, W, ty,
+                              tx, pooled_h, pooled_w, rowbuf.data());
+            } else {  // half types: compute a plane's bins in T, then round
+              for (int64_t c = 0; c < C; ++c) {
+                forward_plane(tile.data(), 1, image + c * H * W, W, ty, tx, pooled_h, pooled_w,
+                              rowbuf.data());
+                for (int64_t s = 0; s < bins; ++s)
+                  ok[c * o_c + s * o_bin] = static_cast<scalar_t>(tile[s]);
+              }
             }
           }
-        } else if (std::is_same_v<T, scalar_t>) {  // (the cast is a no-op on this branch)
-          for (int64_t c = 0; c < C; ++c)
-            forward_plane(reinterpret_cast<T*>(ok) + c * o_c, o_bin, image + c * H * W, W, ty, tx, pooled_h, pooled_w,
-                          rowbuf.data());
-        } else {  // half types: compute a plane's bins in T, then round
-          for (int64_t c = 0; c < C; ++c) {
-            forward_plane(tile.data(), 1, image + c * H * W, W, ty, tx, pooled_h, pooled_w,
-                          rowbuf.data());
-            for (int64_t s = 0; s < bins; ++s)
-              ok[c * o_c + s * o_bin] = static_cast<scalar_t>(tile[s]);
-          }
-        }
-      }
-    });
-  });
+        });
+      });
   return output;
 }
 
@@ -510,88 +515,88 @@ std::vector<at::Tensor> pyramid_backward(const at::Tensor& grad, const at::Tenso
   std::vector<at::Tensor> acc(L);
   std::vector<bool> nhwc(L, fmt == at::MemoryFormat::ChannelsLast);
   const at::Tensor rois_m = rois.to(mt).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
-                                  "roi_align_backward_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const T* rp = rois_m.data_ptr<T>();
-    if (N > 0) check_batch_indices(rp, K, N);
-    const auto p = make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K,
-                                  sampling_ratio, aligned, canonical_scale, canonical_level,
-                                  k_min);
-    const std::vector<int64_t> count = rois_per_level(p, rp, K);
-    for (int l = 0; l < L; ++l) {
-      const int64_t numel = N * C * heights[l] * widths[l];
-      nhwc[l] = nhwc[l] || numel <= kConvertRatio * count[l] * C * pooled_h * pooled_w;
-      acc[l] = nhwc[l] ? cpu_empty({N, heights[l], widths[l], C}, mt)
-                       : cpu_empty({N, C, heights[l], widths[l]}, mt);
-      acc[l].zero_();
-    }
-    if (K > 0 && N > 0 && C > 0) {
-      // The RoIs of each (level, image), in index order: the order of the additions.
-      std::vector<std::vector<int64_t>> members(L * N);
-      for (int64_t k = 0; k < K; ++k) {
-        const int l = p.level_of(rp + 5 * k);
-        if (l >= 0) members[l * N + static_cast<int64_t>(rp[5 * k])].push_back(k);
-      }
-      std::vector<T*> ap(L);
-      for (int l = 0; l < L; ++l) ap[l] = acc[l].data_ptr<T>();
-      const scalar_t* gp = grad.data_ptr<scalar_t>();
-      const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-      const bool dense_nchw = grad.is_contiguous();
-      const int64_t bins = pooled_h * pooled_w;
-      // Same block width for both loops so tasks map the same way on every level.
-      const int64_t block = kChannelBlock;
-      const int64_t nblocks = (C + block - 1) / block;
-      int64_t max_w = 1;
-      for (int l = 0; l < L; ++l) max_w = std::max<int64_t>(max_w, widths[l]);
-      parallel_for_dynamic(L * N * nblocks, 1, [&](int64_t t0, int64_t t1) {
-        AxisTaps<T> ty, tx;
-        std::vector<T> tile(bins * std::min(C, block));
-        std::vector<T> rowbuf(max_w);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t ln = t / nblocks;
-          const int l = static_cast<int>(ln / N);
-          const int64_t n = ln % N;
-          const int64_t c0 = (t % nblocks) * block;
-          const int64_t cb = std::min(block, C - c0);
-          const int64_t H = heights[l], W = widths[l];
-          const bool cl = nhwc[l];
-          for (const int64_t k : members[ln]) {
-            const RoiBox<T> b = p.box(rp, k, l);
-            ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
-            tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
-            // tile[bin][c] in nhwc mode, tile[c][bin] in plane mode, in T.
-            if (cl && dense_nchw) {
-              transpose(gp + gs.at(k, c0, 0, 0), cb, bins, bins, tile.data(), cb);
-            } else if (cl && gs.c == 1) {  // channels-last grad: runs of channels per bin
-              for (int64_t ph = 0; ph < pooled_h; ++ph)
-                for (int64_t pw = 0; pw < pooled_w; ++pw) {
-                  const scalar_t* src = gp + gs.at(k, c0, ph, pw);
-                  T* dst = tile.data() + (ph * pooled_w + pw) * cb;
-                  for (int64_t c = 0; c < cb; ++c) dst[c] = static_cast<T>(src[c]);
-                }
-            } else {
-              for (int64_t c = 0; c < cb; ++c)
-                for (int64_t ph = 0; ph < pooled_h; ++ph)
-                  for (int64_t pw = 0; pw < pooled_w; ++pw) {
-                    const int64_t s = ph * pooled_w + pw;
-                    tile[cl ? s * cb + c : c * bins + s] =
-                        static_cast<T>(gp[gs.at(k, c0 + c, ph, pw)]);
-                  }
-            }
-            if (cl) {
-              backward_tile(ap[l] + n * H * W * C + c0, tile.data(), W, C, cb, ty, tx, pooled_h,
-                            pooled_w);
-            } else {
-              for (int64_t c = 0; c < cb; ++c)
-                backward_plane(ap[l] + (n * C + c0 + c) * H * W, W, tile.data() + c * bins, ty,
-                               tx, pooled_h, pooled_w, rowbuf.data());
-            }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
+        using T = at::opmath_type<scalar_t>;
+        const T* rp = rois_m.data_ptr<T>();
+        if (N > 0) check_batch_indices(rp, K, N);
+        const auto p =
+            make_params<T>(N, C, heights, widths, scales, pooled_h, pooled_w, K, sampling_ratio,
+                           aligned, canonical_scale, canonical_level, k_min);
+        const std::vector<int64_t> count = rois_per_level(p, rp, K);
+        for (int l = 0; l < L; ++l) {
+          const int64_t numel = N * C * heights[l] * widths[l];
+          nhwc[l] = nhwc[l] || numel <= kConvertRatio * count[l] * C * pooled_h * pooled_w;
+          acc[l] = nhwc[l] ? cpu_empty({N, heights[l], widths[l], C}, mt)
+                           : cpu_empty({N, C, heights[l], widths[l]}, mt);
+          acc[l].zero_();
+        }
+        if (K > 0 && N > 0 && C > 0) {
+          // The RoIs of each (level, image), in index order: the order of the additions.
+          std::vector<std::vector<int64_t>> members(L * N);
+          for (int64_t k = 0; k < K; ++k) {
+            const int l = p.level_of(rp + 5 * k);
+            if (l >= 0) members[l * N + static_cast<int64_t>(rp[5 * k])].push_back(k);
           }
+          std::vector<T*> ap(L);
+          for (int l = 0; l < L; ++l) ap[l] = acc[l].data_ptr<T>();
+          const scalar_t* gp = grad.data_ptr<scalar_t>();
+          const GradStrides gs{grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+          const bool dense_nchw = grad.is_contiguous();
+          const int64_t bins = pooled_h * pooled_w;
+          // Same block width for both loops so tasks map the same way on every level.
+          const int64_t block = kChannelBlock;
+          const int64_t nblocks = (C + block - 1) / block;
+          int64_t max_w = 1;
+          for (int l = 0; l < L; ++l) max_w = std::max<int64_t>(max_w, widths[l]);
+          parallel_for_dynamic(L * N * nblocks, 1, [&](int64_t t0, int64_t t1) {
+            AxisTaps<T> ty, tx;
+            std::vector<T> tile(bins * std::min(C, block));
+            std::vector<T> rowbuf(max_w);
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t ln = t / nblocks;
+              const int l = static_cast<int>(ln / N);
+              const int64_t n = ln % N;
+              const int64_t c0 = (t % nblocks) * block;
+              const int64_t cb = std::min(block, C - c0);
+              const int64_t H = heights[l], W = widths[l];
+              const bool cl = nhwc[l];
+              for (const int64_t k : members[ln]) {
+                const RoiBox<T> b = p.box(rp, k, l);
+                ty.build(b.start_h, b.bin_h, b.grid_h, pooled_h, H);
+                tx.build(b.start_w, b.bin_w, b.grid_w, pooled_w, W);
+                // tile[bin][c] in nhwc mode, tile[c][bin] in plane mode, in T.
+                if (cl && dense_nchw) {
+                  transpose(gp + gs.at(k, c0, 0, 0), cb, bins, bins, tile.data(), cb);
+                } else if (cl && gs.c == 1) {  // channels-last grad: runs of channels per bin
+                  for (int64_t ph = 0; ph < pooled_h; ++ph)
+                    for (int64_t pw = 0; pw < pooled_w; ++pw) {
+                      const scalar_t* src = gp + gs.at(k, c0, ph, pw);
+                      T* dst = tile.data() + (ph * pooled_w + pw) * cb;
+                      for (int64_t c = 0; c < cb; ++c) dst[c] = static_cast<T>(src[c]);
+                    }
+                } else {
+                  for (int64_t c = 0; c < cb; ++c)
+                    for (int64_t ph = 0; ph < pooled_h; ++ph)
+                      for (int64_t pw = 0; pw < pooled_w; ++pw) {
+                        const int64_t s = ph * pooled_w + pw;
+                        tile[cl ? s * cb + c : c * bins + s] =
+                            static_cast<T>(gp[gs.at(k, c0 + c, ph, pw)]);
+                      }
+                }
+                if (cl) {
+                  backward_tile(ap[l] + n * H * W * C + c0, tile.data(), W, C, cb, ty, tx, pooled_h,
+                                pooled_w);
+                } else {
+                  for (int64_t c = 0; c < cb; ++c)
+                    backward_plane(ap[l] + (n * C + c0 + c) * H * W, W, tile.data() + c * bins, ty,
+                                   tx, pooled_h, pooled_w, rowbuf.data());
+                }
+              }
+            }
+          });
         }
       });
-    }
-  });
   std::vector<at::Tensor> out(L);
   for (int l = 0; l < L; ++l) {
     if (nhwc[l] && mt == grad.scalar_type() && fmt == at::MemoryFormat::Contiguous) {
@@ -626,46 +631,46 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
 // ---- Test-only: the CUDA algorithms' functors run on the CPU (see csrc/README.md). ----
 
 at::Tensor forward_elementwise_cpu(at::TensorList features, const at::Tensor& rois,
-                                   at::ArrayRef<double> scales, int64_t pooled_h,
-                                   int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                   double canonical_scale, double canonical_level,
-                                   int64_t k_min) {
+                                   at::ArrayRef<double> scales, int64_t pooled_h, int64_t pooled_w,
+                                   int64_t sampling_ratio, bool aligned, double canonical_scale,
+                                   double canonical_level, int64_t k_min) {
   check_features(features, rois, scales);
   check_rois(rois, pooled_h, pooled_w);
   const at::Tensor& f0 = features[0];
   const int64_t K = rois.size(0);
   const auto fmt = output_memory_format(f0);
-  at::Tensor output = at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
+  at::Tensor output =
+      at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
   if (output.numel() == 0) return output;
   const at::Tensor rois_m = rois.to(math_type(f0.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
-                                  "roi_align_forward_elementwise_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    ForwardElement<scalar_t, T> f{};
-    f.p = make_params<T>(f0.size(0), f0.size(1), sizes_of(features, 2), sizes_of(features, 3),
-                         scales, pooled_h, pooled_w, K, sampling_ratio, aligned, canonical_scale,
-                         canonical_level, k_min);
-    for (size_t l = 0; l < features.size(); ++l) {
-      const at::Tensor& x = features[l];
-      f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-    }
-    f.rois = rois_m.data_ptr<T>();
-    f.output = output.data_ptr<scalar_t>();
-    f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
-    cpu_for_each(output.numel(), 1024, f);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_elementwise_cpu", [&] {
+        using T = at::opmath_type<scalar_t>;
+        ForwardElement<scalar_t, T> f{};
+        f.p = make_params<T>(f0.size(0), f0.size(1), sizes_of(features, 2), sizes_of(features, 3),
+                             scales, pooled_h, pooled_w, K, sampling_ratio, aligned,
+                             canonical_scale, canonical_level, k_min);
+        for (size_t l = 0; l < features.size(); ++l) {
+          const at::Tensor& x = features[l];
+          f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+        }
+        f.rois = rois_m.data_ptr<T>();
+        f.output = output.data_ptr<scalar_t>();
+        f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+        cpu_for_each(output.numel(), 1024, f);
+      });
   return output;
 }
 
 std::vector<at::Tensor> backward_cuda_algo_cpu(
-    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
-    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
-    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
-    double canonical_scale, double canonical_level, int64_t k_min, bool deterministic) {
+    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales, int64_t pooled_h,
+    int64_t pooled_w, int64_t batch_size, int64_t channels, at::IntArrayRef heights,
+    at::IntArrayRef widths, int64_t sampling_ratio, bool aligned, double canonical_scale,
+    double canonical_level, int64_t k_min, bool deterministic) {
   // Scatter bodies add into shared addresses: on the host they run serially.
   return backward_gpu_algo(
-      grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights, widths,
-      sampling_ratio, aligned, canonical_scale, canonical_level, k_min, deterministic,
+      grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights, widths, sampling_ratio,
+      aligned, canonical_scale, canonical_level, k_min, deterministic,
       [](int64_t n, const auto& f) { cpu_for_each(n, 64, f); },
       [](int64_t n, const auto& f) { cpu_for_each_serial(n, f); });
 }

@@ -40,46 +40,48 @@ at::Tensor pyramid_forward_cuda(at::TensorList features, const at::Tensor& rois,
   c10::cuda::CUDAGuard guard(f0.device());
   const int64_t K = rois.size(0);
   const auto fmt = output_memory_format(f0);
-  at::Tensor output = at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
+  at::Tensor output =
+      at::empty({K, f0.size(1), pooled_h, pooled_w}, f0.options().memory_format(fmt));
   if (output.numel() == 0) return output;
   const at::Tensor rois_m = rois.to(math_type(f0.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(),
-                                  "roi_align_forward_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    ForwardElement<scalar_t, T> f{};
-    f.p = make_params<T>(f0.size(0), f0.size(1), heights, widths, scales, pooled_h, pooled_w, K,
-                         sampling_ratio, aligned, canonical_scale, canonical_level, k_min);
-    for (size_t l = 0; l < features.size(); ++l) {
-      const at::Tensor& x = features[l];
-      f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-    }
-    f.rois = rois_m.data_ptr<T>();
-    f.output = output.data_ptr<scalar_t>();
-    f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
-    cuda_for_each(output.numel(), f);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_forward_cuda", [&] {
+        using T = at::opmath_type<scalar_t>;
+        ForwardElement<scalar_t, T> f{};
+        f.p = make_params<T>(f0.size(0), f0.size(1), heights, widths, scales, pooled_h, pooled_w, K,
+                             sampling_ratio, aligned, canonical_scale, canonical_level, k_min);
+        for (size_t l = 0; l < features.size(); ++l) {
+          const at::Tensor& x = features[l];
+          f.level[l] = {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+        }
+        f.rois = rois_m.data_ptr<T>();
+        f.output = output.data_ptr<scalar_t>();
+        f.channels_last = fmt == at::MemoryFormat::ChannelsLast;
+        cuda_for_each(output.numel(), f);
+      });
   return output;
 }
 
-std::vector<at::Tensor> pyramid_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
-    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
-    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
-    double canonical_scale, double canonical_level, int64_t k_min) {
+std::vector<at::Tensor> pyramid_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                              at::ArrayRef<double> scales, int64_t pooled_h,
+                                              int64_t pooled_w, int64_t batch_size,
+                                              int64_t channels, at::IntArrayRef heights,
+                                              at::IntArrayRef widths, int64_t sampling_ratio,
+                                              bool aligned, double canonical_scale,
+                                              double canonical_level, int64_t k_min) {
   c10::cuda::CUDAGuard guard(grad.device());
   const auto launch = [](int64_t n, const auto& f) { cuda_for_each(n, f); };
-  return backward_gpu_algo(grad, rois, scales, pooled_h, pooled_w, batch_size, channels,
-                           heights, widths, sampling_ratio, aligned, canonical_scale,
-                           canonical_level, k_min, at::globalContext().deterministicAlgorithms(),
-                           launch, launch);
+  return backward_gpu_algo(grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights,
+                           widths, sampling_ratio, aligned, canonical_scale, canonical_level, k_min,
+                           at::globalContext().deterministicAlgorithms(), launch, launch);
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois,
                                   double spatial_scale, int64_t pooled_h, int64_t pooled_w,
                                   int64_t sampling_ratio, bool aligned) {
   check_input(input);
-  return pyramid_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w,
-                              sampling_ratio, aligned, 224.0, 4.0, 0);
+  return pyramid_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio,
+                              aligned, 224.0, 4.0, 0);
 }
 
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
@@ -87,8 +89,8 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    int64_t batch_size, int64_t channels, int64_t height,
                                    int64_t width, int64_t sampling_ratio, bool aligned) {
   return pyramid_backward_cuda(grad, rois, {spatial_scale}, pooled_h, pooled_w, batch_size,
-                               channels, {height}, {width}, sampling_ratio, aligned, 224.0,
-                               4.0, 0)[0];
+                               channels, {height}, {width}, sampling_ratio, aligned, 224.0, 4.0,
+                               0)[0];
 }
 
 }  // namespace

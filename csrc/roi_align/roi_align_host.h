@@ -144,12 +144,14 @@ void backward_gather(const Params<T>& p, const at::Tensor& grad, const at::Tenso
 // tensor of the same layout, cast once at the end. Only the scatter's accumulators are zeroed
 // (the gather writes every element); no layout copy.
 template <typename Launch, typename Scatter>
-std::vector<at::Tensor> backward_gpu_algo(
-    const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
-    int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
-    at::IntArrayRef heights, at::IntArrayRef widths, int64_t sampling_ratio, bool aligned,
-    double canonical_scale, double canonical_level, int64_t k_min, bool deterministic,
-    const Launch& launch, const Scatter& scatter) {
+std::vector<at::Tensor> backward_gpu_algo(const at::Tensor& grad, const at::Tensor& rois,
+                                          at::ArrayRef<double> scales, int64_t pooled_h,
+                                          int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                          at::IntArrayRef heights, at::IntArrayRef widths,
+                                          int64_t sampling_ratio, bool aligned,
+                                          double canonical_scale, double canonical_level,
+                                          int64_t k_min, bool deterministic, const Launch& launch,
+                                          const Scatter& scatter) {
   check_backward_args(grad, rois, scales, pooled_h, pooled_w, batch_size, channels, heights,
                       widths);
   const int L = static_cast<int>(scales.size());
@@ -172,12 +174,11 @@ std::vector<at::Tensor> backward_gpu_algo(
   }
   if (!work) return out;
   const at::Tensor rois_m = rois.to(mt).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "roi_align_backward_gpu_algo",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "roi_align_backward_gpu_algo", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto p = make_params<T>(batch_size, channels, heights, widths, scales, pooled_h,
-                                  pooled_w, K, sampling_ratio, aligned, canonical_scale,
-                                  canonical_level, k_min);
+    const auto p =
+        make_params<T>(batch_size, channels, heights, widths, scales, pooled_h, pooled_w, K,
+                       sampling_ratio, aligned, canonical_scale, canonical_level, k_min);
     std::vector<LevelData<T>> levels(L);
     for (int l = 0; l < L; ++l) {
       const at::Tensor& a = acc[l];

@@ -32,9 +32,9 @@ HOST_DEVICE inline T sigmoid(T x) {
 // The inputs every pass reads, in the math type T (float, or double for float64 deltas).
 template <typename T>
 struct Candidates {
-  const T* objectness;  // [B, A] logits
-  const T* deltas;      // [B, A, 4]
-  const T* anchors;     // [A, 4], or [B, A, 4]
+  const T* objectness;           // [B, A] logits
+  const T* deltas;               // [B, A, 4]
+  const T* anchors;              // [A, 4], or [B, A, 4]
   int64_t anchors_image_stride;  // 0 when every image shares the anchors, else 4 * A
   const int64_t* index;          // [B, K] anchor index of each candidate
   const int64_t* image_sizes;    // [B, 2] (height, width)
@@ -46,9 +46,7 @@ struct Candidates {
   T score_thresh;
 
   HOST_DEVICE int64_t image(int64_t i) const { return i / per_image; }
-  HOST_DEVICE int64_t anchor_index(int64_t i) const {
-    return image(i) * num_anchors + index[i];
-  }
+  HOST_DEVICE int64_t anchor_index(int64_t i) const { return image(i) * num_anchors + index[i]; }
   HOST_DEVICE const T* delta(int64_t i) const { return deltas + 4 * anchor_index(i); }
   HOST_DEVICE const T* anchor(int64_t i) const {
     return anchors + image(i) * anchors_image_stride + 4 * index[i];
@@ -110,16 +108,15 @@ struct Candidate {
   Candidates<T> c;
   const int64_t* level_of;  // [K] level of each candidate position
   int64_t num_levels;
-  T* boxes;                 // [B * K, 4]
-  T* scores;                // [B * K]
-  T* nms_scores;            // [B * K]
-  int64_t* classes;         // [B * K]
+  T* boxes;          // [B * K, 4]
+  T* scores;         // [B * K]
+  T* nms_scores;     // [B * K]
+  int64_t* classes;  // [B * K]
   HOST_DEVICE void operator()(int64_t i) const {
     const T score = sigmoid(c.logit(i));
     T dw, dh;
     c.log_scales(i, dw, dh);
-    const bool kept =
-        c.finish(i, boxes::exp_math(dw), boxes::exp_math(dh), score, boxes + 4 * i);
+    const bool kept = c.finish(i, boxes::exp_math(dw), boxes::exp_math(dh), score, boxes + 4 * i);
     scores[i] = score;
     nms_scores[i] = kept ? score : -T(INFINITY);
     classes[i] = c.image(i) * num_levels + level_of[i % c.per_image];

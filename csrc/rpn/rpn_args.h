@@ -19,12 +19,12 @@ inline void check_args(const at::Tensor& objectness, const at::Tensor& deltas,
   check_floating(objectness, "objectness");
   check_floating(deltas, "deltas");
   check_floating(anchors, "anchors");
-  TORCH_CHECK(objectness.dim() == 2, "objectness must have shape [B, A] (one logit per anchor), got ",
-              objectness.sizes());
+  TORCH_CHECK(objectness.dim() == 2,
+              "objectness must have shape [B, A] (one logit per anchor), got ", objectness.sizes());
   const int64_t B = objectness.size(0), A = objectness.size(1);
-  TORCH_CHECK(deltas.dim() == 3 && deltas.size(0) == B && deltas.size(1) == A &&
-                  deltas.size(2) == 4,
-              "deltas must have shape [B, A, 4] = [", B, ", ", A, ", 4], got ", deltas.sizes());
+  TORCH_CHECK(
+      deltas.dim() == 3 && deltas.size(0) == B && deltas.size(1) == A && deltas.size(2) == 4,
+      "deltas must have shape [B, A, 4] = [", B, ", ", A, ", 4], got ", deltas.sizes());
   TORCH_CHECK((anchors.dim() == 2 && anchors.size(0) == A && anchors.size(1) == 4) ||
                   (anchors.dim() == 3 && anchors.size(0) == B && anchors.size(1) == A &&
                    anchors.size(2) == 4),
@@ -46,8 +46,7 @@ inline void check_args(const at::Tensor& objectness, const at::Tensor& deltas,
               "min_size must be a non-negative number, got ", min_size);
   int64_t total = 0;
   for (int64_t n : num_anchors_per_level) {
-    TORCH_CHECK(n >= 0, "num_anchors_per_level must be non-negative, got ",
-                num_anchors_per_level);
+    TORCH_CHECK(n >= 0, "num_anchors_per_level must be non-negative, got ", num_anchors_per_level);
     total += n;
   }
   TORCH_CHECK(total == A, "num_anchors_per_level must add up to the number of anchors A = ", A,

@@ -44,8 +44,8 @@ Proposals rpn_proposals_cpu(const at::Tensor& objectness, const at::Tensor& delt
                             int64_t pre_nms_top_n, int64_t post_nms_top_n, double nms_thresh,
                             double score_thresh, double min_size,
                             at::IntArrayRef num_anchors_per_level) {
-  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
-             nms_thresh, score_thresh, min_size, num_anchors_per_level);
+  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, nms_thresh,
+             score_thresh, min_size, num_anchors_per_level);
   const int64_t B = objectness.size(0);
   const TopN sel = top_n_cpu(objectness, num_anchors_per_level, pre_nms_top_n);
   const int64_t K = sel.index.size(1), n = B * K;
@@ -88,8 +88,7 @@ Proposals rpn_proposals_cpu(const at::Tensor& objectness, const at::Tensor& delt
         ilp[j] = sel.level_of[i - b * K];
         ++j;
       }
-      const at::Tensor kept =
-          batched_nms(ib, is, il, nms_thresh, std::nullopt, post_nms_top_n);
+      const at::Tensor kept = batched_nms(ib, is, il, nms_thresh, std::nullopt, post_nms_top_n);
       out_boxes.push_back(ib.index_select(0, kept).to(deltas.scalar_type()));
       out_scores.push_back(is.index_select(0, kept).to(objectness.scalar_type()));
     }
@@ -110,20 +109,16 @@ Proposals rpn_proposals_elementwise_cpu(const at::Tensor& objectness, const at::
                                         int64_t pre_nms_top_n, int64_t post_nms_top_n,
                                         double nms_thresh, double score_thresh, double min_size,
                                         at::IntArrayRef num_anchors_per_level) {
-  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
-             nms_thresh, score_thresh, min_size, num_anchors_per_level);
-  return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n,
-                            post_nms_top_n, nms_thresh, score_thresh, min_size,
-                            num_anchors_per_level, CpuLaunch{}, [](const auto&... args) {
-                              return nms::segmented_nms_cpu(args...);
-                            });
+  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, nms_thresh,
+             score_thresh, min_size, num_anchors_per_level);
+  return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
+                            nms_thresh, score_thresh, min_size, num_anchors_per_level, CpuLaunch{},
+                            [](const auto&... args) { return nms::segmented_nms_cpu(args...); });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(maskops, CPU, m) {
-  m.impl("rpn_proposals", &rpn_proposals_cpu);
-}
+TORCH_LIBRARY_IMPL(maskops, CPU, m) { m.impl("rpn_proposals", &rpn_proposals_cpu); }
 
 TORCH_LIBRARY_IMPL(maskops_testing, CPU, m) {
   m.impl("_rpn_proposals_elementwise", &rpn_proposals_elementwise_cpu);

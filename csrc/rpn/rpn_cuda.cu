@@ -27,12 +27,12 @@ Proposals rpn_proposals_cuda(const at::Tensor& objectness, const at::Tensor& del
                              int64_t pre_nms_top_n, int64_t post_nms_top_n, double nms_thresh,
                              double score_thresh, double min_size,
                              at::IntArrayRef num_anchors_per_level) {
-  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
-             nms_thresh, score_thresh, min_size, num_anchors_per_level);
+  check_args(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n, nms_thresh,
+             score_thresh, min_size, num_anchors_per_level);
   c10::cuda::CUDAGuard guard(objectness.device());
-  return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n,
-                            post_nms_top_n, nms_thresh, score_thresh, min_size,
-                            num_anchors_per_level, CudaLaunch{}, nms::segmented_nms_cuda);
+  return proposals_gpu_algo(objectness, deltas, anchors, image_sizes, pre_nms_top_n, post_nms_top_n,
+                            nms_thresh, score_thresh, min_size, num_anchors_per_level, CudaLaunch{},
+                            nms::segmented_nms_cuda);
 }
 
 }  // namespace

@@ -80,10 +80,9 @@ inline TopN top_n(const at::Tensor& objectness, at::IntArrayRef num_anchors_per_
 // `logits` is the objectness [B, A] in T, or null where only the passes that take the scores
 // ready-made run.
 template <typename T>
-Candidates<T> make_candidates(const T* logits, const at::Tensor& deltas,
-                              const at::Tensor& anchors, const at::Tensor& index,
-                              const int64_t* image_sizes, double score_thresh,
-                              double min_size) {
+Candidates<T> make_candidates(const T* logits, const at::Tensor& deltas, const at::Tensor& anchors,
+                              const at::Tensor& index, const int64_t* image_sizes,
+                              double score_thresh, double min_size) {
   Candidates<T> c;
   c.objectness = logits;
   c.deltas = deltas.data_ptr<T>();
@@ -133,7 +132,8 @@ Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& del
   std::copy(sel.level_of.begin(), sel.level_of.end(), mp + 2 * B);
   // From pinned memory without waiting (a pageable copy would block the host); the pinned
   // block stays reserved until the copy has run.
-  if (deltas.is_cuda()) meta = meta.pin_memory().to(deltas.device(), at::kLong, /*non_blocking=*/true);
+  if (deltas.is_cuda())
+    meta = meta.pin_memory().to(deltas.device(), at::kLong, /*non_blocking=*/true);
 
   at::Tensor boxes = at::empty({B * K, 4}, opts);
   at::Tensor scores = at::empty({B * K}, opts);
@@ -141,8 +141,8 @@ Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& del
   at::Tensor classes = at::empty({B * K}, opts.dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(mt, "rpn_candidates", [&] {
     using T = scalar_t;
-    const Candidate<T> f{make_candidates<T>(obj.data_ptr<T>(), del, anc, sel.index, meta.data_ptr<int64_t>(),
-                                            score_thresh, min_size),
+    const Candidate<T> f{make_candidates<T>(obj.data_ptr<T>(), del, anc, sel.index,
+                                            meta.data_ptr<int64_t>(), score_thresh, min_size),
                          meta.data_ptr<int64_t>() + 2 * B,
                          L,
                          boxes.data_ptr<T>(),
@@ -154,8 +154,9 @@ Proposals proposals_gpu_algo(const at::Tensor& objectness, const at::Tensor& del
   // Per image: candidates by decreasing NMS score; row r of image b is candidate b * K + local.
   const auto by_score = at::sort(nms_scores.view({B, K}), /*stable=*/true, /*dim=*/1,
                                  /*descending=*/true);
-  const at::Tensor order =
-      std::get<1>(by_score).add(at::arange(B, classes.options()).mul(K).unsqueeze(1)).reshape({B * K});
+  const at::Tensor order = std::get<1>(by_score)
+                               .add(at::arange(B, classes.options()).mul(K).unsqueeze(1))
+                               .reshape({B * K});
   const at::Tensor valid = std::get<0>(by_score)
                                .gt(-std::numeric_limits<double>::infinity())
                                .sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kLong);

@@ -29,6 +29,7 @@ Crowd annotations (``iscrowd: 1``, usually uncompressed RLE) are parsed and vali
 others; they are left out of the training targets unless ``include_crowd=True`` (the model has
 no notion of crowds; COCOeval reads them from :attr:`CocoDataset.coco`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,13 +96,16 @@ def load_coco_json(path) -> dict:
         with open(path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
-                           f"{e.msg})") from None
+        raise DatasetError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read the annotations file ({e})") from None
     if not isinstance(data, dict):
-        raise DatasetError(f"{path}: not a COCO instances file (top level is a "
-                           f"{type(data).__name__}, expected an object)")
+        raise DatasetError(
+            f"{path}: not a COCO instances file (top level is a "
+            f"{type(data).__name__}, expected an object)"
+        )
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise DatasetError(f"{path}: not a COCO instances file: missing key(s) {missing}")
@@ -109,10 +113,12 @@ def load_coco_json(path) -> dict:
         if not isinstance(data[k], list):
             raise DatasetError(f"{path}: '{k}' must be a list, got {type(data[k]).__name__}")
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not all(k in img for k in ("id", "file_name", "height",
-                                                                    "width")):
-            raise DatasetError(f"{path}: images[{i}] needs id, file_name, height and width, "
-                               f"got {str(img)[:200]}")
+        if not isinstance(img, dict) or not all(
+            k in img for k in ("id", "file_name", "height", "width")
+        ):
+            raise DatasetError(
+                f"{path}: images[{i}] needs id, file_name, height and width, got {str(img)[:200]}"
+            )
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise DatasetError(f"{path}: categories[{i}] needs an id, got {str(cat)[:200]}")
@@ -120,8 +126,9 @@ def load_coco_json(path) -> dict:
 
 
 def _finite(values) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               for v in values)
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
 
 
 def check_annotation(ann: dict, images: Dict[int, dict], category_ids) -> Optional[str]:
@@ -156,13 +163,17 @@ def check_annotation(ann: dict, images: Dict[int, dict], category_ids) -> Option
             return "empty polygon list"
         for p, poly in enumerate(seg):
             if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not _finite(poly):
-                return (f"polygon {p} must be a flat list of at least 3 (x, y) points, got "
-                        f"{str(poly)[:80]}")
+                return (
+                    f"polygon {p} must be a flat list of at least 3 (x, y) points, got "
+                    f"{str(poly)[:80]}"
+                )
             xs, ys = poly[0::2], poly[1::2]
             t = POLYGON_TOLERANCE
             if min(xs) < -t or min(ys) < -t or max(xs) > w + t or max(ys) > h + t:
-                return (f"polygon {p} reaches outside the {w}x{h} image (x in [{min(xs)}, "
-                        f"{max(xs)}], y in [{min(ys)}, {max(ys)}])")
+                return (
+                    f"polygon {p} reaches outside the {w}x{h} image (x in [{min(xs)}, "
+                    f"{max(xs)}], y in [{min(ys)}, {max(ys)}])"
+                )
         return None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
@@ -214,10 +225,21 @@ class CocoDataset(torch.utils.data.Dataset):
     Tensor[G] int64, "area": Tensor[G] float32}`` (``G`` may be 0).
     """
 
-    def __init__(self, root=None, split: str = "train", *, images_dir=None,
-                 annotation_file=None, labels: str = "contiguous", flip_prob: float = 0.0,
-                 seed: int = 0, include_crowd: bool = False, drop_empty: bool = False,
-                 image_ids: Optional[Sequence[int]] = None, strict: bool = False) -> None:
+    def __init__(
+        self,
+        root=None,
+        split: str = "train",
+        *,
+        images_dir=None,
+        annotation_file=None,
+        labels: str = "contiguous",
+        flip_prob: float = 0.0,
+        seed: int = 0,
+        include_crowd: bool = False,
+        drop_empty: bool = False,
+        image_ids: Optional[Sequence[int]] = None,
+        strict: bool = False,
+    ) -> None:
         if labels not in ("contiguous", "category_id"):
             raise ValueError(f"labels must be 'contiguous' or 'category_id', got {labels!r}")
         if images_dir is None or annotation_file is None:
@@ -246,17 +268,21 @@ class CocoDataset(torch.utils.data.Dataset):
         else:
             top = max(self.category_ids, default=0)
             self.label_to_category_id = list(range(top + 1))
-        self.category_id_to_label = {c: i for i, c in enumerate(self.label_to_category_id)
-                                     if i > 0 and c in names}
+        self.category_id_to_label = {
+            c: i for i, c in enumerate(self.label_to_category_id) if i > 0 and c in names
+        }
         self.num_classes = len(self.label_to_category_id)
         self.class_names = ["__background__"] + [
-            names.get(c, "N/A") for c in self.label_to_category_id[1:]]
+            names.get(c, "N/A") for c in self.label_to_category_id[1:]
+        ]
 
         ids = list(image_ids) if image_ids is not None else sorted(self.coco.imgs)
         unknown = [i for i in ids if i not in self.coco.imgs]
         if unknown:
-            raise DatasetError(f"{self.annotation_file}: image ids {unknown[:10]} are not in the "
-                               "file (or were skipped as bad)")
+            raise DatasetError(
+                f"{self.annotation_file}: image ids {unknown[:10]} are not in the "
+                "file (or were skipped as bad)"
+            )
         if drop_empty:
             ids = [i for i in ids if self._annotations(i)]
         self.ids = ids
@@ -276,28 +302,42 @@ class CocoDataset(torch.utils.data.Dataset):
                 anns.append(ann)
             else:
                 bad_anns.append((ann.get("id") if isinstance(ann, dict) else None, why))
-        missing = [img for img in data["images"]
-                   if not (self.images_dir / img["file_name"]).is_file()]
+        missing = [
+            img for img in data["images"] if not (self.images_dir / img["file_name"]).is_file()
+        ]
         if self.strict and (bad_anns or missing):
             if bad_anns:
                 ann_id, why = bad_anns[0]
-                raise DatasetError(f"{self.annotation_file}: annotation id {ann_id}: {why}"
-                                   + (f" (and {len(bad_anns) - 1} more bad annotations)"
-                                      if len(bad_anns) > 1 else ""))
+                raise DatasetError(
+                    f"{self.annotation_file}: annotation id {ann_id}: {why}"
+                    + (
+                        f" (and {len(bad_anns) - 1} more bad annotations)"
+                        if len(bad_anns) > 1
+                        else ""
+                    )
+                )
             img = missing[0]
-            raise DatasetError(f"{self.images_dir / img['file_name']}: image file missing "
-                               f"(image id {img['id']} in {self.annotation_file})"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DatasetError(
+                f"{self.images_dir / img['file_name']}: image file missing "
+                f"(image id {img['id']} in {self.annotation_file})"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         if bad_anns:
             shown = "; ".join(f"annotation id {i}: {why}" for i, why in bad_anns[:5])
-            warnings.warn(f"{self.annotation_file}: skipping {len(bad_anns)} bad annotation(s): "
-                          f"{shown}" + (" ..." if len(bad_anns) > 5 else ""), stacklevel=3)
+            warnings.warn(
+                f"{self.annotation_file}: skipping {len(bad_anns)} bad annotation(s): "
+                f"{shown}" + (" ..." if len(bad_anns) > 5 else ""),
+                stacklevel=3,
+            )
         if missing:
-            shown = ", ".join(f"{self.images_dir / m['file_name']} (image id {m['id']})"
-                              for m in missing[:5])
-            warnings.warn(f"{self.annotation_file}: skipping {len(missing)} image(s) whose file "
-                          f"is missing: {shown}" + (" ..." if len(missing) > 5 else ""),
-                          stacklevel=3)
+            shown = ", ".join(
+                f"{self.images_dir / m['file_name']} (image id {m['id']})" for m in missing[:5]
+            )
+            warnings.warn(
+                f"{self.annotation_file}: skipping {len(missing)} image(s) whose file "
+                f"is missing: {shown}" + (" ..." if len(missing) > 5 else ""),
+                stacklevel=3,
+            )
         gone = {m["id"] for m in missing}
         out = dict(data)
         out["images"] = [img for img in data["images"] if img["id"] not in gone]
@@ -339,12 +379,15 @@ class CocoDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{path}: cannot decode image (image id {info['id']}): {e}"
-                               ) from None
+            raise DatasetError(
+                f"{path}: cannot decode image (image id {info['id']}): {e}"
+            ) from None
         if array.shape[:2] != (info["height"], info["width"]):
-            raise DatasetError(f"{path}: image is {array.shape[1]}x{array.shape[0]} but "
-                               f"{self.annotation_file} says {info['width']}x{info['height']} "
-                               f"(image id {info['id']})")
+            raise DatasetError(
+                f"{path}: image is {array.shape[1]}x{array.shape[0]} but "
+                f"{self.annotation_file} says {info['width']}x{info['height']} "
+                f"(image id {info['id']})"
+            )
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
     def load_target(self, index: int) -> Dict[str, Tensor]:
@@ -363,8 +406,11 @@ class CocoDataset(torch.utils.data.Dataset):
         return {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": (torch.from_numpy(np.stack(masks)) if masks
-                      else torch.zeros((0, h, w), dtype=torch.uint8)),
+            "masks": (
+                torch.from_numpy(np.stack(masks))
+                if masks
+                else torch.zeros((0, h, w), dtype=torch.uint8)
+            ),
             "image_id": int(info["id"]),
             "iscrowd": torch.tensor(crowd, dtype=torch.int64),
             "area": torch.tensor(area, dtype=torch.float32),
@@ -374,7 +420,8 @@ class CocoDataset(torch.utils.data.Dataset):
         if self.flip_prob <= 0:
             return False
         g = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(self.ids[index]))
+            (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(self.ids[index])
+        )
         return bool(torch.rand((), generator=g) < self.flip_prob)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -385,8 +432,10 @@ class CocoDataset(torch.utils.data.Dataset):
         return image, target
 
     def __repr__(self) -> str:
-        return (f"CocoDataset({self.annotation_file}, images={len(self)}, "
-                f"classes={self.num_classes - 1}, flip_prob={self.flip_prob})")
+        return (
+            f"CocoDataset({self.annotation_file}, images={len(self)}, "
+            f"classes={self.num_classes - 1}, flip_prob={self.flip_prob})"
+        )
 
 
 def hflip(image: Tensor, target: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:

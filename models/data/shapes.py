@@ -14,6 +14,7 @@ those same masks, so masks and pixels agree exactly.
 The output depends on the arguments only: image ``i`` of a split is drawn from its own
 seeded generator.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,9 +73,14 @@ def _distinct_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
     return 255 - avoid
 
 
-def render_image(rng: np.random.Generator, size: int, min_shapes: int, max_shapes: int,
-                 min_frac: float = 0.2, max_frac: float = 0.55
-                 ) -> Tuple[np.ndarray, List[dict]]:
+def render_image(
+    rng: np.random.Generator,
+    size: int,
+    min_shapes: int,
+    max_shapes: int,
+    min_frac: float = 0.2,
+    max_frac: float = 0.55,
+) -> Tuple[np.ndarray, List[dict]]:
     """One image and its annotations (without ids).
 
     Returns:
@@ -110,9 +116,16 @@ def render_image(rng: np.random.Generator, size: int, min_shapes: int, max_shape
         else:
             rle = mask_utils.encode(np.asfortranarray(visible))
             seg = {"size": [size, size], "counts": rle["counts"].decode("ascii")}
-        anns.append({"category_id": kind, "segmentation": seg,
-                     "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                     "area": float(mask_utils.area(rle)), "iscrowd": 0, "_mask": visible})
+        anns.append(
+            {
+                "category_id": kind,
+                "segmentation": seg,
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "area": float(mask_utils.area(rle)),
+                "iscrowd": 0,
+                "_mask": visible,
+            }
+        )
     anns.reverse()
     for a in anns:  # paint bottom to top from the masks, so pixels and masks agree
         colour = _distinct_colour(rng, avoid)
@@ -121,9 +134,18 @@ def render_image(rng: np.random.Generator, size: int, min_shapes: int, max_shape
     return np.clip(img, 0, 255).round().astype(np.uint8), anns
 
 
-def write_split(out: Path, split: str, count: int, size: int, seed: int,
-                min_shapes: int = 1, max_shapes: int = 3, empty_every: int = 0,
-                first_image_id: int = 1, first_ann_id: int = 1) -> Path:
+def write_split(
+    out: Path,
+    split: str,
+    count: int,
+    size: int,
+    seed: int,
+    min_shapes: int = 1,
+    max_shapes: int = 3,
+    empty_every: int = 0,
+    first_image_id: int = 1,
+    first_ann_id: int = 1,
+) -> Path:
     """Writes ``count`` images of ``split`` and their instances JSON; returns the JSON path.
 
     Args:
@@ -137,8 +159,9 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int,
     for i in range(count):
         rng = np.random.default_rng([seed, salt, i])
         empty = empty_every > 0 and i % empty_every == empty_every - 1
-        pixels, anns = render_image(rng, size, 0 if empty else min_shapes,
-                                    0 if empty else max_shapes)
+        pixels, anns = render_image(
+            rng, size, 0 if empty else min_shapes, 0 if empty else max_shapes
+        )
         image_id = first_image_id + i
         name = f"{image_id:06d}.png"
         Image.fromarray(pixels).save(out / split / name)
@@ -147,19 +170,41 @@ def write_split(out: Path, split: str, count: int, size: int, seed: int,
             annotations.append({"id": ann_id, "image_id": image_id, **a})
             ann_id += 1
     path = out / "annotations" / f"instances_{split}.json"
-    data = {"info": {"description": f"synthetic shapes, seed {seed}", "version": "1.0"},
-            "licenses": [], "images": images, "annotations": annotations,
-            "categories": CATEGORIES}
+    data = {
+        "info": {"description": f"synthetic shapes, seed {seed}", "version": "1.0"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
     path.write_text(json.dumps(data))
     return path
 
 
-def generate(out, train: int, val: int, size: int = 128, seed: int = 0, min_shapes: int = 1,
-             max_shapes: int = 3, empty_every: int = 0) -> Path:
+def generate(
+    out,
+    train: int,
+    val: int,
+    size: int = 128,
+    seed: int = 0,
+    min_shapes: int = 1,
+    max_shapes: int = 3,
+    empty_every: int = 0,
+) -> Path:
     """Writes the train and val splits under ``out`` (see the module docstring)."""
     out = Path(out)
     write_split(out, "train", train, size, seed, min_shapes, max_shapes, empty_every)
     # Distinct image and annotation ids across splits, like COCO's.
-    write_split(out, "val", val, size, seed, min_shapes, max_shapes, empty_every,
-                first_image_id=10_000_000, first_ann_id=10_000_000)
+    write_split(
+        out,
+        "val",
+        val,
+        size,
+        seed,
+        min_shapes,
+        max_shapes,
+        empty_every,
+        first_image_id=10_000_000,
+        first_ann_id=10_000_000,
+    )
     return out

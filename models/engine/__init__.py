@@ -8,16 +8,28 @@ step / cosine), ``distributed`` (torchrun / DDP), ``report`` (where progress goe
 
 Names are loaded on first use, so that importing one part does not import the loop.
 """
+
 import importlib
 
 _EXPORTS = {
-    "TrainConfig": "config", "config_differences": "config",
-    "train": "loop", "train_step": "loop", "TrainResult": "loop", "NonFiniteLoss": "loop",
-    "make_optimizer": "loop", "make_schedule": "loop",
-    "ShardSampler": "loaders", "make_loaders": "loaders",
-    "seed_everything": "rng", "StopRequest": "signals", "TrainingInterrupted": "signals",
-    "autocast_dtype": "amp", "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint", "Report": "report",
+    "TrainConfig": "config",
+    "config_differences": "config",
+    "train": "loop",
+    "train_step": "loop",
+    "TrainResult": "loop",
+    "NonFiniteLoss": "loop",
+    "make_optimizer": "loop",
+    "make_schedule": "loop",
+    "ShardSampler": "loaders",
+    "make_loaders": "loaders",
+    "seed_everything": "rng",
+    "StopRequest": "signals",
+    "TrainingInterrupted": "signals",
+    "autocast_dtype": "amp",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "Report": "report",
 }
 
 __all__ = sorted(_EXPORTS)

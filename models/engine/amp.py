@@ -1,5 +1,6 @@
 """Half precision as the ``amp`` options ask for it: autocast for training and evaluation,
 half weights or autocast for inference."""
+
 from __future__ import annotations
 
 import contextlib

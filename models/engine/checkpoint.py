@@ -7,6 +7,7 @@ complete checkpoint or the new complete one, whatever kills the process and when
 of every tensor in the dict is stored alongside them and checked on load, because a zip
 archive with damaged tensor bytes still loads without complaint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,6 +85,7 @@ def link_checkpoint(src, dst) -> None:
         os.link(src, tmp)
     except OSError:
         import shutil
+
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -94,8 +96,9 @@ def remove_stale_temporaries(folder) -> None:
         p.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, required: Sequence[str] = ("model",), map_location="cpu"
-                    ) -> Dict[str, Any]:
+def load_checkpoint(
+    path, required: Sequence[str] = ("model",), map_location="cpu"
+) -> Dict[str, Any]:
     """Reads and verifies a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
@@ -112,15 +115,20 @@ def load_checkpoint(path, required: Sequence[str] = ("model",), map_location="cp
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupted and cannot be read "
             f"({type(e).__name__}: {first[:200]}); resume from another checkpoint (e.g. "
-            "best.pt) or start afresh") from None
+            "best.pt) or start afresh"
+        ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a "
-                              "training checkpoint dict")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint dict"
+        )
     if _DIGEST_KEY in state and digest(state) != state[_DIGEST_KEY]:
-        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the "
-                              "SHA-256 recorded when it was written")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its tensors do not match the "
+            "SHA-256 recorded when it was written"
+        )
     missing = [k for k in required if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: not a training checkpoint "
-                              "of tools.train")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {missing}: not a training checkpoint of tools.train"
+        )
     return state

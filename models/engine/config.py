@@ -1,5 +1,6 @@
 """The training run's configuration: one dataclass (the model's own nested in it), the only
 place each option is named; the training tool generates its options from the fields."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,14 +16,18 @@ RESUME_MUTABLE = ("out", "resume", "workers", "progress", "stop_after", "threads
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (``model`` holds the model's structure)."""
-    data: str = option("", "COCO-format dataset folder", group="data and output",
-                       required=True)
+
+    data: str = option("", "COCO-format dataset folder", group="data and output", required=True)
     out: str = option("runs/maskrcnn", "output folder", group="data and output")
     train_split: str = option("train", group="data and output")
     val_split: str = option("val", group="data and output")
-    labels: str = option("contiguous", "contiguous: category ids -> 1..K; category_id: keep "
-                         "the ids (COCO: 91 classes, torchvision's layout)",
-                         choices=("contiguous", "category_id"), group="data and output")
+    labels: str = option(
+        "contiguous",
+        "contiguous: category ids -> 1..K; category_id: keep "
+        "the ids (COCO: 91 classes, torchvision's layout)",
+        choices=("contiguous", "category_id"),
+        group="data and output",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = option(12, group="optimisation")
     batch_size: int = option(2, "images per process", group="optimisation")
@@ -33,16 +38,24 @@ class TrainConfig:
     momentum: float = option(0.9, group="optimisation")
     weight_decay: float = option(1e-4, group="optimisation")
     schedule: str = option("step", choices=("step", "cosine", "constant"), group="optimisation")
-    lr_steps: Tuple[int, ...] = option((8, 11), "epochs after which the lr is multiplied by "
-                                       "--lr-gamma (step)", nargs="*", group="optimisation")
+    lr_steps: Tuple[int, ...] = option(
+        (8, 11),
+        "epochs after which the lr is multiplied by --lr-gamma (step)",
+        nargs="*",
+        group="optimisation",
+    )
     lr_gamma: float = option(0.1, group="optimisation")
     min_lr_factor: float = option(0.0, "cosine: final lr / --lr", group="optimisation")
     warmup_iters: int = option(500, group="optimisation")
     warmup_factor: float = option(0.001, group="optimisation")
     clip_grad: float = option(0.0, "max gradient norm (0: off)", group="optimisation")
-    amp: str = option("none", "autocast: bf16 (CPU or GPU) or fp16 with a gradient scaler "
-                      "(GPU); auto: bf16 where it is faster than float32 on this machine",
-                      choices=("none", "auto", "bf16", "fp16"), group="optimisation")
+    amp: str = option(
+        "none",
+        "autocast: bf16 (CPU or GPU) or fp16 with a gradient scaler "
+        "(GPU); auto: bf16 where it is faster than float32 on this machine",
+        choices=("none", "auto", "bf16", "fp16"),
+        group="optimisation",
+    )
     flip_prob: float = option(0.5, group="optimisation")
     seed: int = option(0, group="optimisation")
     device: str = option("auto", "auto, cpu or cuda", group="running")
@@ -50,10 +63,16 @@ class TrainConfig:
     workers: int = option(0, "data loader workers", group="running")
     world_size: int = option(1, cli=False)
     progress: bool = option(True, "progress bar", group="running")
-    stop_after: int = option(0, "stop after this many epochs of this run (resume later)",
-                             group="running")
-    resume: str = option("", "continue from a checkpoint (no value: OUT/last.pt)",
-                         nargs="?", const="auto", group="running")
+    stop_after: int = option(
+        0, "stop after this many epochs of this run (resume later)", group="running"
+    )
+    resume: str = option(
+        "",
+        "continue from a checkpoint (no value: OUT/last.pt)",
+        nargs="?",
+        const="auto",
+        group="running",
+    )
 
     def to_dict(self) -> Dict[str, Any]:
         d = to_dict(self)
@@ -83,6 +102,7 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
                 walk(va, vb, name + ".")
             elif _norm(va) != _norm(vb):
                 diffs.append(f"{name}: checkpoint {va!r}, now {vb!r}")
+
     walk(saved, current, "")
     return diffs
 

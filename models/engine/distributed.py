@@ -1,4 +1,5 @@
 """Helpers for ``torch.distributed`` runs started by ``torchrun`` (and no-ops without it)."""
+
 from __future__ import annotations
 
 import datetime
@@ -47,8 +48,9 @@ def init(device: str = "auto", timeout_s: int = 1800) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(dev)
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_distributed():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return dev
 
 

@@ -7,6 +7,7 @@ AP on the validation split and reports one row of the table ``epoch | loss | box
 ``metrics.csv``, ``metrics.png`` (loss and AP per epoch), ``config.json``, ``last.pt`` (every
 epoch) and ``best.pt`` (best mask AP). See models/README_TRAINING.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,15 @@ from .rng import rng_states, seed_everything, set_rng_states
 from .schedule import WarmupSchedule, build_scheduler
 from .signals import StopRequest, TrainingInterrupted
 
-__all__ = ["train", "train_step", "TrainResult", "NonFiniteLoss", "make_optimizer",
-           "make_schedule", "CheckpointError"]
+__all__ = [
+    "train",
+    "train_step",
+    "TrainResult",
+    "NonFiniteLoss",
+    "make_optimizer",
+    "make_schedule",
+    "CheckpointError",
+]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -52,8 +60,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":
@@ -62,19 +72,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_schedule(cfg: TrainConfig, iters_per_epoch: int) -> WarmupSchedule:
-    return WarmupSchedule(cfg.epochs * iters_per_epoch, cfg.warmup_iters, cfg.warmup_factor,
-                          cfg.schedule, [e * iters_per_epoch for e in cfg.lr_steps],
-                          cfg.lr_gamma, cfg.min_lr_factor)
+    return WarmupSchedule(
+        cfg.epochs * iters_per_epoch,
+        cfg.warmup_iters,
+        cfg.warmup_factor,
+        cfg.schedule,
+        [e * iters_per_epoch for e in cfg.lr_steps],
+        cfg.lr_gamma,
+        cfg.min_lr_factor,
+    )
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: Sequence[Tuple[list, list]], device: torch.device,
-               amp_dtype: Optional[torch.dtype] = None, scaler=None, clip_grad: float = 0.0
-               ) -> Dict[str, float]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[Tuple[list, list]],
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler=None,
+    clip_grad: float = 0.0,
+) -> Dict[str, float]:
     """One optimiser step on the mean gradient of ``micro_batches``.
 
     DDP averages the gradients of the ranks' batches, so a single process that passes the
@@ -91,18 +112,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     n = len(micro_batches)
     for k, (images, targets) in enumerate(micro_batches):
         images, targets = to_device(images, targets, device)
-        ctx = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype
-               else contextlib.nullcontext())
-        sync = (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel)
-                and k < n - 1 else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        )
+        sync = (
+            model.no_sync()
+            if isinstance(model, nn.parallel.DistributedDataParallel) and k < n - 1
+            else contextlib.nullcontext()
+        )
         with sync:
             with ctx:
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 bad = {k2: float(v) for k2, v in losses.items()}
-                raise NonFiniteLoss(f"non-finite loss {bad}; lower --lr, raise --warmup-iters "
-                                    "or set --clip-grad")
+                raise NonFiniteLoss(
+                    f"non-finite loss {bad}; lower --lr, raise --warmup-iters or set --clip-grad"
+                )
             (scaler.scale(loss / n) if scaler is not None else loss / n).backward()
         for name, v in losses.items():
             totals[name] = totals.get(name, 0.0) + float(v.detach()) / n
@@ -111,7 +137,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         scaler.unscale_(optimizer)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+            [p for g in optimizer.param_groups for p in g["params"]], clip_grad
+        )
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -152,23 +179,28 @@ def train(cfg: TrainConfig, report: Report = SILENT) -> TrainResult:
     resume_state = None
     if cfg.resume:
         path = Path(cfg.resume if cfg.resume != "auto" else out / "last.pt")
-        resume_state = load_checkpoint(path, required=("model", "optimizer", "scheduler",
-                                                       "epoch", "config", "rng"))
+        resume_state = load_checkpoint(
+            path, required=("model", "optimizer", "scheduler", "epoch", "config", "rng")
+        )
         saved = dict(resume_state["config"])
         # Model options added since the checkpoint was written had their defaults then.
         saved["model"] = {**ModelConfig().to_dict(), **saved.get("model", {})}
         diffs = config_differences(saved, cfg.to_dict())
         if diffs:
-            raise CheckpointError(f"--resume {path} refused: the config differs from the "
-                                  "checkpoint's in " + "; ".join(diffs))
+            raise CheckpointError(
+                f"--resume {path} refused: the config differs from the "
+                "checkpoint's in " + "; ".join(diffs)
+            )
 
     seed_everything(cfg.seed)
     train_loader, val_loader = make_loaders(cfg, rank, world)
     train_ds = train_loader.dataset
     if cfg.model.num_classes != train_ds.num_classes:
-        raise ValueError(f"the model has num_classes={cfg.model.num_classes} but the dataset "
-                         f"has {train_ds.num_classes} labels (background included) with "
-                         f"labels={cfg.labels!r}")
+        raise ValueError(
+            f"the model has num_classes={cfg.model.num_classes} but the dataset "
+            f"has {train_ds.num_classes} labels (background included) with "
+            f"labels={cfg.labels!r}"
+        )
     iters = len(train_loader)
     if cfg.iters_per_epoch:
         iters = min(iters, cfg.iters_per_epoch)
@@ -193,16 +225,19 @@ def train(cfg: TrainConfig, report: Report = SILENT) -> TrainResult:
     ddp = model
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        say(f"{cfg.model.backbone}-FPN Mask R-CNN, {count_parameters(model) / 1e6:.1f} M "
-             f"parameters, {len(train_ds)} training images, {iters} iterations/epoch x "
-             f"{cfg.batch_size} images x {world} process(es), on {device}"
-             + (f", resumed from epoch {start_epoch - 1}" if resume_state else ""))
+        say(
+            f"{cfg.model.backbone}-FPN Mask R-CNN, {count_parameters(model) / 1e6:.1f} M "
+            f"parameters, {len(train_ds)} training images, {iters} iterations/epoch x "
+            f"{cfg.batch_size} images x {world} process(es), on {device}"
+            + (f", resumed from epoch {start_epoch - 1}" if resume_state else "")
+        )
         say(table(history) if history else TABLE_HEADER)
 
     last_ckpt = out / "last.pt" if (out / "last.pt").is_file() else None
@@ -222,17 +257,20 @@ def train(cfg: TrainConfig, report: Report = SILENT) -> TrainResult:
             for it, (images, targets) in enumerate(train_loader):
                 if it >= iters:
                     break
-                losses = train_step(ddp, optimizer, [(images, targets)], device, amp_dtype,
-                                    scaler, cfg.clip_grad)
+                losses = train_step(
+                    ddp, optimizer, [(images, targets)], device, amp_dtype, scaler, cfg.clip_grad
+                )
                 scheduler.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += 1
                 if bar is not None:
                     rate = seen * cfg.batch_size * world / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{losses['loss']:.3f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{rate:.1f}")
+                    bar.set_postfix(
+                        loss=f"{losses['loss']:.3f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{rate:.1f}",
+                    )
                     bar.update()
                 if stop.requested():
                     if bar is not None:
@@ -242,33 +280,47 @@ def train(cfg: TrainConfig, report: Report = SILENT) -> TrainResult:
                 bar.close()
             train_time = time.perf_counter() - t0
             means = dist_utils.all_reduce_mean(
-                torch.tensor([sums[k] / max(1, seen) for k in sorted(sums)], dtype=torch.float64,
-                             device=device if device.type == "cuda" else "cpu"))
+                torch.tensor(
+                    [sums[k] / max(1, seen) for k in sorted(sums)],
+                    dtype=torch.float64,
+                    device=device if device.type == "cuda" else "cpu",
+                )
+            )
             means = dict(zip(sorted(sums), means.tolist()))
 
             ev = evaluate(model, val_loader, device, amp_dtype)
             result_eval = ev
-            row = {"epoch": epoch, "loss": means["loss"],
-                   **{k: means[k] for k in sorted(means) if k != "loss"},
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "box_AP": nan_to_zero(ev.get("bbox", "AP")),
-                   "box_AP50": nan_to_zero(ev.get("bbox", "AP50")),
-                   "mask_AP": nan_to_zero(ev.get("segm", "AP")),
-                   "mask_AP50": nan_to_zero(ev.get("segm", "AP50")),
-                   "train_time": train_time, "eval_time": ev.seconds,
-                   "epoch_time": time.perf_counter() - t0,
-                   "images_per_s": seen * cfg.batch_size * world / max(train_time, 1e-9)}
+            row = {
+                "epoch": epoch,
+                "loss": means["loss"],
+                **{k: means[k] for k in sorted(means) if k != "loss"},
+                "lr": optimizer.param_groups[0]["lr"],
+                "box_AP": nan_to_zero(ev.get("bbox", "AP")),
+                "box_AP50": nan_to_zero(ev.get("bbox", "AP50")),
+                "mask_AP": nan_to_zero(ev.get("segm", "AP")),
+                "mask_AP50": nan_to_zero(ev.get("segm", "AP50")),
+                "train_time": train_time,
+                "eval_time": ev.seconds,
+                "epoch_time": time.perf_counter() - t0,
+                "images_per_s": seen * cfg.batch_size * world / max(train_time, 1e-9),
+            }
             history.append(row)
             improved = row["mask_AP"] > best
             best = max(best, row["mask_AP"])
             if main:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else {},
-                         "epoch": epoch, "rng": rng_states(), "config": cfg.to_dict(),
-                         "history": history, "best_mask_ap": best,
-                         "class_names": train_ds.class_names,
-                         "label_to_category_id": train_ds.label_to_category_id}
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "epoch": epoch,
+                    "rng": rng_states(),
+                    "config": cfg.to_dict(),
+                    "history": history,
+                    "best_mask_ap": best,
+                    "class_names": train_ds.class_names,
+                    "label_to_category_id": train_ds.label_to_category_id,
+                }
                 save_checkpoint(state, out / "last.pt")
                 if improved:
                     link_checkpoint(out / "last.pt", out / "best.pt")

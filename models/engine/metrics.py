@@ -1,4 +1,5 @@
 """The per-epoch table and the metrics files of a training run."""
+
 from __future__ import annotations
 
 import csv
@@ -7,14 +8,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-TABLE_HEADER = ("| epoch | loss | box AP | mask AP | AP50 (mask) | time |\n"
-                "|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = (
+    "| epoch | loss | box AP | mask AP | AP50 (mask) | time |\n|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def table_row(row: Dict[str, Any]) -> str:
-    return (f"| {row['epoch']} | {row['loss']:.4f} | {100 * row['box_AP']:.1f} | "
-            f"{100 * row['mask_AP']:.1f} | {100 * row['mask_AP50']:.1f} | "
-            f"{row['epoch_time']:.0f} s |")
+    return (
+        f"| {row['epoch']} | {row['loss']:.4f} | {100 * row['box_AP']:.1f} | "
+        f"{100 * row['mask_AP']:.1f} | {100 * row['mask_AP50']:.1f} | "
+        f"{row['epoch_time']:.0f} s |"
+    )
 
 
 def table(history: List[Dict[str, Any]]) -> str:
@@ -42,8 +46,10 @@ def write_metrics(out: Path, history: List[Dict[str, Any]]) -> None:
 
 def plot_metrics(history: List[Dict[str, Any]], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     epochs = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(epochs, [r["loss"] for r in history], "o-", label="total")

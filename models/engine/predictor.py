@@ -15,6 +15,7 @@ default ``<results>.images.json``) lists ``{"images": [{"id", "file_name", "widt
 ``pycocotools.coco.COCO`` loads (``COCO(images_json).loadRes(results)``). An image that
 cannot be read is reported and skipped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +44,7 @@ LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 # ---- inputs ----
 
+
 class InputError(ValueError):
     """An input that names no image (a missing path, an empty folder or glob)."""
 
@@ -53,9 +55,11 @@ def expand_inputs(specs: Sequence[str]) -> List[str]:
     paths: List[str] = []
     for spec in specs:
         if os.path.isdir(spec):
-            found = [os.path.join(spec, n) for n in os.listdir(spec)
-                     if n.lower().endswith(IMAGE_EXTENSIONS)
-                     and os.path.isfile(os.path.join(spec, n))]
+            found = [
+                os.path.join(spec, n)
+                for n in os.listdir(spec)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(spec, n))
+            ]
             if not found:
                 raise InputError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
         elif os.path.isfile(spec) and spec.lower().endswith(LIST_EXTENSIONS):
@@ -89,6 +93,7 @@ def _read_list(path: str) -> List[str]:
 class Item:
     """One entry of a batch: the image as ``uint8 Tensor[3, H, W]``, or ``image=None`` and
     ``error`` when it could not be read."""
+
     index: int
     path: str
     image: Optional[Tensor] = None
@@ -132,6 +137,7 @@ def _worker_init(_: int) -> None:
 
 # ---- image ids and categories ----
 
+
 def image_ids_from_annotations(paths: Sequence[str], ann_file: str) -> Dict[str, int]:
     """Maps each path to the id of the image of ``ann_file`` (COCO format) whose
     ``file_name`` is the longest trailing part of the path (``val2017/x.jpg`` or ``x.jpg``).
@@ -140,8 +146,9 @@ def image_ids_from_annotations(paths: Sequence[str], ann_file: str) -> Dict[str,
         images = json.load(f).get("images")
     if not isinstance(images, list):
         raise InputError(f"{ann_file}: no 'images' list (not a COCO annotations file)")
-    by_name = {os.path.normpath(str(im["file_name"])).replace(os.sep, "/"): int(im["id"])
-               for im in images}
+    by_name = {
+        os.path.normpath(str(im["file_name"])).replace(os.sep, "/"): int(im["id"]) for im in images
+    }
     out = {}
     for p in paths:
         parts = os.path.normpath(p).replace(os.sep, "/").split("/")
@@ -160,13 +167,17 @@ def categories(model) -> Tuple[List[int], List[dict]]:
     mapping = model.label_to_category_id
     if mapping is None:
         mapping = list(range(len(names)))
-    cats = [{"id": int(mapping[l]), "name": names[l] if l < len(names) else f"class {l}"}
-            for l in range(1, len(mapping)) if l >= len(names) or names[l] != "N/A"]
+    cats = [
+        {"id": int(mapping[l]), "name": names[l] if l < len(names) else f"class {l}"}
+        for l in range(1, len(mapping))
+        if l >= len(names) or names[l] != "N/A"
+    ]
     return list(mapping), cats
 
 
-def detections_to_results(det: Dict[str, Tensor], image_id: int,
-                          label_to_category_id: Sequence[int]) -> List[dict]:
+def detections_to_results(
+    det: Dict[str, Tensor], image_id: int, label_to_category_id: Sequence[int]
+) -> List[dict]:
     """One image's detections as COCO result entries.
 
     Args:
@@ -184,8 +195,15 @@ def detections_to_results(det: Dict[str, Tensor], image_id: int,
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = det["scores"].detach().float().cpu().tolist()
     labels = det["labels"].cpu().tolist()
-    out = [{"image_id": int(image_id), "category_id": int(label_to_category_id[l]),
-            "bbox": b, "score": s} for b, s, l in zip(xywh, scores, labels)]
+    out = [
+        {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category_id[l]),
+            "bbox": b,
+            "score": s,
+        }
+        for b, s, l in zip(xywh, scores, labels)
+    ]
     masks = det.get("masks")
     if masks is not None:
         masks = masks if masks.dtype == torch.bool else masks >= 0.5
@@ -202,38 +220,58 @@ def _draw_names(paths: Sequence[str]) -> Dict[str, str]:
     counts: Dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    return {p: (s if counts[s] == 1 else f"{s}_{i}") + ".png"
-            for i, (p, s) in enumerate(zip(paths, stems))}
+    return {
+        p: (s if counts[s] == 1 else f"{s}_{i}") + ".png"
+        for i, (p, s) in enumerate(zip(paths, stems))
+    }
 
 
 # ---- the run ----
 
+
 @dataclass
 class PredictOptions:
     """What :func:`predict_files` does; the predict tool's options are these fields."""
-    image: List[str] = option([], "an image (PNG or JPEG), a folder, a glob or a list file "
-                              "(.txt); several may be given", flags=("--image", "--images"),
-                              nargs="+", required=True, metavar="PATH")
+
+    image: List[str] = option(
+        [],
+        "an image (PNG or JPEG), a folder, a glob or a list file (.txt); several may be given",
+        flags=("--image", "--images"),
+        nargs="+",
+        required=True,
+        metavar="PATH",
+    )
     out: Optional[str] = option(None, "one image: where to write it with its detections drawn")
-    score_thresh: float = option(0.5, "detections printed and drawn (the results keep all the "
-                                 "model keeps)")
-    box_score_thresh: float = option(0.05, "the model's own score threshold: detections under "
-                                     "it are dropped (also from --results)")
+    score_thresh: float = option(
+        0.5, "detections printed and drawn (the results keep all the model keeps)"
+    )
+    box_score_thresh: float = option(
+        0.05,
+        "the model's own score threshold: detections under it are dropped (also from --results)",
+    )
     results: Optional[str] = option(None, "write COCO-format results JSON here")
-    images_json: Optional[str] = option(None, "where to write the images list when ids are "
-                                        "assigned (default: <results>.images.json)")
-    coco_annotations: Optional[str] = option(None, "a COCO annotations file: image ids are its "
-                                             "ids, matched by file name")
-    draw_dir: Optional[str] = option(None, "write each image with its detections drawn here "
-                                     "(<stem>.png)")
+    images_json: Optional[str] = option(
+        None,
+        "where to write the images list when ids are assigned (default: <results>.images.json)",
+    )
+    coco_annotations: Optional[str] = option(
+        None, "a COCO annotations file: image ids are its ids, matched by file name"
+    )
+    draw_dir: Optional[str] = option(
+        None, "write each image with its detections drawn here (<stem>.png)"
+    )
     batch_size: int = option(1)
     workers: int = option(0, "DataLoader processes decoding images (0: in the main process)")
     progress: bool = option(True, "progress bar")
 
 
-def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.nn.Module],
-                  device: str = "cpu", autocast: Optional[Callable[[], Any]] = None,
-                  report: Report = SILENT) -> int:
+def predict_files(
+    a: PredictOptions,
+    load_model: Callable[[torch.device], torch.nn.Module],
+    device: str = "cpu",
+    autocast: Optional[Callable[[], Any]] = None,
+    report: Report = SILENT,
+) -> int:
     """Runs the model ``load_model(device)`` gives over the images ``a.image`` names (see the
     module docstring), this rank's share under torchrun, and writes what ``a`` asks for.
     Reports the detections (one image), progress, skipped images and the images/s.
@@ -245,14 +283,17 @@ def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.
         InputError: an input names nothing, or the options contradict each other.
     """
     if a.batch_size < 1 or a.workers < 0:
-        raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {a.batch_size} "
-                         f"and {a.workers}")
-    single = len(a.image) == 1 and os.path.isfile(a.image[0]) \
+        raise InputError(
+            f"--batch-size must be >= 1 and --workers >= 0, got {a.batch_size} and {a.workers}"
+        )
+    single = (
+        len(a.image) == 1
+        and os.path.isfile(a.image[0])
         and not a.image[0].lower().endswith(LIST_EXTENSIONS)
+    )
     paths = expand_inputs(a.image)
     if a.out and len(paths) != 1:
-        raise InputError(f"--out draws one image, but the inputs name {len(paths)}: "
-                         "use --draw-dir")
+        raise InputError(f"--out draws one image, but the inputs name {len(paths)}: use --draw-dir")
     # Ids from the full sorted list, before sharding, so that every rank agrees.
     if a.coco_annotations:
         ids = image_ids_from_annotations(paths, a.coco_annotations)
@@ -277,13 +318,19 @@ def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.
 
     shard = paths[rank::world]
     loader = torch.utils.data.DataLoader(
-        ImageFiles(shard), batch_size=a.batch_size, shuffle=False, num_workers=a.workers,
-        collate_fn=collate_items, worker_init_fn=_worker_init if a.workers else None,
-        pin_memory=device.type == "cuda")
+        ImageFiles(shard),
+        batch_size=a.batch_size,
+        shuffle=False,
+        num_workers=a.workers,
+        collate_fn=collate_items,
+        worker_init_fn=_worker_init if a.workers else None,
+        pin_memory=device.type == "cuda",
+    )
     bar = None
     if not single and main_rank and a.progress:
-        bar = report.progress(len(shard), "predict" if world == 1 else
-                              f"predict (rank 0 of {world})", unit="img")
+        bar = report.progress(
+            len(shard), "predict" if world == 1 else f"predict (rank 0 of {world})", unit="img"
+        )
 
     results: List[dict] = []
     images_meta: List[dict] = []
@@ -300,29 +347,29 @@ def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.
             # read_image's conversion, after the transfer (uint8 is what crosses processes).
             images = [it.image.to(device, non_blocking=True).float() / 255 for it in good]
             t0 = time.perf_counter()
-            with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
+            with torch.inference_mode(), autocast() if autocast else contextlib.nullcontext():
                 dets = model(images)
             elapsed = time.perf_counter() - t0
             for it, image, det in zip(good, images, dets):
                 image_id = ids[it.path]
                 h, w = int(image.shape[1]), int(image.shape[2])
-                images_meta.append({"id": image_id, "file_name": it.path, "width": w,
-                                    "height": h})
+                images_meta.append({"id": image_id, "file_name": it.path, "width": w, "height": h})
                 if a.results:
                     results += detections_to_results(det, image_id, label_map)
                 sel = det["scores"] >= a.score_thresh
                 kept += int(sel.sum())
                 if single:
-                    _report_table(report, it.path, image, det, sel, a.score_thresh, elapsed,
-                                  model)
+                    _report_table(report, it.path, image, det, sel, a.score_thresh, elapsed, model)
                 if a.out:
-                    save_image(draw_detections(image, det, a.score_thresh,
-                                               names=model.class_names), a.out)
+                    save_image(
+                        draw_detections(image, det, a.score_thresh, names=model.class_names), a.out
+                    )
                     report.line(f"wrote {a.out}")
                 if a.draw_dir:
-                    save_image(draw_detections(image, det, a.score_thresh,
-                                               names=model.class_names),
-                               os.path.join(a.draw_dir, draw_names[it.path]))
+                    save_image(
+                        draw_detections(image, det, a.score_thresh, names=model.class_names),
+                        os.path.join(a.draw_dir, draw_names[it.path]),
+                    )
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -342,28 +389,42 @@ def predict_files(a: PredictOptions, load_model: Callable[[torch.device], torch.
         _write_json(a.results, results)
         if not a.coco_annotations:
             images_json = a.images_json or os.path.splitext(a.results)[0] + ".images.json"
-            _write_json(images_json, {"images": images_meta, "categories": cats,
-                                      "skipped": skipped})
+            _write_json(
+                images_json, {"images": images_meta, "categories": cats, "skipped": skipped}
+            )
     if not single:
         n = len(images_meta)
-        report.line(f"{n} images ({len(skipped)} skipped), "
-                    f"{len(results) if a.results else kept} detections"
-                    f"{'' if a.results else f' with score >= {a.score_thresh}'}, "
-                    f"{seconds:.1f} s: {n / max(seconds, 1e-9):.2f} images/s"
-                    + (f" ({world} processes)" if world > 1 else ""))
+        report.line(
+            f"{n} images ({len(skipped)} skipped), "
+            f"{len(results) if a.results else kept} detections"
+            f"{'' if a.results else f' with score >= {a.score_thresh}'}, "
+            f"{seconds:.1f} s: {n / max(seconds, 1e-9):.2f} images/s"
+            + (f" ({world} processes)" if world > 1 else "")
+        )
     if a.results:
         report.line(f"wrote {a.results}")
     return len(images_meta)
 
 
-def _report_table(report: Report, path: str, image: Tensor, det: Dict[str, Tensor],
-                  sel: Tensor, score_thresh: float, elapsed: float, model) -> None:
-    report.line(f"{path}: {image.shape[2]}x{image.shape[1]}, {int(sel.sum())} detections with "
-                f"score >= {score_thresh} ({len(det['scores'])} in all) in "
-                f"{elapsed * 1e3:.0f} ms")
+def _report_table(
+    report: Report,
+    path: str,
+    image: Tensor,
+    det: Dict[str, Tensor],
+    sel: Tensor,
+    score_thresh: float,
+    elapsed: float,
+    model,
+) -> None:
+    report.line(
+        f"{path}: {image.shape[2]}x{image.shape[1]}, {int(sel.sum())} detections with "
+        f"score >= {score_thresh} ({len(det['scores'])} in all) in "
+        f"{elapsed * 1e3:.0f} ms"
+    )
     report.line(f"{'class':<16} {'score':>6}   box (x1, y1, x2, y2)")
-    for box, label, score in zip(det["boxes"][sel].tolist(), det["labels"][sel].tolist(),
-                                 det["scores"][sel].tolist()):
+    for box, label, score in zip(
+        det["boxes"][sel].tolist(), det["labels"][sel].tolist(), det["scores"][sel].tolist()
+    ):
         coords = ", ".join(f"{v:7.1f}" for v in box)
         name = model.class_names[label] if 0 <= label < len(model.class_names) else f"class {label}"
         report.line(f"{name:<16} {score:6.3f}   ({coords})")

@@ -2,6 +2,7 @@
 evaluation, prediction over many files, the demo) takes a :class:`Report` and tells it what
 happened; the default one is silent. The command-line tools pass one that prints
 (``tools/_console.py``)."""
+
 from __future__ import annotations
 
 

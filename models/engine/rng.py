@@ -1,4 +1,5 @@
 """Every random number generator's state: seeding, saving into a checkpoint, restoring."""
+
 from __future__ import annotations
 
 import random

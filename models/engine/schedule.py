@@ -1,4 +1,5 @@
 """Learning-rate schedules: linear warmup, then steps or a cosine decay, per iteration."""
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,16 @@ class WarmupSchedule:
             ``"constant"``.
     """
 
-    def __init__(self, total_iters: int, warmup_iters: int = 0, warmup_factor: float = 0.001,
-                 kind: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 min_factor: float = 0.0) -> None:
+    def __init__(
+        self,
+        total_iters: int,
+        warmup_iters: int = 0,
+        warmup_factor: float = 0.001,
+        kind: str = "cosine",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        min_factor: float = 0.0,
+    ) -> None:
         if kind not in ("step", "cosine", "constant"):
             raise ValueError(f"schedule must be step, cosine or constant, got {kind!r}")
         self.total_iters = max(1, int(total_iters))
@@ -42,11 +50,14 @@ class WarmupSchedule:
         if self.kind == "cosine":
             span = max(1, self.total_iters - self.warmup_iters)
             t = min(1.0, max(0, i - self.warmup_iters) / span)
-            return warm * (self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t)))
+            return warm * (
+                self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+            )
         return warm
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: WarmupSchedule
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration ``LambdaLR``; its state_dict carries the schedule's parameters."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,4 +1,5 @@
 """Stopping training cleanly on SIGTERM / SIGINT, between iterations."""
+
 from __future__ import annotations
 
 import signal
@@ -58,6 +59,9 @@ class TrainingInterrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         name = signal.Signals(signum).name
-        where = (f"the last complete checkpoint is {checkpoint}" if checkpoint
-                 else "no epoch had completed, so there is no checkpoint")
+        where = (
+            f"the last complete checkpoint is {checkpoint}"
+            if checkpoint
+            else "no epoch had completed, so there is no checkpoint"
+        )
         super().__init__(f"stopped by {name}; {where}")

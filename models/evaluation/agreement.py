@@ -1,4 +1,5 @@
 """Comparing two detectors' outputs on the same image (e.g. this model and torchvision's)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class DetectionDiff:
         in_order: whether every pair is ``(i, i)`` (same ranking, not only the same set).
         cutoff_score: the reference's lowest kept score.
     """
+
     pairs: List[Tuple[int, int]] = field(default_factory=list)
     unmatched_ref: List[int] = field(default_factory=list)
     unmatched_got: List[int] = field(default_factory=list)
@@ -42,6 +44,7 @@ class DetectionDiff:
           a side under ``sliver_px`` pixels. Random weights produce clusters of near-duplicate
           slivers whose ranking, and so NMS outcome, float rounding can flip.
         """
+
         def explained(info, slivers_left):
             for score, side in info:
                 if abs(score - self.cutoff_score) <= self.score_tol:
@@ -51,22 +54,36 @@ class DetectionDiff:
                     continue
                 return False
             return True
-        return (len(self.unmatched_got) == len(self.unmatched_ref)
-                and explained(self.unmatched_ref_info, allow_slivers)
-                and explained(self.unmatched_got_info, allow_slivers))
+
+        return (
+            len(self.unmatched_got) == len(self.unmatched_ref)
+            and explained(self.unmatched_ref_info, allow_slivers)
+            and explained(self.unmatched_got_info, allow_slivers)
+        )
 
     def summary(self) -> str:
         def fmt(info):
             return "[" + ", ".join(f"score {s:.4f} side {d:.2f} px" for s, d in info) + "]"
-        unmatched = (f"unmatched {fmt(self.unmatched_ref_info)} / {fmt(self.unmatched_got_info)}"
-                     if self.unmatched_ref or self.unmatched_got else "0 unmatched")
-        return (f"{len(self.pairs)} matched{' in order' if self.in_order else ''}, {unmatched}, "
-                f"max box err {self.max_box_err:.2e} px, max score err {self.max_score_err:.2e}, "
-                f"masks agree on {100 * self.mask_agreement:.4f}% of pixels")
+
+        unmatched = (
+            f"unmatched {fmt(self.unmatched_ref_info)} / {fmt(self.unmatched_got_info)}"
+            if self.unmatched_ref or self.unmatched_got
+            else "0 unmatched"
+        )
+        return (
+            f"{len(self.pairs)} matched{' in order' if self.in_order else ''}, {unmatched}, "
+            f"max box err {self.max_box_err:.2e} px, max score err {self.max_score_err:.2e}, "
+            f"masks agree on {100 * self.mask_agreement:.4f}% of pixels"
+        )
 
 
-def compare_detections(ref: Dict[str, Tensor], got: Dict[str, Tensor], box_tol: float = 1e-2,
-                       score_tol: float = 1e-4, mask_threshold: float = 0.5) -> DetectionDiff:
+def compare_detections(
+    ref: Dict[str, Tensor],
+    got: Dict[str, Tensor],
+    box_tol: float = 1e-2,
+    score_tol: float = 1e-4,
+    mask_threshold: float = 0.5,
+) -> DetectionDiff:
     """Matches ``got``'s detections to ``ref``'s: same label, score within ``score_tol``,
     every coordinate within ``box_tol`` pixels.
 
@@ -84,7 +101,7 @@ def compare_detections(ref: Dict[str, Tensor], got: Dict[str, Tensor], box_tol: 
     rs, gs = ref["scores"].float().cpu(), got["scores"].float().cpu()
     diff = DetectionDiff(score_tol=score_tol, cutoff_score=float(rs.min()) if len(rs) else 0.0)
     if len(rb) and len(gb):
-        box_err = (rb[:, None, :] - gb[None, :, :]).abs().amax(-1)           # [R, G]
+        box_err = (rb[:, None, :] - gb[None, :, :]).abs().amax(-1)  # [R, G]
         score_err = (rs[:, None] - gs[None, :]).abs()
         ok = (rl[:, None] == gl[None, :]) & (score_err <= score_tol) & (box_err <= box_tol)
         cost = torch.where(ok, box_err, torch.full_like(box_err, float("inf")))
@@ -106,6 +123,7 @@ def compare_detections(ref: Dict[str, Tensor], got: Dict[str, Tensor], box_tol: 
 
     def info(boxes, scores, idx):  # (score, shortest side) of each unmatched detection
         return [(float(scores[k]), float(torch.min(boxes[k, 2:] - boxes[k, :2]))) for k in idx]
+
     diff.unmatched_ref_info = info(rb, rs, diff.unmatched_ref)
     diff.unmatched_got_info = info(gb, gs, diff.unmatched_got)
 

@@ -4,6 +4,7 @@ Masks are scored as COCO run-length encodings: probabilities are pasted into the
 thresholded at 0.5 by ``maskops.paste_masks`` (the model already returns them that way by
 default) and encoded by ``maskops.masks_to_rle``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,20 @@ from ..engine import distributed as dist_utils
 from ..engine.report import Report
 
 # COCOeval.stats order.
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-              "ARl")
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 IOU_TYPES = ("bbox", "segm")
 
 
@@ -41,6 +54,7 @@ class EvalResult:
         num_images, num_detections: what was scored.
         seconds: wall-clock time of the evaluation (prediction included).
     """
+
     stats: Dict[str, Dict[str, float]] = field(default_factory=dict)
     per_class: Dict[str, Dict[str, float]] = field(default_factory=dict)
     summary: str = ""
@@ -62,9 +76,12 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def detections_to_coco(detections: Sequence[Dict[str, Tensor]], image_ids: Sequence[int],
-                       label_to_category_id: Sequence[int], mask_threshold: float = 0.5
-                       ) -> Dict[str, List[dict]]:
+def detections_to_coco(
+    detections: Sequence[Dict[str, Tensor]],
+    image_ids: Sequence[int],
+    label_to_category_id: Sequence[int],
+    mask_threshold: float = 0.5,
+) -> Dict[str, List[dict]]:
     """Converts a model's detections to COCO result lists.
 
     Args:
@@ -89,38 +106,48 @@ def detections_to_coco(detections: Sequence[Dict[str, Tensor]], image_ids: Seque
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
         for b, s, c in zip(xywh.tolist(), scores, cats):
-            out["bbox"].append({"image_id": int(image_id), "category_id": c, "bbox": b,
-                                "score": s})
+            out["bbox"].append({"image_id": int(image_id), "category_id": c, "bbox": b, "score": s})
         masks = det.get("masks")
         if masks is None:
             continue
         if masks.dtype != torch.bool:
             if "image_size" in det and tuple(masks.shape[-2:]) != tuple(det["image_size"]):
-                masks = maskops.paste_masks(masks, det["boxes"], tuple(det["image_size"]),
-                                            threshold=mask_threshold)
+                masks = maskops.paste_masks(
+                    masks, det["boxes"], tuple(det["image_size"]), threshold=mask_threshold
+                )
             else:
                 masks = masks >= mask_threshold
         for rle, s, c in zip(maskops.masks_to_rle(masks.cpu()), scores, cats):
-            out["segm"].append({"image_id": int(image_id), "category_id": c,
-                                "segmentation": {"size": rle["size"],
-                                                 "counts": rle["counts"].decode("ascii")},
-                                "score": s})
+            out["segm"].append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": c,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "score": s,
+                }
+            )
     return out
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     # loadRes() cannot take an empty list; an empty result set scores 0 everywhere.
     res = COCO()
-    res.dataset = {"images": copy.deepcopy(coco_gt.dataset["images"]),
-                   "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-                   "annotations": []}
+    res.dataset = {
+        "images": copy.deepcopy(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         res.createIndex()
     return res
 
 
-def coco_evaluate(coco_gt: COCO, results: Dict[str, List[dict]], image_ids: Sequence[int],
-                  iou_types: Sequence[str] = IOU_TYPES) -> EvalResult:
+def coco_evaluate(
+    coco_gt: COCO,
+    results: Dict[str, List[dict]],
+    image_ids: Sequence[int],
+    iou_types: Sequence[str] = IOU_TYPES,
+) -> EvalResult:
     """Runs COCOeval for each IoU type over ``image_ids``.
 
     Args:
@@ -128,8 +155,7 @@ def coco_evaluate(coco_gt: COCO, results: Dict[str, List[dict]], image_ids: Sequ
         results: ``{"bbox": [...], "segm": [...]}`` as :func:`detections_to_coco` returns.
         image_ids: the images scored (images without results count as missed objects).
     """
-    res = EvalResult(num_images=len(image_ids),
-                     num_detections=len(results.get("bbox", [])))
+    res = EvalResult(num_images=len(image_ids), num_detections=len(results.get("bbox", [])))
     cats = coco_gt.loadCats(coco_gt.getCatIds())
     summaries = []
     for iou_type in iou_types:
@@ -142,10 +168,13 @@ def coco_evaluate(coco_gt: COCO, results: Dict[str, List[dict]], image_ids: Sequ
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        summaries.append(f"{iou_type}:\n" + "\n".join(
-            l for l in buf.getvalue().splitlines() if l.startswith(" Average")))
-        res.stats[iou_type] = {n: (float(v) if v >= 0 else float("nan"))
-                               for n, v in zip(STAT_NAMES, ev.stats)}
+        summaries.append(
+            f"{iou_type}:\n"
+            + "\n".join(l for l in buf.getvalue().splitlines() if l.startswith(" Average"))
+        )
+        res.stats[iou_type] = {
+            n: (float(v) if v >= 0 else float("nan")) for n, v in zip(STAT_NAMES, ev.stats)
+        }
         # precision: [IoU thresholds, recall points, categories, area ranges, max dets].
         precision = ev.eval["precision"]
         per_class = {}
@@ -160,9 +189,13 @@ def coco_evaluate(coco_gt: COCO, results: Dict[str, List[dict]], image_ids: Sequ
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, device: torch.device,
-            autocast_dtype: Optional[torch.dtype] = None, report: Optional[Report] = None
-            ) -> Dict[str, List]:
+def predict(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    autocast_dtype: Optional[torch.dtype] = None,
+    report: Optional[Report] = None,
+) -> Dict[str, List]:
     """Runs ``model`` (eval mode) over ``loader`` (a progress bar on ``report``, if given).
 
     Returns:
@@ -175,8 +208,11 @@ def predict(model: torch.nn.Module, loader, device: torch.device,
     bar = report.progress(len(loader), "eval") if report is not None else None
     for images, targets in loader:
         images = [im.to(device, non_blocking=True) for im in images]
-        ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
             dets = model(images)
         ids = [int(t["image_id"]) for t in targets]
@@ -191,9 +227,13 @@ def predict(model: torch.nn.Module, loader, device: torch.device,
     return out
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device,
-             autocast_dtype: Optional[torch.dtype] = None, report: Optional[Report] = None
-             ) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    autocast_dtype: Optional[torch.dtype] = None,
+    report: Optional[Report] = None,
+) -> EvalResult:
     """Box and mask AP of ``model`` on ``loader``'s dataset (a :class:`CocoDataset`).
 
     Under ``torch.distributed`` each rank predicts its shard of the loader; the results are
@@ -226,5 +266,12 @@ def nan_to_zero(x: float) -> float:
     return 0.0 if x != x else x
 
 
-__all__ = ["EvalResult", "coco_evaluate", "detections_to_coco", "evaluate", "predict",
-           "STAT_NAMES", "nan_to_zero"]
+__all__ = [
+    "EvalResult",
+    "coco_evaluate",
+    "detections_to_coco",
+    "evaluate",
+    "predict",
+    "STAT_NAMES",
+    "nan_to_zero",
+]
