@@ -7,7 +7,7 @@ Both models get the same seeded random weights (torchvision's ``maskrcnn_resnet5
 weights=None)`` state_dict loaded into ours) and the same seeded 800x800 image, float32.
 Ours runs as ``build_mask_rcnn`` gives it, in eval mode: its inference runs rewritten copies
 of the backbone and heads (batch norms folded, fused, channels-last). Before any
-timing, every model is compared with torchvision stage by stage (models/equivalence.py) and
+timing, every model is compared with torchvision stage by stage (models/testing/equivalence.py) and
 the run refuses to report a speed for one that differs.
 The two models are timed alternately, rep by rep, so that a change of machine load hits
 both; medians (and the best rep, the least disturbed by other load) are reported, with a
@@ -200,7 +200,7 @@ def run_model(
 def _timed(models, tv, image, call, device, reps, variants, size, quick_peak, peer_note) -> dict:
     with torch.inference_mode():
         outputs = {name: call(name, m) for name, m in models.items()}  # also the warm-up
-        # Stage by stage against torchvision in float64 (models/equivalence.py): no speed is
+        # Stage by stage against torchvision in float64 (models/testing/equivalence.py): no speed is
         # reported for a model whose stages differ from it beyond the float32 rounding
         # measured here (torchvision in float32 on this device, TF32 settings included), or
         # whose proposals and detections differ other than at a decision boundary.

@@ -284,7 +284,7 @@ def _same_detections(expected, got):
 
 
 def _cli(tmp_path, *extra):
-    """`python -m models.export` arguments for a tiny ResNet-18 model and a fresh image."""
+    """`python -m tools.export` arguments for a tiny ResNet-18 model and a fresh image."""
     import torchvision
 
     image = str(tmp_path / "img.png")

@@ -218,7 +218,7 @@ def test_fusion_leaves_unfoldable_norms_alone(rng):
 
 def stage_report(model, tested_model, images, device="cpu"):
     """``tested_model`` against ``model`` stage by stage: ``model`` in float64 is the truth,
-    in float32 the measure of rounding (models/equivalence.py)."""
+    in float32 the measure of rounding (models/testing/equivalence.py)."""
     truth = record_stages(copy.deepcopy(model).double(), [im.double() for im in images])
     spread = record_stages(model, images, forced_by=truth)
     tested = record_stages(
@@ -558,7 +558,7 @@ def test_trace_cli_json_and_stage_images(image_file, tmp_path, capsys):
 
 
 def test_predict_and_trace_load_a_training_checkpoint(image_file, tmp_path, capsys):
-    """--checkpoint rebuilds the model from the config a models.train checkpoint holds and
+    """--checkpoint rebuilds the model from the config a tools.train checkpoint holds and
     names detections with its class names; the detections equal the model's own."""
     from models.build import build_model
     from models.engine.checkpoint import save_checkpoint

@@ -1,5 +1,5 @@
 """models/ Mask R-CNN against torchvision's maskrcnn_resnet50_fpn with the same weights,
-stage by stage (models/equivalence.py).
+stage by stage (models/testing/equivalence.py).
 
 Both models get torchvision's seeded random weights (``weights=None``; no download) and
 ``box_score_thresh=0.0`` so that every image has many detections. Random weights amplify
@@ -223,7 +223,7 @@ def assert_caught_in_its_block(report, margin):
 def test_check_fails_on_a_slightly_wrong_weight(wrong_weight):
     # A real bug, far above rounding: 370x-470x the float32 reference's error in that
     # block, 22x-27x the bound, measured with AVX-512, AVX2 and scalar numerics. (Over the
-    # whole backbone it is only 11x-31x the reference's error: see models/equivalence.py.)
+    # whole backbone it is only 11x-31x the reference's error: see models/testing/equivalence.py.)
     refs, bad = wrong_weight
     assert_caught_in_its_block(refs.compare(bad), margin=8)
 

@@ -28,7 +28,7 @@ def _run(model, images):
 
 def test_patched_model_matches_torchvision_stage_by_stage(model):
     # torchvision in float64 is the truth and in float32 the measure of rounding; the patched
-    # model must stay within it at every stage (models/equivalence.py).
+    # model must stay within it at every stage (models/testing/equivalence.py).
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 300, 400, generator=g), torch.rand(3, 256, 256, generator=g)]
     expected = _run(model, images)

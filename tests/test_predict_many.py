@@ -1,8 +1,8 @@
-"""python -m models.predict over many images: folders, globs and list files, batches decoded
+"""python -m tools.predict over many images: folders, globs and list files, batches decoded
 in DataLoader workers, COCO results JSON, unreadable files skipped, two ranks as torchrun
 starts them.
 
-A tiny GroupNorm model (a models.train checkpoint with class names and a label -> category
+A tiny GroupNorm model (a tools.train checkpoint with class names and a label -> category
 id mapping) on five images of different sizes that all resize and pad to the same 64 x 64
 batch: a batch then computes what each image alone computes, up to the rounding of batched
 convolutions (measured: <= 1.2e-5 px, <= 3e-7 in score). Images padded to different sizes
@@ -34,7 +34,7 @@ pytest.importorskip("pycocotools")
 import pycocotools.mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
-from train_helpers import tiny_model  # noqa: E402  (models.train reads COCO data)
+from train_helpers import tiny_model  # noqa: E402  (tools.train reads COCO data)
 
 NAMES = ["__background__", "disc", "square", "ring"]
 CATEGORY_IDS = [0, 11, 22, 33]
