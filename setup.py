@@ -131,7 +131,7 @@ def extensions():
     with_cuda = cuda_home is not None
     write_build_info(with_cuda, cuda_home)
     sources = (
-        ["csrc/maskops.cpp", "csrc/maskops_testing.cpp"]
+        ["csrc/maskops.cpp"]
         + sorted(glob.glob("csrc/common/*.cpp"))
         + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     )
